@@ -1,0 +1,3 @@
+from vldlib.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,52 @@
+"""`python -m vldlib COMMAND ...`: one front door; each command lives next to the code it runs.
+
+Each module listed in COMMANDS defines `register_cli(subparsers)`, which adds its sub-parser and
+sets `func` (called with the parsed args, returning an exit code). Modules import lazily, so
+`python -m vldlib --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> module providing register_cli(subparsers)
+COMMANDS = {
+    "data": "vldlib.data.cli",
+    "train": "vldlib.train",
+    "report": "vldlib.results",
+    "quickstart": "vldlib.quickstart",
+    "sweep": "vldlib.sweep",
+    "bench": "vldlib.bench",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m vldlib",
+        description="Fine-tuning with very large dropout: data, training, reports, batches, benchmarks.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module in COMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue  # command not built yet
+        mod.register_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted; finished work is kept, run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,90 @@
+"""Small helpers every module needs: stable seeds, atomic writes, JSON lines."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def seed_hash(*args: Any) -> int:
+    """A 31-bit seed derived from any printable arguments.
+
+    DomainBed's trick: seeds that depend on *which* random thing is drawn (split of domain 2,
+    batch order of domain 0, ...) keep every random choice independent of every other knob, so
+    changing the learning rate never changes the data split.
+    """
+    digest = hashlib.md5(repr(args).encode()).hexdigest()
+    return int(digest[:8], 16) & 0x7FFFFFFF
+
+
+def config_hash(d: dict[str, Any], n: int = 10) -> str:
+    """Short stable hash of a JSON-able dict (key order does not matter)."""
+    return hashlib.md5(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it into place only if the block succeeds.
+
+    Readers therefore see either the old file or the complete new one, never half of it, even if
+    the process is killed mid-write (rename is atomic on POSIX within one file system).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Append one JSON record as one line, flushed and fsynced.
+
+    A kill can at worst leave a partial *last* line, which `read_jsonl` drops.
+    """
+    line = json.dumps(record, sort_keys=True, default=str) + "\n"
+    with open(path, "a") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read JSON lines, ignoring a truncated final line left by a killed writer."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    lines = path.read_text().splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1 and not line.endswith("\n"):
+                break  # half-written last line of a killed run
+            raise ValueError(f"{path}: line {i + 1} is not valid JSON; the file is corrupt. "
+                             f"Delete the run directory to recompute it.") from None
+    return records
