@@ -1,0 +1,99 @@
+"""`python -m vldlib data ...`: help, list, download -> verify through the CLI, exit codes, build."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vldlib.cli import main
+from vldlib.data import registry
+from vldlib.data.registry import get_spec
+from test_download import FileServer, make_zip, tree  # noqa: E402  (tests/ is on sys.path)
+
+
+@pytest.fixture
+def server(monkeypatch):
+    srv = FileServer()
+    monkeypatch.setenv("VLDLIB_MIRROR", srv.url)
+    yield srv
+    srv.close()
+
+
+@pytest.fixture
+def tiny_pacs(monkeypatch):
+    """PACS registered with two classes and counts for 2 images per class, for the CLI to find."""
+    spec = dataclasses.replace(get_spec("PACS"), classes=("dog", "horse"),
+                               counts={"DomainBed": {d: 4 for d in get_spec("PACS").domains}})
+    monkeypatch.setitem(registry.BENCHMARKS, "PACS", spec)
+    return spec
+
+
+def test_help_documents_every_subcommand_with_examples():
+    out = subprocess.run([sys.executable, "-m", "vldlib", "data", "--help"], capture_output=True, text=True,
+                         cwd=Path(__file__).parent.parent, check=True).stdout
+    for word in ("list", "download", "verify", "build", "--archive", "examples:",
+                 "python -m vldlib data download PACS --data-dir data", "VLDLIB_MIRROR"):
+        assert word in out
+
+
+def test_list_shows_domains_counts_and_sources(capsys):
+    assert main(["data", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "TerraIncognita  (folder terra_incognita/" in out
+    assert "location_100 4879" in out and "total 24330" in out
+    assert "Real World 4357" in out
+    assert "https://storage.googleapis.com/public-datasets-lila/caltechcameratraps/eccv_18_all_images_sm.tar.gz" in out
+
+
+def test_download_then_verify(server, tiny_pacs, tmp_path, capsys):
+    server.files["PACS.zip"] = make_zip(tree("kfold/", tiny_pacs.domains, tiny_pacs.classes))
+    assert main(["data", "download", "PACS", "--data-dir", str(tmp_path), "--quiet"]) == 0
+    assert capsys.readouterr().out.strip().endswith(str(tmp_path / "PACS"))
+    assert main(["data", "verify", "PACS", "--data-dir", str(tmp_path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "art_painting" in out and "DomainBed" in out and "OK" in out
+    # one image fewer: verify fails with a non-zero exit code and says where
+    next((tmp_path / "PACS" / "sketch" / "dog").iterdir()).unlink()
+    assert main(["data", "verify", "PACS", "--data-dir", str(tmp_path), "--quiet"]) == 1
+    assert "sketch: 3 found, 4 expected" in capsys.readouterr().out
+
+
+def test_download_failure_prints_the_manual_route(server, tiny_pacs, tmp_path, capsys):
+    server.status["PACS.zip"] = 404
+    assert main(["data", "download", "PACS", "--data-dir", str(tmp_path), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "HTTP error 404" in err and "--archive /path/to/PACS.zip" in err
+
+
+def test_download_with_archive_and_verify_missing_folder(tiny_pacs, tmp_path, capsys):
+    archive = tmp_path / "PACS.zip"
+    archive.write_bytes(make_zip(tree("kfold/", tiny_pacs.domains, tiny_pacs.classes)))
+    assert main(["data", "verify", "PACS", "--data-dir", str(tmp_path / "d"), "--quiet"]) == 1
+    assert "does not exist" in capsys.readouterr().out
+    assert main(["data", "download", "PACS", "--data-dir", str(tmp_path / "d"), "--archive", str(archive),
+                 "--quiet"]) == 0
+
+
+def test_unknown_benchmark(capsys, tmp_path):
+    assert main(["data", "verify", "PASC", "--data-dir", str(tmp_path)]) == 1
+    assert "Did you mean PACS" in capsys.readouterr().err
+
+
+def test_build_calls_the_offline_builder(monkeypatch, tmp_path, capsys):
+    calls = []
+
+    def fake_build(data_dir, force=False, progress=True):
+        calls.append((Path(data_dir), force, progress))
+        return Path(data_dir) / "emoji"
+
+    registry.list_benchmarks()  # register the real ones first, so the fake is not overwritten
+    spec = registry.BenchmarkSpec(name="emoji", domains=("a", "b"), builder=fake_build)
+    monkeypatch.setitem(registry.BENCHMARKS, "emoji", spec)
+    assert main(["data", "build", "emoji", "--data-dir", str(tmp_path), "--force", "--quiet"]) == 0
+    assert calls == [(tmp_path, True, False)]
+    assert main(["data", "build", "PACS", "--data-dir", str(tmp_path)]) == 1
+    assert "is downloaded, not built" in capsys.readouterr().err

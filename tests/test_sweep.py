@@ -1,0 +1,227 @@
+"""vldlib.sweep: grid expansion and naming (pure), then real papermill runs of a tiny notebook.
+
+Each kernel start costs ~2-3 s, so the notebook runs are few and share what they can.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from vldlib import sweep
+from vldlib.sweep import Job, SweepLock, expand_grid, job_name, plan_jobs, run_sweep
+
+ROOT = Path(__file__).resolve().parent.parent
+
+BODY = """\
+import json, os, pathlib, time
+time.sleep(sleep)
+if fail_if_exists and os.path.exists(fail_if_exists):
+    raise RuntimeError("asked to fail: " + fail_if_exists)
+pathlib.Path(output_dir, "result.json").write_text(json.dumps({"a": a, "b": b}))
+with open(os.path.join(os.path.dirname(output_dir), "runs.txt"), "a") as f:
+    f.write(os.path.basename(output_dir) + "\\n")
+"""
+
+
+def make_notebook(path: Path) -> Path:
+    """Parameters a, b, sleep, fail_if_exists; writes result.json and appends its name to DIR/runs.txt."""
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('a = 1\nb = "x"\nsleep = 0.0\nfail_if_exists = ""\noutput_dir = "."')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [nbformat.v4.new_markdown_cell("# tiny"), params, nbformat.v4.new_code_cell(BODY)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+def runs(out: Path) -> list[str]:
+    f = out / "runs.txt"
+    return f.read_text().split() if f.exists() else []
+
+
+def cli(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "vldlib", "sweep", *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+# ----------------------------------------------------------------------------------- pure
+
+def test_expand_grid_axes_scalars_lists_and_concatenation():
+    assert expand_grid({"a": [1, 2], "b": "x", "c": [[3, 4]]}) == [
+        {"a": 1, "b": "x", "c": [3, 4]}, {"a": 2, "b": "x", "c": [3, 4]}]
+    assert expand_grid([{"a": [1, 2]}, {"a": 3, "b": [4, 5]}]) == [
+        {"a": 1}, {"a": 2}, {"a": 3, "b": 4}, {"a": 3, "b": 5}]
+    assert expand_grid({"a": [1, 2], "b": [3, 4]})[1] == {"a": 1, "b": 4}  # last key varies fastest
+    assert expand_grid(None) == [{}]
+    with pytest.raises(ValueError, match="'lr' is an empty list"):
+        expand_grid({"lr": []})
+    with pytest.raises(ValueError, match="output_dir"):
+        expand_grid({"output_dir": "x"})
+    with pytest.raises(ValueError, match="mapping"):
+        expand_grid("lr=1")
+
+
+def test_yaml_reads_scientific_notation_as_float(tmp_path):
+    g = tmp_path / "g.yaml"
+    g.write_text("- {lr: [1e-3, 5.0e-4], steps: 10}\n- {lr: 2E-2}\n")
+    assert expand_grid(sweep.load_grid(g)) == [{"lr": 1e-3, "steps": 10}, {"lr": 5e-4, "steps": 10}, {"lr": 0.02}]
+    assert sweep.parse_sets(["lr=1e-3", "env=[0, 1]", "name=abc"]) == {"lr": 1e-3, "env": [0, 1], "name": "abc"}
+    with pytest.raises(ValueError, match="key=value"):
+        sweep.parse_sets(["lr"])
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        sweep.load_grid(tmp_path / "nope.yaml")
+
+
+def test_names_are_readable_safe_unique_and_stable(tmp_path):
+    params = expand_grid({"test_env": [0, 1], "dropout": 0.9, "tag": "a/b c", "lr": [1e-3]})
+    jobs = plan_jobs("nb/train.ipynb", params, tmp_path)
+    assert [j.name.rsplit("-", 1)[0] for j in jobs] == ["test_env=0", "test_env=1"]  # only varying keys
+    assert jobs[0].out_dir == tmp_path / jobs[0].name and jobs[0].executed.parent == jobs[0].out_dir
+    again = plan_jobs("elsewhere/train.ipynb", list(reversed(params)), tmp_path)
+    assert {j.name for j in again} == {j.name for j in jobs}  # order- and location-independent
+    name = job_name({"tag": "a/b c", "v": [1, 2]}, ["tag", "v"], "x.ipynb")
+    assert name.startswith("tag=a_b_c,v=_1,2_-") and len(name.rsplit("-", 1)[1]) == 10
+    long = job_name({"k": "z" * 500}, ["k"], "x.ipynb")
+    assert len(long) <= sweep.NAME_MAX + 11
+    assert len(plan_jobs("x.ipynb", [{"a": 1}, {"a": 1}], tmp_path)) == 1  # duplicates dropped
+    assert plan_jobs("x.ipynb", [{}], tmp_path)[0].name.startswith("x-")  # no params: notebook stem
+
+
+def test_dummy_launcher_and_unknown_parameter(tmp_path):
+    nb = make_notebook(tmp_path / "tiny.ipynb")
+    dummy = sweep.DummyLauncher()
+    df = run_sweep(nb, {"a": [1, 2, 3]}, tmp_path / "out", launcher=dummy, progress=False)
+    assert len(dummy.launched) == 3 and set(df.status) == {"not run"} and list(df.a) == [1, 2, 3]
+    assert (tmp_path / "out" / "sweep.csv").exists()
+    with pytest.raises(ValueError, match="'aa'.*tiny.ipynb"):
+        run_sweep(nb, {"aa": [1]}, tmp_path / "out", launcher=dummy, progress=False)
+
+
+def test_lock_is_exclusive_and_names_holder(tmp_path):
+    with SweepLock(tmp_path):
+        with pytest.raises(sweep.SweepLockedError, match=rf"\.sweep\.lock.*PID {os.getpid()}"):
+            with SweepLock(tmp_path):
+                pass
+    with SweepLock(tmp_path):  # released
+        pass
+
+
+# ----------------------------------------------------------------------------------- notebook runs
+
+def test_local_sweep_runs_resumes_and_skips(tmp_path):
+    nb = make_notebook(tmp_path / "tiny.ipynb")
+    out = tmp_path / "out"
+    grid = {"a": [1, 2], "b": ["x", "y"]}
+    t0 = time.time()
+    df = run_sweep(nb, grid, out, jobs=2, progress=False)
+    print(f"4-job sweep, 2 at a time: {time.time() - t0:.1f} s")
+    assert list(df.status) == ["done"] * 4, df.to_string()
+    for row in df.itertuples():
+        job_dir = Path(row.out_dir)
+        assert json.loads((job_dir / "result.json").read_text()) == {"a": row.a, "b": row.b}
+        done = json.loads((job_dir / "done").read_text())
+        assert done["params"] == {"a": row.a, "b": row.b} and done["wall_s"] > 0
+        assert Path(row.notebook) == job_dir / "executed.ipynb"
+        executed = nbformat.read(row.notebook, as_version=4)
+        assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
+        assert "vldlib sweep job" in (job_dir / "log.txt").read_text()
+    assert sorted(runs(out)) == sorted(df.name)
+    assert not list(out.rglob("*.tmp*"))
+    stamps = {p: p.stat().st_mtime for p in out.glob("*/done")}
+
+    df2 = run_sweep(nb, grid, out, jobs=2, progress=False)  # everything finished: nothing re-executed
+    assert list(df2.status) == ["skipped"] * 4
+    assert sorted(runs(out)) == sorted(df.name)
+    assert {p: p.stat().st_mtime for p in out.glob("*/done")} == stamps
+    csv = (out / "sweep.csv").read_text()
+    assert csv.startswith("name,status,wall_s,error,notebook,log,out_dir,a,b") and csv.count("skipped") == 4
+
+    # widen the grid: old folders are reused even though the readable names now differ
+    df3 = run_sweep(nb, {"a": 1, "b": ["x", "y", "z"]}, out, launcher="dummy", progress=False)
+    assert list(df3.status) == ["skipped", "skipped", "not run"]
+    assert df3.name[0] == df.name[0] and df3.name[2].startswith("b=z-")
+
+
+def test_failing_job_is_reported_others_finish_and_rerun_fixes(tmp_path):
+    nb = make_notebook(tmp_path / "tiny.ipynb")
+    out, flag = tmp_path / "out", tmp_path / "fail-now"
+    flag.touch()
+    grid = [{"a": 1}, {"a": 2, "fail_if_exists": str(flag)}]
+    df = run_sweep(nb, grid, out, jobs=2, progress=False)
+    ok, bad = df.iloc[0], df.iloc[1]
+    assert ok.status == "done" and bad.status == "failed"
+    assert "RuntimeError: asked to fail" in bad.error
+    assert Path(bad.notebook) == Path(bad.out_dir) / "failed.ipynb"
+    assert "asked to fail" in Path(bad.notebook).read_text()  # the traceback is in the executed notebook
+    assert not (Path(bad.out_dir) / "done").exists()
+    table = sweep.failure_table(df)
+    assert bad["name"] in table and "failed.ipynb" in table and ok["name"] not in table
+
+    flag.unlink()  # "fix" the notebook; the re-run executes only the failed job
+    df2 = run_sweep(nb, grid, out, progress=False)
+    assert list(df2.status) == ["skipped", "done"]
+    assert not (Path(bad.out_dir) / "failed.ipynb").exists() and not (Path(bad.out_dir) / "error.json").exists()
+    assert sorted(runs(out)) == sorted(df.name)
+
+
+def test_cli_kill_and_restart_runs_every_job_once_and_lock_refuses_second(tmp_path):
+    nb = make_notebook(tmp_path / "tiny.ipynb")
+    out = tmp_path / "out"
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("a: [1, 2, 3]\nsleep: 1.5\n")
+    args = [str(nb), "--grid", str(grid), "--out", str(out), "--jobs", "1"]
+    first = cli(*args)
+    try:
+        deadline = time.time() + 60
+        while not list(out.glob("*/done")):
+            assert first.poll() is None, first.communicate()
+            assert time.time() < deadline, "first job never finished"
+            time.sleep(0.1)
+        second = cli(*args)  # concurrent sweep on the same DIR
+        _, err = second.communicate(timeout=60)
+        assert second.returncode == 2
+        assert ".sweep.lock" in err and f"PID {first.pid}" in err, err
+        first.send_signal(signal.SIGKILL)  # the harshest kill: no cleanup in the sweep itself
+        first.communicate()
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert len(list(out.glob("*/done"))) < 3
+    restart = subprocess.run([sys.executable, "-m", "vldlib", "sweep", *args], cwd=ROOT, text=True,
+                             capture_output=True, timeout=120)
+    assert restart.returncode == 0, restart.stderr
+    assert "3 jobs" in restart.stdout
+    done_names = sorted(p.parent.name for p in out.glob("*/done"))
+    assert len(done_names) == 3 and sorted(runs(out)) == done_names  # each job completed exactly once
+
+
+def test_cli_dry_run_and_bad_input(tmp_path):
+    nb = make_notebook(tmp_path / "tiny.ipynb")
+    r = subprocess.run([sys.executable, "-m", "vldlib", "sweep", str(nb), "--out", str(tmp_path / "o"),
+                        "--set", "a=[1,2]", "--dry-run"], cwd=ROOT, text=True, capture_output=True)
+    assert r.returncode == 0 and "2 jobs, 2 to run" in r.stdout and "todo" in r.stdout
+    assert not (tmp_path / "o" / "sweep.csv").exists()
+    r = subprocess.run([sys.executable, "-m", "vldlib", "sweep", str(nb), "--out", str(tmp_path / "o"),
+                        "--set", "nope=1"], cwd=ROOT, text=True, capture_output=True)
+    assert r.returncode == 2 and "nope" in r.stderr and "parameters" in r.stderr
+
+
+def test_submitit_local_executor(tmp_path):
+    pytest.importorskip("submitit")
+    nb = make_notebook(tmp_path / "tiny.ipynb")
+    out = tmp_path / "out"
+    df = run_sweep(nb, {"a": [1, 2]}, out, launcher="slurm", jobs=2, progress=False,
+                   launcher_options={"cluster": "local", "time": 5})
+    assert list(df.status) == ["done", "done"], df.to_string()
+    assert sorted(runs(out)) == sorted(df.name)
+    assert all((Path(d) / "log.txt").stat().st_size > 0 for d in df.out_dir)
+    assert (out / ".submitit").is_dir()

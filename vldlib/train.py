@@ -1,0 +1,554 @@
+"""The fine-tuning loop: one config, one function, read top to bottom.
+
+`train(cfg) -> run_dir` runs the paper's protocol (shared/paper.md) for one held-out domain:
+3 training domains, batch 32 each, SGD with momentum, weight decay on every parameter, lr x0.1
+at half-time, evaluation every 300 steps on the in/out split of every domain, the best
+checkpoint by training-domain validation, and, in the same run, the uniform weight average along
+the trajectory and the logit ensemble of the evaluated checkpoints.
+
+    python -m vldlib train --benchmark PACS --data-dir data --test-envs 0 --dropout 0.9
+
+The same loop serves the CPU demo: `train_stages`, `resolution` and `cache_trunk` make it small
+(train the last stages on cached outputs of the frozen ones), never a second loop.
+
+Run directory: config.json, meta.json, records.jsonl (append-only), best.pt, last.pt, done.
+A killed run restarts from last.pt and writes the same records as an uninterrupted one: every
+random draw (batch order, augmentation, dropout) is a function of (seed, step), not of history.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_swa_multi_avg_fn
+
+from vldlib import config as config_io
+from vldlib.data import DataError, MultiDomainFolder, load_benchmark, split_domain
+from vldlib.data.datasets import ArrayDataset, ImageDataset
+from vldlib.data.transforms import eval_transform, train_transform
+from vldlib.models import (FineTuneNet, ModelConfigError, check_backbone, check_dropout, create_model,
+                           data_config, param_groups, weights_fingerprint)
+from vldlib.utils import (append_jsonl, atomic_path, config_hash, read_jsonl, seed_hash, write_json_atomic,
+                          write_text_atomic)
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a run. Defaults are the paper's protocol (ResNet #2, 10k steps, 90% dropout)."""
+
+    # --- data
+    benchmark: str = "PACS"  # registered name (under data_dir) or path to ROOT/<domain>/<class>/<img>
+    data_dir: str = "data"  # where registered benchmarks live
+    test_envs: list[int] = field(default_factory=lambda: [0])  # held-out domain index(es)
+    trial_seed: int = 0  # seeds the 80/20 in/out split of every domain, nothing else
+    holdout: float = 0.2  # fraction of every domain held out ("out" split)
+    resolution: int = 224  # input size in pixels
+    augment: bool = True  # DomainBed's training augmentation (off: eval resize only)
+    augment_on: str = "workers"  # where augmentation runs: "workers" (PIL/tensors per image) or "device" (batched)
+    cache_images: bool = False  # decode every image once into a memory-mapped uint8 cache
+    skip_bad: bool = False  # skip unreadable images (counted and printed) instead of failing
+    # --- model
+    backbone: str = "resnet50.tv2_in1k"  # any timm name, or an offline backbone (efficientnet_lite0.offline)
+    pretrained: bool = True  # ImageNet weights (False: random init, training from scratch)
+    weights_file: str | None = None  # local weights instead of the hub (loaded with weights_only=True)
+    dropout: float = 0.9  # rate on the pooled penultimate features (0 = plain fine-tuning)
+    freeze_bn: bool = True  # BatchNorm running statistics fixed (affine parameters still trained)
+    train_stages: int | None = None  # None: fine-tune all; k: only the last k stages + head; 0: head only
+    cache_trunk: bool = False  # compute the frozen stages once and train on their outputs (needs augment off)
+    # --- optimisation
+    steps: int = 10_000  # SGD steps
+    batch_size: int = 32  # per training domain (3 domains: 96 images a step)
+    lr: float = 1e-3  # learning rate
+    head_lr_mult: float = 1.0  # classifier lr = lr x this (paper Fig 6: 10)
+    weight_decay: float = 1e-4  # on every parameter
+    momentum: float = 0.9  # SGD momentum
+    lr_decay_at: list[float] = field(default_factory=lambda: [0.5])  # fractions of steps where lr *= lr_decay
+    lr_decay: float = 0.1  # lr multiplier at each of lr_decay_at
+    # --- evaluation and averaging
+    eval_every: int = 300  # evaluate (and checkpoint) every this many steps, and at the last step
+    average_from: int = 300  # weight average and logit ensemble start at this step
+    eval_batch_size: int = 256  # batch size for evaluation
+    keep_last: bool = True  # keep last.pt after the run finished (needed only to extend it)
+    # --- system
+    seed: int = 0  # training seed: head init, batch order, augmentation, dropout masks
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
+    num_workers: int = -1  # data-loading processes (-1: auto, 0: main process)
+    channels_last: bool = False  # NHWC memory format (faster convolutions on GPUs)
+    bf16: bool = False  # bfloat16 autocast (off until a short run shows accuracy within noise)
+    tf32: bool = True  # TensorFloat-32 matmuls/convolutions on Ampere+ GPUs
+    out: str = "outputs/runs"  # parent folder of run directories
+    run_name: str | None = None  # run folder name (default: readable summary + config hash)
+    progress: bool = True  # show a progress bar
+
+    # Fields that do not change results: left out of the run's identity hash.
+    NON_IDENTITY = ("data_dir", "device", "num_workers", "out", "run_name", "progress", "keep_last",
+                    "eval_batch_size", "cache_images", "cache_trunk")
+
+    def validate(self) -> None:
+        """Errors before any work starts, each naming the value and the fix."""
+        check_dropout(self.dropout)
+        check_backbone(self.backbone)
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.steps <= 0:
+            raise ValueError(f"steps must be > 0, got {self.steps}")
+        if self.batch_size <= 0 or self.eval_batch_size <= 0:
+            raise ValueError(f"batch sizes must be > 0, got batch_size={self.batch_size}")
+        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise ValueError(f"need weight_decay >= 0 and 0 <= momentum < 1, got {self.weight_decay}, {self.momentum}")
+        if self.head_lr_mult <= 0:
+            raise ValueError(f"head_lr_mult must be > 0, got {self.head_lr_mult}")
+        if not self.test_envs:
+            raise ValueError("test_envs is empty: name at least one held-out domain index")
+        if any(not 0 < f < 1 for f in self.lr_decay_at):
+            raise ValueError(f"lr_decay_at are fractions of the run in (0, 1), got {self.lr_decay_at}")
+        if self.eval_every <= 0 or self.average_from < 0:
+            raise ValueError(f"eval_every must be > 0 and average_from >= 0")
+        if self.augment_on not in ("workers", "device"):
+            raise ValueError(f"augment_on must be 'workers' or 'device', got {self.augment_on!r}")
+        if self.resolution < 16:
+            raise ValueError(f"resolution {self.resolution} is too small (>= 16 px)")
+        if self.cache_trunk and self.augment:
+            raise ValueError("cache_trunk computes the frozen stages once per image, so it cannot "
+                             "augment: set augment=False (--augment false) or cache_trunk=False.")
+        if self.cache_trunk and self.train_stages is None:
+            raise ValueError("cache_trunk needs a frozen trunk: set train_stages (e.g. 1, or 0 for the head only).")
+
+    def identity(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in self.NON_IDENTITY}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; a failure record was written."""
+
+
+# ----------------------------------------------------------------------------- run directory
+def run_dir_for(cfg: TrainConfig) -> Path:
+    """outputs/runs/<benchmark>-te<t>-p<dropout>-lr<lr>-s<seed>-<hash of every result-changing knob>."""
+    if cfg.run_name:
+        return Path(cfg.out) / cfg.run_name
+    bench = Path(cfg.benchmark).name if os.sep in cfg.benchmark else cfg.benchmark
+    te = "+".join(map(str, cfg.test_envs))
+    name = f"{bench}-te{te}-p{cfg.dropout:g}-lr{cfg.lr:g}-s{cfg.seed}-{config_hash(cfg.identity())}"
+    return Path(cfg.out) / name
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return dev
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass
+class Data:
+    """What the loop reads: per training domain a dataset, and every (domain, split) to evaluate."""
+
+    train: list[torch.utils.data.Dataset]  # one per training domain (its "in" split)
+    evals: dict[str, torch.utils.data.Dataset]  # "env0_in", "env0_out", ...
+    domains: list[str]
+    classes: list[str]
+    train_envs: list[int]
+    key: str  # identifies the exact samples of every split (for the trunk-output cache)
+
+
+def make_data(cfg: TrainConfig, bench: MultiDomainFolder, mean, std) -> Data:
+    n_env = len(bench.domains)
+    for t in cfg.test_envs:
+        if not 0 <= t < n_env:
+            raise ValueError(f"test env {t} out of range: {bench.name} has {n_env} domains "
+                             f"{list(enumerate(bench.domains))}; pass --test-envs 0..{n_env - 1}")
+    train_envs = [i for i in range(n_env) if i not in cfg.test_envs]
+    if not train_envs:
+        raise ValueError(f"every domain of {bench.name} is held out (test_envs={cfg.test_envs}); leave one to train on")
+    tf_train = train_transform(cfg.resolution, mean, std) if cfg.augment else eval_transform(cfg.resolution, mean, std)
+    tf_eval = eval_transform(cfg.resolution, mean, std)
+    if cfg.cache_images:
+        from vldlib.data.cache import cached_benchmark
+
+        arrays = cached_benchmark(bench, cfg.resolution, progress=cfg.progress)
+
+        def subset(env: int, idx: np.ndarray, tf) -> ArrayDataset:
+            images, labels = arrays[env]
+            return ArrayDataset(images[idx] if len(idx) < len(labels) else images, labels[idx], tf)
+    else:
+        def subset(env: int, idx: np.ndarray, tf) -> ImageDataset:
+            return ImageDataset([bench.samples[env][i] for i in idx], tf)
+
+    train, evals, split_files = [], {}, []
+    for env in range(n_env):
+        ins, outs = split_domain(len(bench.samples[env]), cfg.trial_seed, env, cfg.holdout, bench.groups(env))
+        split_files.append([[bench.samples[env][i] for i in ins], [bench.samples[env][i] for i in outs]])
+        if env in train_envs:
+            if cfg.batch_size > len(ins):
+                raise ValueError(f"batch_size {cfg.batch_size} is larger than the 'in' split of domain "
+                                 f"{bench.domains[env]!r} ({len(ins)} images); use --batch-size <= {len(ins)}")
+            train.append(subset(env, ins, tf_train))
+        evals[f"env{env}_in"] = subset(env, ins, tf_eval)
+        evals[f"env{env}_out"] = subset(env, outs, tf_eval)
+    return Data(train, evals, bench.domains, bench.classes, train_envs, config_hash({"s": split_files}, n=16))
+
+
+def batch_indices(n: int, batch_size: int, seed: int, env: int, step: int) -> np.ndarray:
+    """Indices of the batch of domain `env` at `step`: consecutive slices of per-epoch
+    permutations, so the order is a pure function of (seed, env, step) and resumes exactly."""
+    pos = np.arange(step * batch_size, (step + 1) * batch_size)
+    epochs, offsets = pos // n, pos % n
+    out = np.empty(batch_size, dtype=np.int64)
+    for e in np.unique(epochs):
+        perm = np.random.RandomState(seed_hash(seed, "order", env, int(e))).permutation(n)
+        mask = epochs == e
+        out[mask] = perm[offsets[mask]]
+    return out
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """For a DataLoader: the batches of one domain from `start` to `stop`, each item with the seed
+    of its augmentation."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, env: int, start: int, stop: int):
+        self.args = (n, batch_size, seed, env)
+        self.start, self.stop = start, stop
+
+    def __iter__(self):
+        n, b, seed, env = self.args
+        for step in range(self.start, self.stop):
+            yield [(int(i), seed_hash(seed, "aug", env, step, k)) for k, i in enumerate(batch_indices(n, b, seed, env, step))]
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def train_batches(data: Data, cfg: TrainConfig, start: int, device: torch.device, features=None):
+    """Yield, for each step from `start`, one (x, y) batch per training domain, on the device."""
+    if features is not None:  # cached trunk outputs: index tensors directly
+        for step in range(start, cfg.steps):
+            batch = []
+            for k, (x, y) in enumerate(features["train"]):
+                idx = torch.from_numpy(batch_indices(len(y), cfg.batch_size, cfg.seed, data.train_envs[k], step))
+                batch.append((x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)))
+            yield batch
+        return
+    workers = cfg.num_workers if cfg.num_workers >= 0 else min(4, os.cpu_count() or 1)
+    loaders = [torch.utils.data.DataLoader(
+        ds, batch_sampler=StepBatches(len(ds), cfg.batch_size, cfg.seed, env, start, cfg.steps),
+        num_workers=max(0, workers // len(data.train)) if workers else 0, pin_memory=device.type == "cuda",
+        persistent_workers=False) for env, ds in zip(data.train_envs, data.train)]
+    for batch in zip(*loaders):
+        yield [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in batch]
+
+
+@torch.no_grad()
+def compute_trunk(net: FineTuneNet, ds: torch.utils.data.Dataset, cfg: TrainConfig, device: torch.device
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs of the frozen stages for every item of a dataset (eval transform, no dropout)."""
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.eval_batch_size, shuffle=False,
+                                         num_workers=0)
+    xs, ys = [], []
+    for x, y in loader:
+        xs.append(net.trunk(x.to(device)).cpu())
+        ys.append(y)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def trunk_features(net: FineTuneNet, data: Data, cfg: TrainConfig, device: torch.device):
+    """Cached trunk outputs for the training sets and every eval set, kept on disk between runs
+    (keyed by the trunk's weights, the resolution and the exact sample list)."""
+    from tqdm.auto import tqdm
+
+    from vldlib.data.cache import cache_root
+
+    key = config_hash({"trunk": weights_fingerprint(torch.nn.ModuleList(net._trunk)), "backbone": cfg.backbone,
+                       "stages": cfg.train_stages, "resolution": cfg.resolution, "data": data.key,
+                       "cache_images": cfg.cache_images}, n=16)
+    path = cache_root() / "trunk" / f"{key}.pt"
+    if path.exists():
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception:  # a damaged cache file is recomputed, never trusted
+            path.unlink(missing_ok=True)
+    net.eval()
+    out = {"evals": {}, "train": []}
+    for name, ds in tqdm(list(data.evals.items()), desc="computing frozen-trunk outputs", disable=not cfg.progress):
+        out["evals"][name] = compute_trunk(net, ds, cfg, device)
+    # training sets are the "in" splits of the training domains: the same images
+    out["train"] = [out["evals"][f"env{e}_in"] for e in data.train_envs]
+    with atomic_path(path) as tmp:
+        torch.save(out, tmp)
+    return out
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def predict_all(forward: Callable, evals: dict, cfg: TrainConfig, device: torch.device, features=None
+                ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Logits and labels of every eval split."""
+    out = {}
+    for name, ds in evals.items():
+        if features is not None:
+            x_all, y_all = features["evals"][name]
+            chunks = [forward(x_all[i:i + cfg.eval_batch_size].to(device)).float().cpu()
+                      for i in range(0, len(y_all), cfg.eval_batch_size)]
+            out[name] = (torch.cat(chunks), y_all)
+            continue
+        loader = torch.utils.data.DataLoader(ds, batch_size=cfg.eval_batch_size, shuffle=False,
+                                             num_workers=0 if cfg.num_workers == 0 else min(2, os.cpu_count() or 1))
+        logits, labels = [], []
+        for x, y in loader:
+            x = x.to(device, non_blocking=True)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                logits.append(forward(x).float().cpu())
+            labels.append(y)
+        out[name] = (torch.cat(logits), torch.cat(labels))
+    return out
+
+
+def accuracies(preds: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    return {k: (lg.argmax(1) == y).float().mean().item() for k, (lg, y) in preds.items()}
+
+
+def validation_score(acc: dict[str, float], train_envs: list[int]) -> float:
+    """Training-domain validation (the paper's model selection): mean out-split accuracy."""
+    return float(np.mean([acc[f"env{i}_out"] for i in train_envs]))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"{path}: cannot load checkpoint ({type(e).__name__}: {e}). It is not a vldlib "
+                           f"checkpoint or it is damaged; delete it to restart the run from scratch.") from e
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# ----------------------------------------------------------------------------- the loop
+def train(cfg: TrainConfig) -> Path:
+    """Run (or resume, or skip if finished) one fine-tuning run; returns its directory."""
+    cfg.validate()
+    run_dir = run_dir_for(cfg)
+    if (run_dir / "done").exists():
+        print(f"[vldlib] already finished: {run_dir} (delete its 'done' file to run it again)")
+        return run_dir
+    records_path = run_dir / "records.jsonl"
+    old = read_jsonl(records_path)
+    if old and old[-1].get("type") == "failure":
+        raise TrainingDiverged(f"{run_dir} failed earlier at step {old[-1]['step']}: {old[-1]['reason']} "
+                               f"Delete the folder to retry, or change the config (e.g. a lower --lr).")
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and cfg.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+
+    # --- model: pretrained backbone, dropout on the penultimate features, frozen BN
+    torch.manual_seed(seed_hash(cfg.seed, "init"))
+    bench = load_benchmark(cfg.benchmark, cfg.data_dir, skip_bad=cfg.skip_bad, progress=cfg.progress)
+    model = create_model(cfg.backbone, len(bench.classes), pretrained=cfg.pretrained, dropout=cfg.dropout,
+                         weights_file=cfg.weights_file)
+    init_fingerprint = weights_fingerprint(model)
+    net = FineTuneNet(model, cfg.train_stages, cfg.freeze_bn).to(device)
+    if cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    norm = data_config(model)
+
+    # --- data: per-domain training sets and every eval split (optionally as cached trunk outputs)
+    data = make_data(cfg, bench, norm["mean"], norm["std"])
+    features = trunk_features(net, data, cfg, device) if cfg.cache_trunk else None
+    forward = net.tail if features is not None else net
+
+    # --- optimiser: SGD, momentum, the same weight decay on every parameter, step decay
+    optimizer = torch.optim.SGD(param_groups(net, cfg.lr, cfg.head_lr_mult), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    milestones = sorted({max(1, int(round(f * cfg.steps))) for f in cfg.lr_decay_at})
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.lr_decay)
+    # Parameters are averaged; buffers (BatchNorm statistics) follow the current model: they are
+    # frozen by default, and averaging integer counters is meaningless anyway.
+    averaged = AveragedModel(net, multi_avg_fn=get_swa_multi_avg_fn(), use_buffers=False)
+    ensemble_logits: dict[str, torch.Tensor] = {}
+    best_score, start = -1.0, 0
+
+    # --- resume from the last checkpoint; drop records written after it
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if (run_dir / "last.pt").exists():
+        ckpt = load_checkpoint(run_dir / "last.pt")
+        net.model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        averaged.load_state_dict(ckpt["averaged"])
+        ensemble_logits, best_score, start = ckpt["ensemble_logits"], ckpt["best_score"], ckpt["step"]
+        kept = [r for r in old if r.get("step", 0) <= start]
+        if len(kept) != len(old):
+            write_text_atomic(records_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        print(f"[vldlib] resuming {run_dir} from step {start}")
+    elif old:  # records but no checkpoint: a run killed before its first checkpoint
+        records_path.unlink()
+    write_json_atomic(run_dir / "config.json", asdict(cfg))
+    write_json_atomic(run_dir / "meta.json", {
+        "benchmark": bench.name, "domains": data.domains, "classes": data.classes, "test_envs": cfg.test_envs,
+        "train_envs": data.train_envs, "split_sizes": {k: len(v) for k, v in data.evals.items()},
+        "init_fingerprint": init_fingerprint, "device": str(device), "python": platform.python_version(),
+        "torch": torch.__version__, "num_params": sum(p.numel() for p in net.parameters()),
+        "trainable_params": sum(p.numel() for p in net.parameters() if p.requires_grad)})
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=start, desc=run_dir.name, disable=not cfg.progress, dynamic_ncols=True)
+    loss_sum, correct, seen, t_interval, last_eval = 0.0, 0, 0, time.perf_counter(), start
+    net.train()
+    for step, batch in enumerate(train_batches(data, cfg, start, device, features), start=start):
+        # one SGD step on the concatenated per-domain batches; every random draw seeded by the step
+        torch.manual_seed(seed_hash(cfg.seed, "step", step))
+        x = torch.cat([b[0] for b in batch])
+        y = torch.cat([b[1] for b in batch])
+        if cfg.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            logits = forward(x)
+        loss = F.cross_entropy(logits.float(), y)
+        if not torch.isfinite(loss):
+            reason = f"non-finite loss ({loss.item()}) at step {step}; lr {cfg.lr} is probably too high."
+            append_jsonl(records_path, {"type": "failure", "step": step, "reason": reason})
+            bar.close()
+            raise TrainingDiverged(f"{run_dir}: {reason} A failure record was written.")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        done_steps = step + 1
+        if done_steps >= cfg.average_from:
+            averaged.update_parameters(net)
+            if not cfg.freeze_bn:
+                for b_avg, b in zip(averaged.module.buffers(), net.buffers()):
+                    b_avg.copy_(b)
+        loss_sum += loss.item()
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+        bar.update(1)
+
+        if done_steps % cfg.eval_every and done_steps != cfg.steps:
+            continue
+        # --- evaluate the current weights, the weight average and the logit ensemble
+        n_interval = done_steps - last_eval
+        step_time = (time.perf_counter() - t_interval) / max(1, n_interval)
+        net.eval()
+        preds = predict_all(forward, data.evals, cfg, device, features)
+        acc = {"model": accuracies(preds)}
+        if done_steps >= cfg.average_from:
+            averaged.eval()
+            wa_forward = averaged.module.tail if features is not None else averaged.module
+            acc["wa"] = accuracies(predict_all(wa_forward, data.evals, cfg, device, features))
+            for k, (lg, y_k) in preds.items():
+                ensemble_logits[k] = ensemble_logits.get(k, torch.zeros_like(lg)) + lg
+            acc["ens"] = accuracies({k: (ensemble_logits[k], preds[k][1]) for k in preds})
+        net.train()
+        record = {"type": "eval", "step": done_steps, "loss": loss_sum / max(1, n_interval),
+                  "lr": optimizer.param_groups[-1]["lr"] / cfg.head_lr_mult, "train_acc": correct / max(1, seen),
+                  "step_time": step_time, "peak_mem_mb": peak_memory_mb(device), "acc": acc}
+        score = validation_score(acc["model"], data.train_envs)
+        if score > best_score:
+            best_score = score
+            save_checkpoint(run_dir / "best.pt", {"model": net.model.state_dict(), "step": done_steps,
+                                                  "config": asdict(cfg), "score": score})
+        append_jsonl(records_path, record)
+        save_checkpoint(run_dir / "last.pt", {
+            "model": net.model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "averaged": averaged.state_dict(),
+            "ensemble_logits": ensemble_logits, "best_score": best_score, "step": done_steps,
+            "config": asdict(cfg)})
+        bar.set_postfix(loss=f"{record['loss']:.3f}", val=f"{score:.3f}",
+                        test=f"{np.mean([acc['model'][f'env{t}_in'] for t in cfg.test_envs]):.3f}")
+        loss_sum, correct, seen, t_interval, last_eval = 0.0, 0, 0, time.perf_counter(), done_steps
+    bar.close()
+    if not cfg.keep_last:
+        (run_dir / "last.pt").unlink(missing_ok=True)
+    write_text_atomic(run_dir / "done", time.strftime("%Y-%m-%d %H:%M:%S\n"))
+    return run_dir
+
+
+# ----------------------------------------------------------------------------- reuse of finished runs
+def load_run_model(run_dir: str | os.PathLike, which: str = "best") -> tuple[FineTuneNet, dict]:
+    """The network of a run at its best (training-domain validation) or last checkpoint."""
+    run_dir = Path(run_dir)
+    cfg = config_io.load_file(TrainConfig, run_dir / "config.json")
+    meta = json.loads((run_dir / "meta.json").read_text())
+    model = create_model(cfg.backbone, len(meta["classes"]), pretrained=False, dropout=cfg.dropout)
+    ckpt = load_checkpoint(run_dir / f"{which}.pt")
+    model.load_state_dict(ckpt["model"])
+    net = FineTuneNet(model, cfg.train_stages, cfg.freeze_bn).eval()
+    return net, asdict(cfg)
+
+
+def evaluate_logits(net: FineTuneNet, cfg: dict | TrainConfig, device: str = "auto"
+                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Logits and labels of every (domain, split) of the run's benchmark, for soups and ensembles."""
+    if isinstance(cfg, dict):
+        cfg = config_io.from_dict(TrainConfig, cfg)
+    dev = resolve_device(device)
+    norm = data_config(net.model)
+    bench = load_benchmark(cfg.benchmark, cfg.data_dir, skip_bad=cfg.skip_bad, progress=False)
+    data = make_data(cfg, bench, norm["mean"], norm["std"])
+    net = net.to(dev).eval()
+    if cfg.cache_trunk:
+        features = trunk_features(net, data, cfg, dev)
+        return predict_all(net.tail, data.evals, cfg, dev, features)
+    return predict_all(net, data.evals, cfg, dev)
+
+
+# ----------------------------------------------------------------------------- command line
+def register_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="fine-tune one model (resumable)",
+                       description="Fine-tune one model on a benchmark with one held-out domain. Every "
+                                   "TrainConfig field is a flag; --config FILE.yaml sets several at once.",
+                       epilog="example: python -m vldlib train --benchmark emoji --data-dir data --test-envs 0 "
+                              "--dropout 0.9 --backbone efficientnet_lite0.offline --resolution 64 --steps 600")
+    p.add_argument("--config", help="YAML/JSON file of config values (flags override it)")
+    config_io.add_arguments(p, TrainConfig, config_io.field_docs(TrainConfig))
+    p.set_defaults(func=_cli_train)
+
+
+def _cli_train(args: argparse.Namespace) -> int:
+    try:
+        base = {}
+        if args.config:
+            import yaml
+            base = yaml.safe_load(Path(args.config).read_text()) or {}
+        cfg = config_io.from_args(TrainConfig, args, base)
+        print(json.dumps(asdict(cfg), indent=1))
+        run_dir = train(cfg)
+    except (ValueError, KeyError, ModelConfigError, DataError, TrainingDiverged, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"[vldlib] run directory: {run_dir}")
+    return 0
