@@ -1,0 +1,80 @@
+"""Decoded-image cache: every image decoded once, resized, stored as uint8 in a memory-mapped file.
+
+Later epochs (and later runs: the cache is keyed by the files and the resolution) read arrays
+instead of decoding JPEGs, which is what keeps a GPU fed. The arrays hold exactly the samples, in
+the same order and with the same labels, as the plain path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vldlib.data.folder import MultiDomainFolder
+from vldlib.data.transforms import to_uint8_tensor
+from vldlib.utils import atomic_path, write_json_atomic
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("VLDLIB_CACHE", Path.home() / ".cache" / "vldlib"))
+
+
+def _key(samples: list[tuple[str, int]], resolution: int) -> str:
+    h = hashlib.md5(f"v1 {resolution}".encode())
+    for path, label in samples:
+        st = os.stat(path)
+        h.update(f"{os.path.abspath(path)}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def decode_images(samples: list[tuple[str, int]], resolution: int, *, desc: str = "decoding",
+                  progress: bool = True, out: np.ndarray | None = None) -> np.ndarray:
+    from tqdm.auto import tqdm
+
+    to_tensor = to_uint8_tensor(resolution)
+    if out is None:
+        out = np.empty((len(samples), 3, resolution, resolution), dtype=np.uint8)
+    for i, (path, _) in enumerate(tqdm(samples, desc=desc, disable=not progress, unit="img", mininterval=1.0)):
+        with Image.open(path) as im:
+            if im.format == "JPEG":
+                im.draft("RGB", (resolution, resolution))  # decode at a reduced scale when possible
+            out[i] = to_tensor(im.convert("RGB")).numpy()
+    return out
+
+
+def cached_domain(samples: list[tuple[str, int]], resolution: int, *, name: str = "domain",
+                  progress: bool = True, root: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N,3,R,R] memory-mapped, labels int64 [N]) for one domain; built once."""
+    root = root or cache_root()
+    key = _key(samples, resolution)
+    folder = root / "images" / f"{name}-{resolution}px-{key}"
+    data_file = folder / "images.u8"
+    meta_file = folder / "meta.json"
+    labels = np.array([y for _, y in samples], dtype=np.int64)
+    shape = (len(samples), 3, resolution, resolution)
+    if not meta_file.exists():  # meta is written last: its presence means the data is complete
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(data_file) as tmp:
+            arr = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape)
+            decode_images(samples, resolution, desc=f"caching {name} at {resolution}px", progress=progress, out=arr)
+            arr.flush()
+            del arr
+        write_json_atomic(meta_file, {"shape": shape, "n": len(samples), "resolution": resolution})
+    images = np.memmap(data_file, dtype=np.uint8, mode="r", shape=shape)
+    return images, labels
+
+
+def cached_benchmark(bench: MultiDomainFolder, resolution: int, progress: bool = True
+                     ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The decoded-image cache of every domain of a benchmark."""
+    return [cached_domain(s, resolution, name=f"{bench.name}-{d}".replace(" ", "_"), progress=progress)
+            for d, s in zip(bench.domains, bench.samples)]
+
+
+def as_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(images))

@@ -1,0 +1,151 @@
+"""`python -m vldlib data {list,download,verify,build}`: get a benchmark onto disk and check it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EPILOG = """\
+examples:
+  python -m vldlib data list
+  python -m vldlib data download PACS --data-dir data
+  python -m vldlib data download TerraIncognita --data-dir data       # 6.5 GB of camera-trap images
+  python -m vldlib data download OfficeHome --data-dir data --archive ~/Downloads/office_home.zip
+  python -m vldlib data verify TerraIncognita --data-dir data         # exit code 1 on any mismatch
+  python -m vldlib data build emoji --data-dir data                   # offline benchmark, no download
+
+Downloads resume after an interruption (run the same command again). When a source fails (Google
+Drive quotas, moved links) the error says what to fetch by hand and the --archive command that
+imports it. VLDLIB_MIRROR=https://host/dir fetches every file as <mirror>/<file name> instead.
+The data dir defaults to $VLDLIB_DATA, else ./data.
+"""
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    import os
+
+    return Path(args.data_dir or os.environ.get("VLDLIB_DATA", "data"))
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from vldlib.data.benchmarks import TOTAL
+    from vldlib.data.registry import get_spec, list_benchmarks
+
+    for name in list_benchmarks():
+        spec = get_spec(name)
+        ncls = spec.num_classes if spec.classes else "?"
+        print(f"{spec.name}  (folder {spec.dirname}/, {len(spec.domains)} domains, {ncls} classes, "
+              f"{spec.n_steps} steps)")
+        if spec.description:
+            print(f"  {spec.description}")
+        for label, counts in spec.counts.items():
+            per = ", ".join(f"{d} {counts[d]}" for d in spec.domains if d in counts)
+            total = counts.get(TOTAL, sum(v for k, v in counts.items() if k != TOTAL))
+            print(f"  counts [{label}]: {per + '; ' if per else ''}total {total}")
+        if not spec.counts:
+            print(f"  domains: {', '.join(spec.domains)}")
+        for s in spec.sources:
+            print(f"  source: {s.url}  ->  {s.filename}" + (f"  ({s.note})" if s.note else ""))
+        if spec.builder is not None:
+            print(f"  built offline: python -m vldlib data build {spec.name} --data-dir DIR")
+    return 0
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    from vldlib.data.download import download_benchmark
+    from vldlib.data.folder import DataError
+
+    try:
+        path = download_benchmark(args.name, _data_dir(args), archive=args.archive or None,
+                                  progress=not args.quiet, mirror=args.mirror, force=args.force,
+                                  allow_count_mismatch=args.allow_count_mismatch,
+                                  keep_downloads=args.keep_downloads)
+    except (DataError, KeyError) as e:
+        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from vldlib.data.download import verify_benchmark
+
+    try:
+        report = verify_benchmark(args.name, _data_dir(args), check_images=not args.no_image_check,
+                                  progress=not args.quiet)
+    except KeyError as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 1
+    print(report.table() if report.found else report.summary())
+    return 0 if report.ok else 1
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from vldlib.data.registry import get_spec
+
+    try:
+        spec = get_spec(args.name)
+    except KeyError as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 1
+    if spec.sources and spec.builder is None:
+        print(f"error: {spec.name} is downloaded, not built; get it with "
+              f"`python -m vldlib data download {spec.name} --data-dir DIR`.", file=sys.stderr)
+        return 1
+    from vldlib.data.emoji import build_emoji  # imported only when asked: it pulls in the renderers
+
+    builder = spec.builder or build_emoji
+    print(builder(_data_dir(args), force=args.force, progress=not args.quiet))
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "data", help="list, download, verify or build benchmarks",
+        description="Benchmarks on disk: list the registered ones, download and verify the real ones, "
+                    "build the offline one.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--data-dir", default=None, help="folder holding the benchmarks (default: "
+                       "$VLDLIB_DATA or ./data)")
+        q.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    q = sub.add_parser("list", help="registered benchmarks: domains, expected counts, sources",
+                       epilog="example: python -m vldlib data list")
+    q.set_defaults(func=_cmd_list)
+
+    q = sub.add_parser("download", help="download, check and install a benchmark",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  python -m vldlib data download VLCS --data-dir data\n"
+                              "  python -m vldlib data download TerraIncognita --data-dir data "
+                              "--archive eccv_18_all_images_sm.tar.gz")
+    q.add_argument("name", help="benchmark name (see `data list`)")
+    common(q)
+    q.add_argument("--archive", action="append", metavar="FILE",
+                   help="a source file fetched by hand, used instead of downloading it (repeat for "
+                        "several; named as the source, e.g. PACS.zip)")
+    q.add_argument("--mirror", default=None, help="fetch <MIRROR>/<file name> instead of the public "
+                   "URLs (default: $VLDLIB_MIRROR)")
+    q.add_argument("--force", action="store_true", help="replace an existing folder")
+    q.add_argument("--allow-count-mismatch", action="store_true",
+                   help="install even if the image counts match no accepted version")
+    q.add_argument("--keep-downloads", action="store_true", help="keep the archives in DATA/.downloads")
+    q.set_defaults(func=_cmd_download)
+
+    q = sub.add_parser("verify", help="count images per domain and class against the expected counts",
+                       epilog="example: python -m vldlib data verify PACS --data-dir data "
+                              "(exit code 1 on any mismatch)")
+    q.add_argument("name", help="benchmark name (see `data list`)")
+    common(q)
+    q.add_argument("--no-image-check", action="store_true", help="count files without decoding them")
+    q.set_defaults(func=_cmd_verify)
+
+    q = sub.add_parser("build", help="build an offline benchmark (emoji)",
+                       epilog="example: python -m vldlib data build emoji --data-dir data")
+    q.add_argument("name", help="benchmark name, e.g. emoji")
+    common(q)
+    q.add_argument("--force", action="store_true", help="rebuild even if it exists")
+    q.set_defaults(func=_cmd_build)
