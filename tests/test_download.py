@@ -89,7 +89,7 @@ class FileServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
     def close(self) -> None:
@@ -387,6 +387,17 @@ def test_truncated_archive(server, tmp_path, kind):
     assert "run the same command again" in str(e.value)
     assert not (tmp_path / "VLCS").exists() and not (tmp_path / ".downloads" / "VLCS.tar.gz").exists()
     assert_clean(tmp_path, spec)
+
+
+def test_plain_tar_cut_between_members_is_detected(tmp_path):
+    blob = make_tar({f"VLCS/Caltech101/bird/{i}.png": _png(i) for i in range(4)}, mode="w")
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tf:
+        cut = tf.getmembers()[2].offset  # the header of the third member
+    (tmp_path / "cut.tar").write_bytes(blob[:cut])
+    with pytest.raises(ArchiveError, match="truncated or corrupt tar archive after 2 entries"):
+        safe_extract(tmp_path / "cut.tar", tmp_path / "out", progress=False)
+    (tmp_path / "whole.tar").write_bytes(blob)
+    assert safe_extract(tmp_path / "whole.tar", tmp_path / "ok", progress=False) == 4
 
 
 def test_missing_domain(server, tmp_path):

@@ -165,7 +165,8 @@ def test_summarize_two_levels(tmp_path):
 def test_domainbed_table(tmp_path):
     sel = _sweep(tmp_path)
     t = R.domainbed_table(sel, rows=["method", "dropout"])
-    assert list(t.columns) == ["method", "dropout", *DOMAINS, "Avg"]
+    assert list(t.columns) == ["method", "dropout", *DOMAINS, "Avg", "n"]
+    assert t.n.tolist() == [2, 2]
     row = t[t.dropout == 0.9].iloc[0]
     assert row.art_painting == "59.6 ± 0.5"   # .5+.09+.005+.001 = .596
     assert row.Avg == "62.6 ± 0.5"
@@ -173,7 +174,9 @@ def test_domainbed_table(tmp_path):
     partial = R.domainbed_table(sel[~((sel.dropout == 0.0) & (sel.test_env == 2))])
     assert partial.set_index("dropout").loc[0.0, "Avg"] == "-" and partial.set_index("dropout").loc[0.0, "photo"] == "-"
     t2 = R.domainbed_table(sel, over=None)
-    assert t2.iloc[0].Avg != "-"
+    assert t2.iloc[0].Avg != "-" and t2.n.tolist() == [4, 4]  # 2 seeds x 2 lrs per cell
+    both = pd.concat([sel, sel.assign(method="ens"), sel.assign(method="wa")])
+    assert R.domainbed_table(both, rows=["method"]).method.tolist() == ["model", "wa", "ens"]
     mixed = pd.concat([sel, sel.assign(benchmark="VLCS")])
     with pytest.raises(ValueError, match="mixes benchmarks"):
         R.domainbed_table(mixed)

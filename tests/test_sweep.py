@@ -17,25 +17,28 @@ import nbformat
 import pytest
 
 from vldlib import sweep
-from vldlib.sweep import Job, SweepLock, expand_grid, job_name, plan_jobs, run_sweep
+from vldlib.sweep import SweepLock, expand_grid, job_name, plan_jobs, run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 
 BODY = """\
 import json, os, pathlib, time
 time.sleep(sleep)
+while hold and os.path.exists(hold):  # lets a test kill the sweep while this job runs
+    time.sleep(0.05)
 if fail_if_exists and os.path.exists(fail_if_exists):
     raise RuntimeError("asked to fail: " + fail_if_exists)
-pathlib.Path(output_dir, "result.json").write_text(json.dumps({"a": a, "b": b}))
+gpu = os.environ.get("CUDA_VISIBLE_DEVICES")
+pathlib.Path(output_dir, "result.json").write_text(json.dumps({"a": a, "b": b, "gpu": gpu}))
 with open(os.path.join(os.path.dirname(output_dir), "runs.txt"), "a") as f:
     f.write(os.path.basename(output_dir) + "\\n")
 """
 
 
 def make_notebook(path: Path) -> Path:
-    """Parameters a, b, sleep, fail_if_exists; writes result.json and appends its name to DIR/runs.txt."""
+    """Parameters a, b, sleep, hold, fail_if_exists; writes result.json and appends its name to DIR/runs.txt."""
     nb = nbformat.v4.new_notebook()
-    params = nbformat.v4.new_code_cell('a = 1\nb = "x"\nsleep = 0.0\nfail_if_exists = ""\noutput_dir = "."')
+    params = nbformat.v4.new_code_cell('a = 1\nb = "x"\nsleep = 0.0\nhold = ""\nfail_if_exists = ""\noutput_dir = "."')
     params.metadata["tags"] = ["parameters"]
     nb.cells = [nbformat.v4.new_markdown_cell("# tiny"), params, nbformat.v4.new_code_cell(BODY)]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -117,111 +120,119 @@ def test_lock_is_exclusive_and_names_holder(tmp_path):
 
 # ----------------------------------------------------------------------------------- notebook runs
 
-def test_local_sweep_runs_resumes_and_skips(tmp_path):
-    nb = make_notebook(tmp_path / "tiny.ipynb")
-    out = tmp_path / "out"
-    grid = {"a": [1, 2], "b": ["x", "y"]}
-    t0 = time.time()
-    df = run_sweep(nb, grid, out, jobs=2, progress=False)
-    print(f"4-job sweep, 2 at a time: {time.time() - t0:.1f} s")
-    assert list(df.status) == ["done"] * 4, df.to_string()
-    for row in df.itertuples():
-        job_dir = Path(row.out_dir)
-        assert json.loads((job_dir / "result.json").read_text()) == {"a": row.a, "b": row.b}
-        done = json.loads((job_dir / "done").read_text())
-        assert done["params"] == {"a": row.a, "b": row.b} and done["wall_s"] > 0
-        assert Path(row.notebook) == job_dir / "executed.ipynb"
-        executed = nbformat.read(row.notebook, as_version=4)
-        assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
-        assert "vldlib sweep job" in (job_dir / "log.txt").read_text()
-    assert sorted(runs(out)) == sorted(df.name)
-    assert not list(out.rglob("*.tmp*"))
-    stamps = {p: p.stat().st_mtime for p in out.glob("*/done")}
-
-    df2 = run_sweep(nb, grid, out, jobs=2, progress=False)  # everything finished: nothing re-executed
-    assert list(df2.status) == ["skipped"] * 4
-    assert sorted(runs(out)) == sorted(df.name)
-    assert {p: p.stat().st_mtime for p in out.glob("*/done")} == stamps
-    csv = (out / "sweep.csv").read_text()
-    assert csv.startswith("name,status,wall_s,error,notebook,log,out_dir,a,b") and csv.count("skipped") == 4
-
-    # widen the grid: old folders are reused even though the readable names now differ
-    df3 = run_sweep(nb, {"a": 1, "b": ["x", "y", "z"]}, out, launcher="dummy", progress=False)
-    assert list(df3.status) == ["skipped", "skipped", "not run"]
-    assert df3.name[0] == df.name[0] and df3.name[2].startswith("b=z-")
-
-
-def test_failing_job_is_reported_others_finish_and_rerun_fixes(tmp_path):
+def test_local_sweep_runs_reports_failure_and_resumes(tmp_path):
+    """A 4-job sweep, 2 at a time, where one job raises; then a re-run executes only that one."""
     nb = make_notebook(tmp_path / "tiny.ipynb")
     out, flag = tmp_path / "out", tmp_path / "fail-now"
     flag.touch()
-    grid = [{"a": 1}, {"a": 2, "fail_if_exists": str(flag)}]
-    df = run_sweep(nb, grid, out, jobs=2, progress=False)
-    ok, bad = df.iloc[0], df.iloc[1]
-    assert ok.status == "done" and bad.status == "failed"
+    grid = [{"a": [1, 2, 3], "b": ["x"]}, {"a": 4, "fail_if_exists": str(flag)}]
+    t0 = time.time()
+    df = run_sweep(nb, grid, out, jobs=2, gpus=["5", "6"], progress=False)  # fake ids: nothing uses CUDA
+    print(f"4-job sweep, 2 at a time: {time.time() - t0:.1f} s")
+    assert list(df.status) == ["done"] * 3 + ["failed"], df.to_string()
+    gpus = set()
+    for row in df.iloc[:3].itertuples():
+        job_dir = Path(row.out_dir)
+        result = json.loads((job_dir / "result.json").read_text())
+        assert (result["a"], result["b"]) == (row.a, row.b)
+        done = json.loads((job_dir / "done").read_text())
+        assert done["params"] == {"a": row.a, "b": row.b} and done["wall_s"] > 0
+        assert done["gpu"] == result["gpu"]  # the kernel inherits the worker's CUDA_VISIBLE_DEVICES
+        gpus.add(result["gpu"])
+        assert Path(row.notebook) == job_dir / "executed.ipynb"
+        executed = nbformat.read(row.notebook, as_version=4)
+        assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
+        assert "Executing Cell" in (job_dir / "log.txt").read_text()
+    assert gpus == {"5", "6"}
+    bad = df.iloc[3]
     assert "RuntimeError: asked to fail" in bad.error
     assert Path(bad.notebook) == Path(bad.out_dir) / "failed.ipynb"
     assert "asked to fail" in Path(bad.notebook).read_text()  # the traceback is in the executed notebook
     assert not (Path(bad.out_dir) / "done").exists()
     table = sweep.failure_table(df)
-    assert bad["name"] in table and "failed.ipynb" in table and ok["name"] not in table
+    assert bad["name"] in table and "failed.ipynb" in table and df.name[0] not in table
+    assert sorted(runs(out)) == sorted(df.name[:3])
+    assert not list(out.rglob("*.tmp*"))
+    csv = (out / "sweep.csv").read_text()
+    assert csv.startswith("name,status,wall_s,error,notebook,log,out_dir,a,b,fail_if_exists")
+    stamps = {p: p.stat().st_mtime for p in out.glob("*/done")}
 
-    flag.unlink()  # "fix" the notebook; the re-run executes only the failed job
-    df2 = run_sweep(nb, grid, out, progress=False)
-    assert list(df2.status) == ["skipped", "done"]
+    flag.unlink()  # "fix" the notebook: the re-run executes only the failed job
+    df2 = run_sweep(nb, grid, out, jobs=2, progress=False)
+    assert list(df2.status) == ["skipped"] * 3 + ["done"]
+    assert {p: p.stat().st_mtime for p in out.glob("*/done") if p in stamps} == stamps
+    assert sorted(runs(out)) == sorted(df.name)  # every job completed exactly once
     assert not (Path(bad.out_dir) / "failed.ipynb").exists() and not (Path(bad.out_dir) / "error.json").exists()
-    assert sorted(runs(out)) == sorted(df.name)
+    assert (out / "sweep.csv").read_text().count("skipped") == 3
+
+    # another grid over the same DIR: old folders are reused although their readable names differ
+    df3 = run_sweep(nb, {"a": [1, 2, 5], "b": "x"}, out, launcher="dummy", progress=False)
+    assert list(df3.status) == ["skipped", "skipped", "not run"]
+    assert df.name[0].startswith("a=1,b=x-") and df3.name[0] == df.name[0] and df3.name[2].startswith("a=5-")
 
 
-def test_cli_kill_and_restart_runs_every_job_once_and_lock_refuses_second(tmp_path):
+def _parse(*argv: str):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    sweep.register_cli(parser.add_subparsers())
+    return parser.parse_args(["sweep", *argv])
+
+
+def test_cli_kill_restart_runs_every_job_once_and_lock_refuses_second(tmp_path, capsys):
     nb = make_notebook(tmp_path / "tiny.ipynb")
-    out = tmp_path / "out"
+    out, hold = tmp_path / "out", tmp_path / "hold"
+    hold.touch()  # job a=2 waits while this file exists
     grid = tmp_path / "grid.yaml"
-    grid.write_text("a: [1, 2, 3]\nsleep: 1.5\n")
-    args = [str(nb), "--grid", str(grid), "--out", str(out), "--jobs", "1"]
+    grid.write_text(f"- {{a: 1}}\n- {{a: 2, hold: '{hold}'}}\n")
+    args = [str(nb), "--grid", str(grid), "--out", str(out)]
     first = cli(*args)
     try:
-        deadline = time.time() + 60
-        while not list(out.glob("*/done")):
+        deadline = time.time() + 90
+        while len(list(out.glob("*/job.json"))) < 2:  # job 1 done, job 2 started
             assert first.poll() is None, first.communicate()
-            assert time.time() < deadline, "first job never finished"
+            assert time.time() < deadline, "the sweep never reached its second job"
             time.sleep(0.1)
-        second = cli(*args)  # concurrent sweep on the same DIR
-        _, err = second.communicate(timeout=60)
-        assert second.returncode == 2
+        second = _parse(*args)  # a concurrent sweep on the same DIR (in-process: no 2nd torch import)
+        assert second.func(second) == 2
+        err = capsys.readouterr().err
         assert ".sweep.lock" in err and f"PID {first.pid}" in err, err
-        first.send_signal(signal.SIGKILL)  # the harshest kill: no cleanup in the sweep itself
+        first.send_signal(signal.SIGKILL)  # the harshest kill: the sweep itself cleans up nothing
         first.communicate()
     finally:
         if first.poll() is None:
             first.kill()
-    assert len(list(out.glob("*/done"))) < 3
+    hold.unlink()  # a job that survived the kill would now finish and show up twice in runs.txt
+
+    args_ns = _parse(*args, "--dry-run")
+    assert args_ns.func(args_ns) == 0
+    assert "2 jobs, 1 to run" in capsys.readouterr().out
     restart = subprocess.run([sys.executable, "-m", "vldlib", "sweep", *args], cwd=ROOT, text=True,
                              capture_output=True, timeout=120)
     assert restart.returncode == 0, restart.stderr
-    assert "3 jobs" in restart.stdout
+    assert "2 jobs: 1 skipped, 1 done" in restart.stdout, restart.stdout
     done_names = sorted(p.parent.name for p in out.glob("*/done"))
-    assert len(done_names) == 3 and sorted(runs(out)) == done_names  # each job completed exactly once
+    assert len(done_names) == 2 and sorted(runs(out)) == done_names  # each job completed exactly once
 
 
-def test_cli_dry_run_and_bad_input(tmp_path):
+def test_cli_bad_input_names_the_problem(tmp_path, capsys):
     nb = make_notebook(tmp_path / "tiny.ipynb")
-    r = subprocess.run([sys.executable, "-m", "vldlib", "sweep", str(nb), "--out", str(tmp_path / "o"),
-                        "--set", "a=[1,2]", "--dry-run"], cwd=ROOT, text=True, capture_output=True)
-    assert r.returncode == 0 and "2 jobs, 2 to run" in r.stdout and "todo" in r.stdout
-    assert not (tmp_path / "o" / "sweep.csv").exists()
-    r = subprocess.run([sys.executable, "-m", "vldlib", "sweep", str(nb), "--out", str(tmp_path / "o"),
-                        "--set", "nope=1"], cwd=ROOT, text=True, capture_output=True)
-    assert r.returncode == 2 and "nope" in r.stderr and "parameters" in r.stderr
+    ns = _parse(str(nb), "--out", str(tmp_path / "o"), "--set", "nope=1")
+    assert ns.func(ns) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "tiny.ipynb" in err and "parameters" in err
+    ns = _parse(str(nb), "--out", str(tmp_path / "o"), "--grid", str(tmp_path / "missing.yaml"))
+    assert ns.func(ns) == 2 and "missing.yaml" in capsys.readouterr().err
 
 
 def test_submitit_local_executor(tmp_path):
-    pytest.importorskip("submitit")
     nb = make_notebook(tmp_path / "tiny.ipynb")
     out = tmp_path / "out"
+    t0 = time.time()
     df = run_sweep(nb, {"a": [1, 2]}, out, launcher="slurm", jobs=2, progress=False,
                    launcher_options={"cluster": "local", "time": 5})
+    print(f"2 jobs through submitit's local executor: {time.time() - t0:.1f} s")
     assert list(df.status) == ["done", "done"], df.to_string()
     assert sorted(runs(out)) == sorted(df.name)
-    assert all((Path(d) / "log.txt").stat().st_size > 0 for d in df.out_dir)
+    assert all("Executing Cell" in (Path(d) / "log.txt").read_text() for d in df.out_dir)
     assert (out / ".submitit").is_dir()

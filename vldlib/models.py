@@ -94,7 +94,7 @@ def create_model(backbone: str, num_classes: int, *, pretrained: bool = True, dr
         model = timm.create_model(offline.timm_arch, pretrained=False, num_classes=num_classes, drop_rate=dropout)
         if pretrained and weights_file is None:
             from vldlib.weights import load_into
-            load_into(model, offline.load_state_dict(), skip_classifier=True)
+            load_into(model, offline.state_dict(), skip_classifier=True)
         model.pretrained_cfg = {**model.pretrained_cfg, "mean": offline.mean, "std": offline.std}
     else:
         use_hub = bool(pretrained) and weights_file is None
@@ -120,10 +120,14 @@ def data_config(model: nn.Module) -> dict:
     return {"mean": tuple(cfg.get("mean", (0.485, 0.456, 0.406))), "std": tuple(cfg.get("std", (0.229, 0.224, 0.225)))}
 
 
-def weights_fingerprint(model: nn.Module) -> str:
-    """md5 of all parameters and buffers: soups refuse to average runs with different starts."""
+def weights_fingerprint(model: nn.Module, exclude: nn.Module | None = None) -> str:
+    """md5 of all parameters and buffers (but those of `exclude`): soups refuse to average runs
+    with different starts."""
+    skip = {id(t) for t in exclude.state_dict(keep_vars=True).values()} if exclude is not None else set()
     h = hashlib.md5()
-    for k, v in sorted(model.state_dict().items()):
+    for k, v in sorted(model.state_dict(keep_vars=True).items()):
+        if id(v) in skip:
+            continue
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
@@ -156,6 +160,19 @@ def model_stages(model: nn.Module) -> list[nn.Module]:
         return [_ViTEmbed(model), *model.blocks, model.norm]
     raise ModelConfigError(f"partial fine-tuning (train_stages) is not supported for {type(model).__name__}; "
                            f"use train_stages=None (fine-tune everything), or a ResNet, EfficientNet or ViT.")
+
+
+class _AvgPoolKeepDims(nn.Module):
+    """Global average pooling to [B, C, 1, 1]: the model's own pooling then sees 1x1 maps and is
+    the identity, so a head-only trunk can hand over (and cache) pooled features, not maps."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3), keepdim=True)
+
+
+def _pools_by_average(model: nn.Module) -> bool:
+    pool = getattr(model, "global_pool", None)
+    return getattr(pool, "pool_type", None) == "avg" and not getattr(model, "patch_embed", None)
 
 
 class _Tail(nn.Module):
@@ -196,6 +213,8 @@ class FineTuneNet(nn.Module):
                                        f"{len(stages)} stages; use 0..{len(stages)} or None (all).")
             split = len(stages) - train_stages
             self._trunk = stages[:split]
+            if train_stages == 0 and _pools_by_average(model):
+                self._trunk.append(_AvgPoolKeepDims())
             self._tail_stages = stages[split:]
             for s in self._trunk:
                 for p in s.parameters():

@@ -335,6 +335,15 @@ def _only_benchmark(selected: pd.DataFrame, benchmark: str | None) -> pd.DataFra
     return selected
 
 
+def _method_first(table: pd.DataFrame) -> pd.DataFrame:
+    """Rows in the reading order of the paper: fine-tuning, trajectory averages, across runs."""
+    if "method" not in table.columns:
+        return table
+    rank = {m: i for i, m in enumerate(METHOD_LABELS)}
+    key = table.method.map(lambda m: rank.get(m, len(rank)))
+    return table.iloc[np.argsort(key.to_numpy(), kind="stable")].reset_index(drop=True)
+
+
 def domainbed_table(selected: pd.DataFrame, rows: Sequence[str] = ("method", "dropout"),
                     metric: str = "ood_acc", over: str | None = "seed", benchmark: str | None = None,
                     percent: bool = True, digits: int = 1) -> pd.DataFrame:
@@ -343,9 +352,10 @@ def domainbed_table(selected: pd.DataFrame, rows: Sequence[str] = ("method", "dr
     Cells are "mean ± se" over `over` (see `summarize`). "Avg" first averages the held-out
     domains within each replicate, then takes mean ± se across replicates; it is "-" unless the
     row has every held-out domain present in the table (an average over a subset misleads).
+    "n" is the number of replicates (the most of any cell), so that se = 0 with n = 1 reads right.
 
     >>> print(to_markdown(domainbed_table(sel, benchmark="PACS")))   # doctest: +SKIP
-    | method | dropout | art_painting | cartoon | photo | sketch | Avg |
+    | method | dropout | art_painting | cartoon | photo | sketch | Avg | n |
     """
     rows = list(rows)
     sel = _only_benchmark(selected, benchmark)
@@ -372,7 +382,8 @@ def domainbed_table(selected: pd.DataFrame, rows: Sequence[str] = ("method", "dr
         avg_cells = {i: (means.loc[i].mean(), math.sqrt((ses.loc[i] ** 2).sum()) / len(order))
                      for i in table.index if means.loc[i].notna().all()}
     out["Avg"] = [format_cell(*avg_cells[i], percent, digits) if i in avg_cells else "-" for i in out.index]
-    return out.reset_index()
+    out["n"] = per.groupby(rows, dropna=False).n.max().reindex(out.index).fillna(0).astype(int)
+    return _method_first(out.reset_index())
 
 
 def benchmark_table(selected: pd.DataFrame, rows: Sequence[str] = ("method", "dropout"),
@@ -396,7 +407,7 @@ def benchmark_table(selected: pd.DataFrame, rows: Sequence[str] = ("method", "dr
     full = means.notna().all(axis=1)
     table["Avg"] = [format_cell(m, e, percent, digits) if ok else "-" for m, e, ok in
                     zip(means.mean(axis=1), np.sqrt((ses ** 2).sum(axis=1)) / len(benches), full)]
-    return table.reset_index()
+    return _method_first(table.reset_index())
 
 
 def _comparable(selected: pd.DataFrame) -> pd.DataFrame:

@@ -304,21 +304,47 @@ def _job_from_json(d: Mapping[str, Any]) -> Job:
                Path(d["log"]))
 
 
+def _children(pid: int) -> list[int]:
+    """Child PIDs of `pid`, from /proc (Linux); empty elsewhere."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[1] == str(pid):
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _die(*_: Any) -> None:
+    """Stop this worker *and its kernel* at once. The kernel runs in its own session and would
+    only notice its parent's death a second later, time enough to finish a cell whose side
+    effects a restart would then repeat."""
+    for kid in _children(os.getpid()):
+        for kill in (os.killpg, os.kill):  # the kernel leads its own process group
+            try:
+                kill(kid, signal.SIGKILL)
+            except OSError:
+                pass
+    os._exit(143)
+
+
 def _watch_parent() -> None:
-    """Die with the sweep: a killed sweep must not leave jobs running that a restart would duplicate.
-    (The kernel then exits too: ipykernel polls its own parent, this worker.)"""
+    """Die with the sweep, even a `kill -9`ed one: a restart must not run a job beside its orphan."""
     parent = os.getppid()
 
     def loop() -> None:
         while os.getppid() == parent:
-            time.sleep(0.5)
-        os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+        _die()
 
     threading.Thread(target=loop, daemon=True).start()
 
 
 def _worker_main(job_json: str) -> int:
     """Entry point of a local worker process: `python -m vldlib.sweep JOBDIR/job.json`."""
+    signal.signal(signal.SIGTERM, _die)  # how the sweep stops its workers on Ctrl-C / kill
     _watch_parent()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
     spec = json.loads(Path(job_json).read_text())
@@ -330,6 +356,7 @@ def _worker_main(job_json: str) -> int:
 
 def _submitit_entry(job: Job, kernel_name: str) -> dict[str, Any]:
     """What a SLURM task runs: the same `execute_job`, with cell outputs logged to the job's log.txt."""
+    job.out_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(job.log, mode="w")
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     logger = logging.getLogger("papermill")
@@ -466,6 +493,9 @@ class SlurmLauncher:
                  cpus: int | None = None, mem: float | None = None, slurm_opt: Mapping[str, Any] | None = None,
                  cluster: str = "slurm", folder: str | os.PathLike | None = None, poll_s: float | None = None,
                  **_: Any) -> None:
+        if gpus:
+            raise ValueError("--gpus hands local GPUs to local jobs; with --launcher slurm ask for "
+                             "--gpus-per-node N and SLURM sets CUDA_VISIBLE_DEVICES itself")
         self.kernel_name, self.cluster, self.folder = kernel_name, cluster, folder
         self.poll_s = poll_s if poll_s is not None else (15.0 if cluster == "slurm" else 0.5)
         self.params = {"timeout_min": int(time), "gpus_per_node": gpus_per_node, "cpus_per_task": cpus,
@@ -501,7 +531,9 @@ class SlurmLauncher:
                     try:
                         on_result(fut.result())
                     except Exception as e:  # noqa: BLE001 - the task died (timeout, node failure, ...)
-                        on_result(record(job, "failed", None, _error_line(e), Path(fut.paths.stderr)))
+                        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+                        error = f"{type(e).__name__}: {lines[-1] if lines else ''}"  # the trace's last line
+                        on_result(record(job, "failed", None, error, Path(fut.paths.stderr)))
         finally:
             for fut, job in running.items():
                 fut.cancel(check=False)

@@ -132,6 +132,27 @@ class TrainConfig:
         return {k: v for k, v in asdict(self).items() if k not in self.NON_IDENTITY}
 
 
+class AveragedTrainable(AveragedModel):
+    """`AveragedModel` that averages only the parameters being trained.
+
+    Frozen parameters never change, so their average is themselves; skipping them makes the
+    per-step average cost scale with what is trained (the head alone in a linear probe).
+    """
+
+    @torch.no_grad()
+    def update_parameters(self, model: torch.nn.Module) -> None:
+        pairs = [(a, p.detach().to(a.device)) for a, p in zip(self.module.parameters(), model.parameters())
+                 if p.requires_grad]
+        if not pairs:
+            return
+        averaged, current = [a for a, _ in pairs], [p for _, p in pairs]
+        if self.n_averaged == 0:
+            torch._foreach_copy_(averaged, current)
+        else:
+            self.multi_avg_fn(averaged, current, self.n_averaged.to(averaged[0].device))
+        self.n_averaged += 1
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; a failure record was written."""
 
@@ -238,6 +259,28 @@ class StepBatches(torch.utils.data.Sampler):
         return self.stop - self.start
 
 
+def _device_batches(data: Data, cfg: TrainConfig, start: int, device: torch.device):
+    """augment_on="device": uint8 images from the decoded-image cache, augmented in batches where
+    the model runs (vldlib.data.gpu_augment), with the same per-image seeds as StepBatches."""
+    from vldlib.data.cache import cached_domain
+    from vldlib.data.gpu_augment import ArraySource, DeviceBatches, normalisation_of
+
+    sources = []
+    for env, ds in zip(data.train_envs, data.train):
+        if isinstance(ds, ArrayDataset):
+            sources.append(ArraySource(ds.images, ds.labels))
+        elif isinstance(ds, ImageDataset):  # not cached yet: decode this split once (same cache)
+            images, labels = cached_domain(ds.samples, cfg.resolution, name=f"train-env{env}", progress=cfg.progress)
+            sources.append(ArraySource(images, labels))
+        else:
+            raise ValueError(f"augment_on='device' needs image datasets, got {type(ds).__name__}; "
+                             f"use augment_on='workers'")
+    mean, std = normalisation_of(data.train[0].transform)
+    yield from DeviceBatches(sources, data.train_envs, batch_size=cfg.batch_size, seed=cfg.seed, start=start,
+                             stop=cfg.steps, device=device, size=cfg.resolution, mean=mean, std=std,
+                             augment=cfg.augment, index_fn=batch_indices, overlap=True)
+
+
 def train_batches(data: Data, cfg: TrainConfig, start: int, device: torch.device, features=None):
     """Yield, for each step from `start`, one (x, y) batch per training domain, on the device."""
     if features is not None:  # cached trunk outputs: index tensors directly
@@ -247,6 +290,9 @@ def train_batches(data: Data, cfg: TrainConfig, start: int, device: torch.device
                 idx = torch.from_numpy(batch_indices(len(y), cfg.batch_size, cfg.seed, data.train_envs[k], step))
                 batch.append((x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)))
             yield batch
+        return
+    if cfg.augment_on == "device":
+        yield from _device_batches(data, cfg, start, device)
         return
     workers = cfg.num_workers if cfg.num_workers >= 0 else min(4, os.cpu_count() or 1)
     loaders = [torch.utils.data.DataLoader(
@@ -278,7 +324,7 @@ def trunk_features(net: FineTuneNet, data: Data, cfg: TrainConfig, device: torch
     from vldlib.data.cache import cache_root
 
     key = config_hash({"trunk": weights_fingerprint(torch.nn.ModuleList(net._trunk)), "backbone": cfg.backbone,
-                       "stages": cfg.train_stages, "resolution": cfg.resolution, "data": data.key,
+                       "stages": [type(m).__name__ for m in net._trunk], "resolution": cfg.resolution, "data": data.key,
                        "cache_images": cfg.cache_images}, n=16)
     path = cache_root() / "trunk" / f"{key}.pt"
     if path.exists():
@@ -377,7 +423,9 @@ def train(cfg: TrainConfig) -> Path:
     bench = load_benchmark(cfg.benchmark, cfg.data_dir, skip_bad=cfg.skip_bad, progress=cfg.progress)
     model = create_model(cfg.backbone, len(bench.classes), pretrained=cfg.pretrained, dropout=cfg.dropout,
                          weights_file=cfg.weights_file)
-    init_fingerprint = weights_fingerprint(model)
+    # Soups need a shared start: fingerprint everything but the (seeded) classifier, since
+    # averaging linear heads on shared features equals averaging their logits.
+    init_fingerprint = weights_fingerprint(model, exclude=model.get_classifier())
     net = FineTuneNet(model, cfg.train_stages, cfg.freeze_bn).to(device)
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
@@ -395,7 +443,7 @@ def train(cfg: TrainConfig) -> Path:
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.lr_decay)
     # Parameters are averaged; buffers (BatchNorm statistics) follow the current model: they are
     # frozen by default, and averaging integer counters is meaningless anyway.
-    averaged = AveragedModel(net, multi_avg_fn=get_swa_multi_avg_fn(), use_buffers=False)
+    averaged = AveragedTrainable(net, multi_avg_fn=get_swa_multi_avg_fn(), use_buffers=False)
     ensemble_logits: dict[str, torch.Tensor] = {}
     best_score, start = -1.0, 0
 

@@ -1,0 +1,64 @@
+"""Did each run train long enough? Validation curves and a plateau check per configuration.
+
+A rate comparison is only fair if every rate reached its plateau: with 90% dropout the head sees
+a tenth of the features per step and fits more slowly (the quickstart's first trial compared
+unconverged dropout runs and drew the wrong conclusion).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+
+from vldlib.results import per_step_scores
+
+
+def validation_curves(df: pd.DataFrame, method: str = "model") -> pd.DataFrame:
+    """One row per (run, step): i.i.d. validation accuracy, training-domain "in" accuracy, o.o.d.
+    accuracy, plus the run's config columns."""
+    scores = per_step_scores(df[df["method"] == method])
+    train_in = (df[(df["method"] == method) & ~df["is_test"] & (df["split"] == "in")]
+                .groupby(["run", "step"])["acc"].mean().rename("train_in_acc"))
+    config_cols = [c for c in df.columns if c not in scores.columns and c not in
+                   ("env", "domain", "split", "is_test", "acc", "step_lr", "step_time", "peak_mem_mb")]
+    per_run = df.groupby("run")[config_cols].first().reset_index()
+    return scores.merge(train_in, on=["run", "step"], how="left").merge(per_run, on="run", how="left")
+
+
+def plateau_check(curves: pd.DataFrame, by: Sequence[str] = ("dropout",), tail: float = 0.25,
+                  tolerance: float = 0.01) -> pd.DataFrame:
+    """Per configuration: mean validation accuracy gained over the last `tail` of training.
+
+    `plateaued` is True when the gain is below `tolerance` (1 point by default): training
+    longer would not change the selected checkpoint much.
+    """
+    rows = []
+    for key, g in curves.groupby(list(by)):
+        last_step = g["step"].max()
+        start = g[g["step"] <= last_step * (1 - tail)]["step"].max()
+        if pd.isna(start):
+            start = g["step"].min()
+        at_start = g[g["step"] == start]["iid_acc"].mean()
+        at_end = g[g["step"] == last_step]["iid_acc"].mean()
+        best = g.groupby("run")["iid_acc"].max().mean()
+        rows.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), "from_step": int(start),
+                     "to_step": int(last_step), "iid_at_from": at_start, "iid_at_end": at_end,
+                     "gain": at_end - at_start, "best_iid": best, "plateaued": bool(at_end - at_start < tolerance)})
+    return pd.DataFrame(rows)
+
+
+def plot_validation_curves(curves: pd.DataFrame, hue: str = "dropout") -> plt.Figure:
+    """i.i.d. validation and training-domain accuracy vs step, mean and spread over runs."""
+    long = curves.melt(id_vars=["run", "step", hue], value_vars=["iid_acc", "train_in_acc", "ood_acc"],
+                       var_name="accuracy", value_name="value")
+    long["accuracy"] = long["accuracy"].map({"iid_acc": "i.i.d. validation (train domains, out split)",
+                                             "train_in_acc": "training data (train domains, in split)",
+                                             "ood_acc": "o.o.d. (held-out domain)"})
+    g = sns.relplot(data=long, x="step", y="value", hue=hue, col="accuracy", kind="line", errorbar="se",
+                    palette="viridis", height=3.2, aspect=1.2, facet_kws={"sharey": False})
+    g.set_titles("{col_name}")
+    g.set_axis_labels("step", "accuracy")
+    return g.figure
