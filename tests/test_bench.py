@@ -94,3 +94,10 @@ def test_device_and_worker_paths_train_on_the_same_batches(fake_benchmark, tmp_p
         assert xd.shape == xw.shape and T.torch.equal(yd, yw)
         # same crops, flips and jitter; pixels differ only by torchvision's uint8 rounding
         assert (xd - xw).abs().mean() < 0.05
+
+
+def test_gpu_check_exits_quickly_without_cuda(tmp_path, capsys):
+    if B.torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert B.gpu_check(out=tmp_path) == 2
+    assert "CUDA is not available" in capsys.readouterr().out

@@ -57,11 +57,17 @@ def run_grid(configs: list[TrainConfig], *, progress: bool = True, quiet_runs: b
         if quiet_runs:
             cfg = dataclasses.replace(cfg, progress=False)
         bar.set_postfix_str(f"te={cfg.test_envs} p={cfg.dropout:g} seed={cfg.seed}")
+        t_run = time.perf_counter()
         try:
             run_dirs.append(train(cfg))
+            status = "done"
         except TrainingDiverged as e:
             failures.append(str(e))
             run_dirs.append(run_dir_for(cfg))
+            status = "FAILED"
+        if progress:  # one line per run: readable in a terminal log (papermill) and in JupyterLab
+            tqdm.write(f"[{len(run_dirs)}/{len(configs)}] {run_dirs[-1].name}: {status} "
+                       f"({time.perf_counter() - t_run:.0f} s)")
     bar.close()
     if failures:
         print(f"{len(failures)} run(s) failed:", *failures, sep="\n  ", file=sys.stderr)

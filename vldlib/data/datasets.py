@@ -62,5 +62,5 @@ class ArrayDataset(Dataset):
 
     def __getitem__(self, key):
         idx, seed = key if isinstance(key, tuple) else (key, None)
-        img = torch.from_numpy(np.ascontiguousarray(self.images[idx]))
+        img = torch.from_numpy(np.array(self.images[idx]))  # copy out of the read-only memory map
         return _seeded(self.transform, img, seed), int(self.labels[idx])

@@ -27,6 +27,7 @@ overlaps with the previous step's compute.
 
 from __future__ import annotations
 
+import functools
 import math
 import queue
 import threading
@@ -128,6 +129,13 @@ def sample_params(seeds: Sequence[int], height: int, width: int) -> AugmentParam
 
 
 # ----------------------------------------------------------------------------- batched operations
+@functools.lru_cache(maxsize=64)
+def _const(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """A small constant [1,C,1,1] on the device, made once: creating it from a list each batch
+    would be a host-to-device copy that waits for the stream (a stall inside the prefetch)."""
+    return torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1).to(device)
+
+
 def _gray(x: torch.Tensor) -> torch.Tensor:
     """[B,3,H,W] -> [B,1,H,W], torchvision's weights and operation order."""
     r, g, b = x.unbind(1)
@@ -167,8 +175,7 @@ def _hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     h6 = num.div_(torch.where(chroma > 0, chroma, 1.0))
     h6 += torch.where(is_r, 0.0, torch.where(is_g, 2.0, 4.0))
     h6 += (6.0 * shift).view(-1, 1, 1)  # the shift; the wrap to [0, 6) happens in k below
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    k = (h6.unsqueeze(1) + n).remainder_(6.0)
+    k = (h6.unsqueeze(1) + _const((5.0, 3.0, 1.0), x.device)).remainder_(6.0)
     w = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
     return w.mul_(chroma.unsqueeze(1).neg()).add_(maxc.unsqueeze(1)).clamp_(0.0, 1.0)
 
@@ -233,9 +240,7 @@ def augment_batch(images: torch.Tensor, params: AugmentParams | None, size: int,
         gray_idx = torch.nonzero(params.gray.cpu()).flatten().to(dev, non_blocking=True)
         if gray_idx.numel():
             x.index_copy_(0, gray_idx, _gray(x.index_select(0, gray_idx)).expand(-1, 3, -1, -1))
-    m = torch.tensor(mean, device=dev, dtype=x.dtype).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=dev, dtype=x.dtype).view(1, 3, 1, 1)
-    return x.sub_(m).div_(s)
+    return x.sub_(_const(tuple(map(float, mean)), dev)).div_(_const(tuple(map(float, std)), dev))
 
 
 def normalisation_of(transform) -> tuple[tuple[float, ...], tuple[float, ...]]:

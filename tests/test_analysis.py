@@ -1,0 +1,217 @@
+"""vldlib.analysis on cases with known answers, and on tiny runs of fake data."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import make_fake_benchmark
+from vldlib.analysis import dropout_l2 as dl2
+from vldlib.analysis import feature_usage as fu
+from vldlib.analysis import linearity as lin
+from vldlib.analysis import teaching
+from vldlib.analysis.runs import initial_net, load_run_data, untrained_run_data
+from vldlib.train import TrainConfig, train
+
+torch.set_num_threads(1)
+
+
+# --------------------------------------------------------------------------- feature usage
+def test_participation_ratio_one_hot_is_1_uniform_is_n():
+    assert fu.participation_ratio(torch.tensor([0.0, 0.0, 5.0, 0.0])) == pytest.approx(1.0)
+    assert fu.participation_ratio(torch.full((37,), 0.3)) == pytest.approx(37.0)
+    assert 1 < fu.participation_ratio([3.0, 1.0, 1.0]) < 3
+    with pytest.raises(ValueError, match="zero"):
+        fu.participation_ratio([0.0, 0.0])
+
+
+def test_importance_is_column_norm_times_std():
+    w = torch.tensor([[3.0, 0.0, 1.0], [4.0, 1.0, 0.0]])
+    assert torch.allclose(fu.feature_importance(w, torch.tensor([1.0, 2.0, 0.5])), torch.tensor([5.0, 2.0, 0.5]))
+    with pytest.raises(ValueError, match="features"):
+        fu.feature_importance(w, torch.ones(2))
+    assert fu.mass_fraction_count([4.0, 0.0, 0.0, 0.0]) == 1
+
+
+def test_topk_with_all_features_is_the_full_accuracy():
+    g = torch.Generator().manual_seed(0)
+    phi, w, b = torch.randn(200, 16, generator=g), torch.randn(4, 16, generator=g), torch.randn(4, generator=g)
+    y = torch.randint(0, 4, (200,), generator=g)
+    full = float(((phi @ w.T + b).argmax(1) == y).float().mean())
+    s = fu.feature_importance(w, phi.std(0))
+    t = fu.ablation_curve(w, b, phi, y, s, phi.mean(0), ks=[1, 4, 16], n_random=3)
+    assert t[(t.k == 16)].acc.tolist() == pytest.approx([full] * 4)  # top and every random draw
+    assert set(t.order) == {"top", "random"} and len(t) == 3 * 4
+
+
+# --------------------------------------------------------------------------- linearity
+def test_taylor_model_of_a_network_linear_in_its_parameters_is_exact():
+    torch.manual_seed(0)
+    m0 = nn.Linear(10, 3)
+    m1 = copy.deepcopy(m0)
+    with torch.no_grad():
+        for p in m1.parameters():
+            p.add_(torch.randn_like(p))  # a large move: still exact
+    x = torch.randn(50, 10)
+    f1, flin, f0 = lin.taylor_logits(m0, m1, x, batch=16)
+    assert torch.allclose(flin, f1, atol=1e-5) and not torch.allclose(f0, f1)
+    rep = lin.taylor_report(m0, m1, x, torch.zeros(50, dtype=torch.long))
+    assert rep["agreement"] == 1.0 and rep["rel_logit_error"] < 1e-5
+
+
+def test_taylor_model_of_a_nonlinear_network_is_first_order():
+    torch.manual_seed(0)
+    m0 = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 3))
+    x = torch.randn(64, 10)
+    errs = []
+    for eps in (1e-2, 1e-1):
+        m1 = copy.deepcopy(m0)
+        with torch.no_grad():
+            for p in m1.parameters():
+                p.add_(eps * torch.randn_like(p, generator=torch.Generator().manual_seed(1)))
+        f1, flin, f0 = lin.taylor_logits(m0, m1, x)
+        errs.append(float((f1 - flin).norm() / (f1 - f0).norm()))
+    assert errs[0] < 0.2 * errs[1] and errs[0] < 0.1  # relative error shrinks with the step: first order
+
+
+def test_taylor_model_with_frozen_layers_and_bound_method():
+    """Only trainable parameters move; frozen ones are fixed points of the expansion."""
+    torch.manual_seed(0)
+    m0 = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
+    for p in m0[0].parameters():
+        p.requires_grad_(False)
+    m1 = copy.deepcopy(m0)
+    with torch.no_grad():
+        m1[2].weight.add_(1.0)
+    x = torch.randn(20, 6)
+    f1, flin, _ = lin.taylor_logits(m0, m1, x)  # the trained part is the last, linear layer: exact
+    assert torch.allclose(f1, flin, atol=1e-5)
+    assert lin.weight_distance(m0, m1)["distance"] == pytest.approx(float(torch.ones(2, 8).norm()))
+
+
+def test_interpolation_of_a_linear_model_is_the_same_on_both_paths():
+    torch.manual_seed(0)
+    a, b = nn.Linear(5, 3), nn.Linear(5, 3)
+    x, y = torch.randn(100, 5), torch.randint(0, 3, (100,))
+    t = lin.interpolation_path(a, b, "forward", x, y, alphas=[0, 0.3, 1])
+    w = t[t.path == "weights"].acc.to_numpy()
+    r = t[t.path == "representations"].acc.to_numpy()
+    assert (w == r).all()
+
+
+# --------------------------------------------------------------------------- dropout vs L2
+def test_squared_loss_penalty_matches_monte_carlo():
+    g = torch.Generator().manual_seed(0)
+    X, W, b = torch.randn(64, 8, generator=g), torch.randn(3, 8, generator=g), torch.randn(3, generator=g)
+    y = torch.randint(0, 3, (64,), generator=g)
+    for p in (0.2, 0.9):
+        mc = dl2.expected_dropout_loss(W, b, X, y, p, "squared", n_samples=3000) - float(dl2.clean_loss(W, b, X, y, "squared"))
+        exact = float(dl2.penalty(W, b, X, p, "squared"))
+        assert mc == pytest.approx(exact, rel=0.05)
+
+
+def test_quadratic_penalty_approximates_cross_entropy_at_small_p():
+    g = torch.Generator().manual_seed(0)
+    X, W = torch.randn(64, 8, generator=g), 0.3 * torch.randn(3, 8, generator=g)
+    b, y = torch.zeros(3), torch.randint(0, 3, (64,), generator=g)
+    mc = dl2.expected_dropout_loss(W, b, X, y, 0.05, "ce", n_samples=4000) - float(dl2.clean_loss(W, b, X, y))
+    assert mc == pytest.approx(float(dl2.penalty(W, b, X, 0.05, "quadratic")), rel=0.15)
+    with pytest.raises(ValueError, match="p must be"):
+        dl2.penalty(W, b, X, 1.0)
+
+
+def test_dropout_and_penalty_heads_agree_at_small_p():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(120, 10, generator=g)
+    y = (X[:, :3].argmax(1))
+    t = dl2.compare_dropout_penalty((X, y), {"ood": (X + 0.1, y)}, rates=[0.1], kinds=["quadratic"], steps=150,
+                                    lr=0.05, n_mc=20)
+    quad = t[t["mode"] == "quadratic"].iloc[0]
+    assert quad.agree_train > 0.9 and quad.rel_weight_diff < 0.5
+
+
+# --------------------------------------------------------------------------- teaching checkers
+def _good(x, p, training=True):
+    if not training or p == 0:
+        return x
+    return x * torch.empty_like(x).bernoulli_(1 - p) / (1 - p)
+
+
+def test_checkers_accept_right_answers_and_explain_wrong_ones():
+    assert teaching.check_inverted_dropout(_good)
+    with pytest.raises(AssertionError, match="1/\\(1-p\\)"):
+        teaching.check_inverted_dropout(lambda x, p, training=True: x * (torch.rand_like(x) >= p) if training else x)
+    assert teaching.check_kept_features(128)
+    assert teaching.check_dropout_variance(9.0)
+    with pytest.raises(AssertionError):
+        teaching.check_dropout_variance(0.9)
+    assert teaching.check_lodo_splits(teaching.lodo_splits)
+    t = teaching.selection_exercise()
+    assert teaching.check_selected_step(int(t.step[t.iid_val_acc.idxmax()]))
+
+
+# --------------------------------------------------------------------------- on tiny runs
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("analysis")
+    make_fake_benchmark(root / "fake", per_class=8)
+    base = dict(benchmark=str(root / "fake"), backbone="test_resnet", pretrained=False, resolution=32, steps=6,
+                eval_every=3, average_from=3, batch_size=4, num_workers=0, out=str(root / "runs"),
+                progress=False, augment=False, cache_trunk=True, lr=0.05, num_threads=1)
+    head = train(TrainConfig(**base, train_stages=0, dropout=0.5))
+    stage = train(TrainConfig(**base, train_stages=1, dropout=0.5))
+    tiny = train(TrainConfig(**{**base, "steps": 1, "eval_every": 1, "lr": 1e-12}, train_stages=1, dropout=0.0))
+    return {"root": root, "head": head, "stage": stage, "tiny": tiny, "base": base}
+
+
+def test_initial_net_is_the_runs_start(tiny_runs):
+    rd = load_run_data(tiny_runs["tiny"])
+    net0 = initial_net(rd.cfg, len(rd.meta["classes"]))
+    s0, s1 = net0.state_dict(), rd.net.state_dict()
+    for k in s0:
+        assert torch.allclose(s0[k].float(), s1[k].float(), atol=1e-6), k
+
+
+def test_head_usage_and_taylor_on_runs(tiny_runs):
+    rd = load_run_data(tiny_runs["head"])
+    summary, table, s = fu.head_usage(rd, ks=[1, 2, 8], n_random=2)
+    assert 1 <= summary["participation_ratio"] <= summary["n_features"]
+    full = table[(table.k == 8) & (table.order == "top")]
+    assert set(full.split) == {"iid", "ood"}
+    # head-only fine-tuning is linear in the parameters: its Taylor model is exact
+    net0 = initial_net(rd.cfg, len(rd.meta["classes"]))
+    x, y = rd.inputs("ood")
+    rep = lin.taylor_report(net0.tail, rd.net.tail, x, y)
+    assert rep["agreement"] == 1.0 and rep["rel_logit_error"] < 1e-4
+    assert rep["acc_trained"] == pytest.approx(summary["ood_acc"])
+
+    st = load_run_data(tiny_runs["stage"])
+    net0 = initial_net(st.cfg, len(st.meta["classes"]))
+    rep = lin.taylor_report(net0.tail, st.net.tail, *st.inputs("iid"))
+    assert 0 <= rep["agreement"] <= 1 and lin.weight_distance(net0, st.net)["distance"] > 0
+
+
+def test_untrained_run_data_gives_frozen_features(tiny_runs):
+    cfg = TrainConfig(**{**tiny_runs["base"], "train_stages": 0})
+    rd = untrained_run_data(cfg)
+    phi, y = rd.features("train")
+    assert phi.shape[0] == len(y) and phi.dim() == 2
+
+
+def test_explorer_runs_without_a_front_end(tiny_runs, capsys):
+    from vldlib.analysis.explorer import Explorer, earlier_curves
+
+    root = tiny_runs["root"]
+    ex = Explorer(data_dir=str(root), runs_dir=str(root / "explorer"), compare=[str(root / "runs")],
+                  defaults=dict(benchmark=str(root / "fake"), backbone="test_resnet", pretrained=False, resolution=32,
+                                steps=4, train_stages=0, batch_size=4, lr=0.05))
+    assert [label for label, _ in ex.test_env.options] == ["0: d0", "1: d1", "2: d2"]
+    ex.dropout.value, ex.test_env.value = 0.5, 0
+    run = ex.run()
+    assert (run / "done").exists() and ex.progress.value == 4
+    assert list(ex.last_curve.step) == [2, 4] and "done" in ex.status.value
+    assert len(earlier_curves([root / "runs"], str(root / "fake"), 0).run.unique()) == 3

@@ -1,0 +1,199 @@
+"""The training loop on tiny fake data with tiny timm models, on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from vldlib.cli import main as cli_main
+from vldlib.models import FineTuneNet, ModelConfigError, create_model
+from vldlib.train import AveragedTrainable, TrainConfig, TrainingDiverged, run_dir_for, train
+from vldlib.utils import read_jsonl
+
+VOLATILE = ("step_time", "peak_mem_mb")
+
+
+def tiny_config(root: Path, **kw) -> TrainConfig:
+    base = dict(benchmark=str(root / "fake"), backbone="test_resnet", pretrained=False, resolution=32,
+                steps=12, eval_every=4, average_from=4, batch_size=4, eval_batch_size=64, num_workers=0,
+                out=str(root / "runs"), progress=False, dropout=0.5, lr=0.05, num_threads=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def stable(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in records]
+
+
+def test_dropout_only_on_penultimate_features():
+    model = create_model("test_resnet", 3, pretrained=False, dropout=0.9)
+    net = FineTuneNet(model)
+    seen = {}
+    net.head().register_forward_hook(lambda m, inp, out: seen.__setitem__("x", inp[0].detach()))
+    x = torch.randn(64, 3, 32, 32)
+    net.eval()
+    clean = net.features(x)
+    net(x)
+    assert torch.allclose(seen["x"], clean)  # eval: identity
+    net.train()
+    torch.manual_seed(0)
+    net(x)
+    dropped = seen["x"]
+    alive = clean != 0  # some pooled ReLU features are exactly zero before any dropout
+    zero_frac = (dropped[alive] == 0).float().mean().item()
+    assert 0.87 < zero_frac < 0.93
+    kept = dropped != 0
+    assert torch.allclose(dropped[kept], clean[kept] / 0.1, rtol=1e-4, atol=1e-5)  # inverted scaling 1/(1-p)
+
+
+def test_frozen_bn_statistics_do_not_move_but_affine_trains():
+    model = create_model("test_resnet", 3, pretrained=False)
+    net = FineTuneNet(model, freeze_bn=True).train()
+    bn = model.bn1
+    mean0, w0 = bn.running_mean.clone(), bn.weight.detach().clone()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    loss = net(torch.randn(8, 3, 32, 32) * 3 + 1).logsumexp(1).mean()
+    loss.backward()
+    opt.step()
+    assert torch.equal(bn.running_mean, mean0)
+    assert not torch.equal(bn.weight.detach(), w0)
+    unfrozen = FineTuneNet(create_model("test_resnet", 3, pretrained=False), freeze_bn=False).train()
+    m0 = unfrozen.model.bn1.running_mean.clone()
+    unfrozen(torch.randn(8, 3, 32, 32) * 3 + 1)
+    assert not torch.equal(unfrozen.model.bn1.running_mean, m0)
+
+
+def test_partial_finetuning_freezes_the_trunk():
+    net = FineTuneNet(create_model("test_resnet", 3, pretrained=False), train_stages=1)
+    trainable = {n for n, p in net.model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("layer4", "fc")) for n in trainable)
+    x = torch.randn(2, 3, 32, 32)
+    net.eval()
+    assert torch.allclose(net(x), net.model(x), atol=1e-6)
+
+
+def test_weight_average_is_the_mean_of_the_trajectory():
+    net = FineTuneNet(create_model("test_resnet", 3, pretrained=False), train_stages=0)
+    avg = AveragedTrainable(net)
+    snapshots = []
+    for k in range(3):
+        with torch.no_grad():
+            net.head().weight.add_(k + 1.0)
+        snapshots.append(net.head().weight.detach().clone())
+        avg.update_parameters(net)
+    assert torch.allclose(avg.module.head().weight, torch.stack(snapshots).mean(0), atol=1e-6)
+    frozen = next(p for p in net.parameters() if not p.requires_grad)
+    frozen_avg = next(p for p in avg.module.parameters() if not p.requires_grad)
+    assert torch.equal(frozen, frozen_avg)
+
+
+def test_lr_drops_at_the_milestone(fake_benchmark, tmp_path):
+    cfg = tiny_config(tmp_path, steps=8, eval_every=1, average_from=1, lr=0.01, lr_decay_at=[0.5])
+    records = read_jsonl(train(cfg) / "records.jsonl")
+    lrs = [r["lr"] for r in records]
+    assert lrs[:3] == pytest.approx([0.01] * 3)
+    assert lrs[4:] == pytest.approx([0.001] * 4)
+
+
+def test_run_directory_contents_and_records(fake_benchmark, tmp_path, capsys):
+    cfg = tiny_config(tmp_path, cache_trunk=True, augment=False, train_stages=1)
+    run = train(cfg)
+    assert {"config.json", "meta.json", "records.jsonl", "best.pt", "last.pt", "done"} <= {p.name for p in run.iterdir()}
+    records = read_jsonl(run / "records.jsonl")
+    assert [r["step"] for r in records] == [4, 8, 12]
+    assert set(records[0]["acc"]) == {"model", "wa", "ens"}
+    assert set(records[0]["acc"]["model"]) == {f"env{i}_{s}" for i in range(3) for s in ("in", "out")}
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["domains"] == ["d0", "d1", "d2"] and meta["train_envs"] == [1, 2]
+    # re-running a finished run is a no-op that says so
+    capsys.readouterr()
+    assert train(cfg) == run
+    assert "already finished" in capsys.readouterr().out
+    assert len(read_jsonl(run / "records.jsonl")) == 3
+
+
+def test_cached_trunk_matches_uncached_training(fake_benchmark, tmp_path):
+    common = dict(augment=False, train_stages=1, steps=8, dropout=0.0, benchmark=str(fake_benchmark))
+    a = read_jsonl(train(tiny_config(tmp_path / "a", **common, cache_trunk=True)) / "records.jsonl")
+    b = read_jsonl(train(tiny_config(tmp_path / "b", **common, cache_trunk=False)) / "records.jsonl")
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-3, abs=1e-4)
+        assert ra["acc"]["model"] == pytest.approx(rb["acc"]["model"], abs=1e-6)
+
+
+RESUME_SCRIPT = """
+import sys, json
+from vldlib.train import TrainConfig, train
+cfg = TrainConfig(**json.loads(sys.argv[1]))
+train(cfg)
+"""
+
+
+def test_killed_run_resumes_with_identical_records(fake_benchmark, tmp_path):
+    kw = dict(steps=16, eval_every=4, average_from=4, augment=True, dropout=0.5)
+    reference = train(tiny_config(tmp_path / "ref", **{**kw, "benchmark": str(fake_benchmark)}))
+    cfg = tiny_config(tmp_path / "killed", **{**kw, "benchmark": str(fake_benchmark)})
+    run = run_dir_for(cfg)
+    proc = subprocess.Popen([sys.executable, "-c", RESUME_SCRIPT, json.dumps(cfg.__dict__)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if len(read_jsonl(run / "records.jsonl")) >= 2 and (run / "last.pt").exists():
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"training subprocess ended early: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "done").exists()
+    train(cfg)
+    assert stable(read_jsonl(run / "records.jsonl")) == stable(read_jsonl(reference / "records.jsonl"))
+
+
+def test_non_finite_loss_stops_with_a_failure_record(fake_benchmark, tmp_path):
+    cfg = tiny_config(tmp_path, lr=1e12, steps=40, eval_every=20, dropout=0.0)
+    with pytest.raises(TrainingDiverged, match="non-finite loss"):
+        train(cfg)
+    records = read_jsonl(run_dir_for(cfg) / "records.jsonl")
+    assert records[-1]["type"] == "failure" and "lr" in records[-1]["reason"]
+    with pytest.raises(TrainingDiverged, match="failed earlier"):
+        train(cfg)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(dropout=1.0), "dropout rate must be in"),
+    (dict(dropout=-0.1), "dropout rate must be in"),
+    (dict(lr=0.0), "lr must be > 0"),
+    (dict(steps=0), "steps must be > 0"),
+    (dict(backbone="resnet5O"), "Closest names"),
+    (dict(test_envs=[7]), "test env 7 out of range"),
+    (dict(batch_size=1000), "larger than the 'in' split"),
+    (dict(cache_trunk=True), "cannot augment"),
+])
+def test_bad_configs_fail_before_any_work(fake_benchmark, tmp_path, change, message):
+    cfg = tiny_config(tmp_path, **change)
+    with pytest.raises((ValueError, ModelConfigError), match=message):
+        train(cfg)
+    assert not (run_dir_for(cfg) / "records.jsonl").exists()
+
+
+def test_cli_train_and_unknown_flag(fake_benchmark, tmp_path, capsys):
+    args = ["train", "--benchmark", str(fake_benchmark), "--backbone", "test_resnet", "--pretrained", "false",
+            "--resolution", "32", "--steps", "4", "--eval-every", "2", "--batch-size", "4", "--num-workers", "0",
+            "--out", str(tmp_path / "runs"), "--progress", "false", "--test-envs", "1"]
+    assert cli_main(args) == 0
+    assert "run directory" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli_main(args + ["--dropuot", "0.5"])
+    assert cli_main(args[:-2] + ["--test-envs", "9"]) == 1
+    assert "out of range" in capsys.readouterr().err

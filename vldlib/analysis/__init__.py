@@ -1,0 +1,20 @@
+"""Mechanism analyses behind the paper's explanation, one small module each.
+
+- `runs`: a finished run as tensors (its network, its starting point, trunk outputs of every split);
+- `feature_usage`: how many penultimate features a head relies on (importances, participation
+  ratio, top-k / random-k ablations): very large dropout should spread the weight;
+- `linearity`: Taylor model of fine-tuning (`torch.func.jvp`), distance travelled, weight vs
+  representation interpolation: fine-tuning should be near-linear, training from scratch not;
+- `dropout_l2`: dropout on a linear head's inputs against its analytic L2-type penalty;
+- `explorer`: the ipywidgets dropout explorer (testable without a front-end);
+- `teaching`: exercise checkers, a tiny CNN and a small training loop for the teaching notebook.
+
+Modules are imported on use (`from vldlib.analysis import feature_usage`), so importing the
+package costs nothing.
+
+>>> from vldlib.analysis.feature_usage import participation_ratio
+>>> participation_ratio([1.0, 1.0, 1.0])
+3.0
+"""
+
+__all__ = ["dropout_l2", "explorer", "feature_usage", "linearity", "runs", "teaching"]

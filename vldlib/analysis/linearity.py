@@ -1,0 +1,161 @@
+"""Is fine-tuning near-linear? Taylor models, weight distances and interpolation paths.
+
+The paper argues that fine-tuning a pretrained network on a small dataset barely leaves the
+linear regime around the pretrained weights theta0: the fine-tuned network f(theta1) is close to
+its first-order Taylor model f(theta0) + J (theta1 - theta0), so it re-weights existing features
+instead of building new ones. From scratch, the same training moves far and the Taylor model is
+useless. This module measures it:
+
+- `taylor_logits`: the Taylor model's logits by one forward-mode product (`torch.func.jvp` of
+  `functional_call` over the trained parameters), buffers (frozen BatchNorm statistics) fixed, in
+  eval mode, so the expansion is exact for a network linear in its parameters;
+- `taylor_report`: accuracy of f(theta0), f(theta1), the Taylor model, and their agreement;
+- `weight_distance`: how far training moved, absolute and relative to ||theta0||;
+- `interpolation_path`: the paper's Fig 1 contrast, accuracy along (1-a) theta_A + a theta_B
+  (weights) versus (1-a) f_A + a f_B (representations read by a linear classifier: a linear
+  readout of the concatenation [(1-a) phi_A, a phi_B] is exactly the interpolation of logits).
+  Near-linear fine-tuning makes the two curves coincide.
+
+>>> f1, flin, f0 = taylor_logits(net0.tail, net1.tail, x)           # doctest: +SKIP
+>>> (flin.argmax(1) == f1.argmax(1)).float().mean()                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.func import functional_call, jvp
+
+
+class _Method(nn.Module):
+    """A module whose forward is a bound method of another (e.g. `FineTuneNet.tail`), so that
+    `functional_call` can swap the parameters it reads."""
+
+    def __init__(self, owner: nn.Module, method: str):
+        super().__init__()
+        self.owner = owner
+        self.method = method
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self.owner, self.method)(x)
+
+
+def _as_module(f: nn.Module | Callable) -> nn.Module:
+    if isinstance(f, nn.Module):
+        return f
+    owner = getattr(f, "__self__", None)
+    if isinstance(owner, nn.Module):
+        return _Method(owner, f.__name__)
+    raise TypeError(f"expected an nn.Module or a bound method of one (e.g. net.tail), got {type(f).__name__}")
+
+
+def trained_params(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters that training updates (requires_grad), by name, detached."""
+    return {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def _check_buffers(m0: nn.Module, m1: nn.Module) -> None:
+    b1 = dict(m1.named_buffers())
+    for n, b in m0.named_buffers():
+        if n in b1 and b.is_floating_point() and not torch.equal(b, b1[n]):
+            raise ValueError(f"buffer {n!r} differs between the two networks: BatchNorm statistics changed "
+                             f"during training (freeze_bn=False?), so the Taylor model in the parameters alone "
+                             f"is not the fine-tuned network's expansion. Use runs trained with freeze_bn=True.")
+
+
+def taylor_logits(f0: nn.Module | Callable, f1: nn.Module | Callable, x: torch.Tensor, batch: int = 256
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(f(theta1)(x), Taylor model f(theta0)(x) + J (theta1 - theta0), f(theta0)(x)).
+
+    `f0`, `f1`: the same architecture at the expansion point and after training (modules or bound
+    methods such as `net.tail`); they are put in eval mode (no dropout, frozen BatchNorm). The
+    parameters differing between them must be the trainable ones of `f0`.
+    """
+    m0, m1 = _as_module(f0), _as_module(f1)
+    m0.eval(), m1.eval()
+    _check_buffers(m0, m1)
+    p0 = trained_params(m0)
+    p1 = dict(m1.named_parameters())
+    missing = [n for n in p0 if n not in p1]
+    if missing:
+        raise ValueError(f"the two networks differ in architecture: {missing[:3]} missing in the second")
+    delta = {n: (p1[n].detach() - p0[n]) for n in p0}
+    outs = [], [], []
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            xb = x[i:i + batch]
+            y0, dy = jvp(lambda p: functional_call(m0, p, (xb,), strict=False), (p0,), (delta,))
+            outs[0].append(m1(xb))
+            outs[1].append(y0 + dy)
+            outs[2].append(y0)
+    return tuple(torch.cat(o) for o in outs)
+
+
+def weight_distance(m0: nn.Module, m1: nn.Module, exclude: Iterable[str] = ()) -> dict[str, float]:
+    """||theta1 - theta0|| over the trainable parameters of m0 (names containing any of `exclude`
+    skipped), and relative to ||theta0||.
+
+    >>> a = nn.Linear(2, 1); b = copy.deepcopy(a)
+    >>> weight_distance(a, b)["distance"]
+    0.0
+    """
+    p0, p1 = trained_params(m0), dict(m1.named_parameters())
+    names = [n for n in p0 if not any(e in n for e in exclude)]
+    if not names:
+        return {"distance": 0.0, "norm0": 0.0, "relative": float("nan"), "n_params": 0}
+    d = torch.sqrt(sum(((p1[n].detach() - p0[n]) ** 2).sum() for n in names))
+    n0 = torch.sqrt(sum((p0[n] ** 2).sum() for n in names))
+    return {"distance": float(d), "norm0": float(n0), "relative": float(d / n0) if n0 > 0 else float("nan"),
+            "n_params": int(sum(p0[n].numel() for n in names))}
+
+
+def _acc(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return float((logits.argmax(1) == y).float().mean())
+
+
+def taylor_report(f0: nn.Module | Callable, f1: nn.Module | Callable, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """Accuracies of the start, the trained network and its Taylor model on (x, y), and how well
+    the Taylor model matches: prediction agreement and relative logit error
+    ||f1 - f_lin|| / ||f1 - f0|| (0 = exactly linear; 1 = the linear term explains nothing)."""
+    ft, flin, fs = taylor_logits(f0, f1, x)
+    moved = (ft - fs).norm()
+    return {"acc_start": _acc(fs, y), "acc_trained": _acc(ft, y), "acc_taylor": _acc(flin, y),
+            "agreement": float((flin.argmax(1) == ft.argmax(1)).float().mean()),
+            "rel_logit_error": float((ft - flin).norm() / moved) if moved > 0 else 0.0}
+
+
+def interpolate_state(sa: Mapping[str, torch.Tensor], sb: Mapping[str, torch.Tensor], a: float) -> dict:
+    """(1 - a) sa + a sb for floating tensors; others (counters) from sa."""
+    if sa.keys() != sb.keys():
+        raise ValueError(f"the two state dicts have different keys: {sorted(set(sa) ^ set(sb))[:5]}")
+    return {k: (1 - a) * v + a * sb[k] if v.is_floating_point() else v for k, v in sa.items()}
+
+
+@torch.no_grad()
+def interpolation_path(net_a: nn.Module, net_b: nn.Module, forward: str, x: torch.Tensor, y: torch.Tensor,
+                       alphas: Iterable[float] = tuple(np.linspace(0, 1, 11)), batch: int = 256) -> pd.DataFrame:
+    """Accuracy along the weight path and the representation (logit) path between two networks.
+
+    `forward` names the method to call on the networks with `x` (e.g. "tail" when `x` are trunk
+    outputs). Rows: alpha, path ("weights" or "representations"), acc.
+    """
+    def run(net: nn.Module) -> torch.Tensor:
+        net.eval()
+        f = getattr(net, forward)
+        return torch.cat([f(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+    fa, fb = run(net_a), run(net_b)
+    sa, sb = net_a.state_dict(), net_b.state_dict()
+    probe = copy.deepcopy(net_a)
+    rows = []
+    for a in alphas:
+        a = float(a)
+        probe.load_state_dict(interpolate_state(sa, sb, a))
+        rows.append({"alpha": a, "path": "weights", "acc": _acc(run(probe), y)})
+        rows.append({"alpha": a, "path": "representations", "acc": _acc((1 - a) * fa + a * fb, y)})
+    return pd.DataFrame(rows)

@@ -1,0 +1,142 @@
+"""A finished run as analysable tensors: its network, its start, and its data as trunk outputs.
+
+The mechanism analyses (feature usage, linearity) look inside a trained network, not only at its
+accuracy records. They all need the same things: the network at a checkpoint, the network it
+started from (the Taylor expansion point), and every split of the data pushed once through the
+frozen trunk. `RunData` bundles them and computes penultimate features from the trunk outputs,
+so the expensive frozen stages run once per image (and are reused from the training cache).
+
+Split names: "train" = the "in" part of the training domains (what the head was fitted on),
+"iid" = their held-out "out" part (the i.i.d. validation set), "ood" = the "in" part of the
+held-out domain (the reported o.o.d. accuracy), as in `vldlib.results`.
+
+>>> rd = load_run_data("outputs/runs/emoji-te0-p0.9-...")     # doctest: +SKIP
+>>> phi, y = rd.features("ood")                                # [N, 1280] penultimate features
+>>> net0 = initial_net(rd.cfg, len(rd.meta["classes"]))       # the weights the run started from
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vldlib import config as config_io
+from vldlib.data import load_benchmark
+from vldlib.models import FineTuneNet, create_model, data_config
+from vldlib.train import TrainConfig, load_run_model, make_data, resolve_device, trunk_features
+from vldlib.utils import seed_hash
+
+SPLITS = ("train", "iid", "ood")
+
+
+def initial_net(cfg: TrainConfig | dict, num_classes: int) -> FineTuneNet:
+    """The network a run started from: the same seeded head initialisation as `vldlib.train.train`,
+    the pretrained (or random, `pretrained=False`) body. Eval mode.
+
+    `train` seeds torch with `seed_hash(seed, "init")` right before `create_model`, so doing the
+    same here rebuilds the exact starting weights (a test checks it against a 1-step run).
+    """
+    if isinstance(cfg, dict):
+        cfg = config_io.from_dict(TrainConfig, cfg)
+    torch.manual_seed(seed_hash(cfg.seed, "init"))
+    model = create_model(cfg.backbone, num_classes, pretrained=cfg.pretrained, dropout=cfg.dropout,
+                         weights_file=cfg.weights_file)
+    return FineTuneNet(model, cfg.train_stages, cfg.freeze_bn).eval()
+
+
+def tail_features(net: FineTuneNet, x: torch.Tensor) -> torch.Tensor:
+    """Penultimate features from trunk outputs `x` (the tail's stages, then pooling; no dropout)."""
+    if net._tail_stages is None:  # no trunk: x are images
+        return net.features(x)
+    for s in net._tail_stages:
+        x = s(x)
+    return net.model.forward_head(x, pre_logits=True)
+
+
+@dataclass
+class RunData:
+    """A run's network, config and the trunk outputs of every split (see the module docstring)."""
+
+    run_dir: Path
+    net: FineTuneNet
+    cfg: TrainConfig
+    meta: dict
+    trunk: dict  # vldlib.train.trunk_features: {"evals": {"env0_in": (x, y), ...}, "train": [...]}
+
+    @property
+    def train_envs(self) -> list[int]:
+        return list(self.meta["train_envs"])
+
+    @property
+    def test_envs(self) -> list[int]:
+        return list(self.meta["test_envs"])
+
+    def split_keys(self, split: str) -> list[str]:
+        if split == "train":
+            return [f"env{e}_in" for e in self.train_envs]
+        if split == "iid":
+            return [f"env{e}_out" for e in self.train_envs]
+        if split == "ood":
+            return [f"env{e}_in" for e in self.test_envs]
+        raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
+
+    def inputs(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Trunk outputs and labels of a split (concatenated over its domains)."""
+        parts = [self.trunk["evals"][k] for k in self.split_keys(split)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    @torch.no_grad()
+    def features(self, split: str, net: FineTuneNet | None = None, batch: int = 512
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Penultimate features [N, D] and labels of a split, through `net` (default: the run's)."""
+        net = (net or self.net).eval()
+        x, y = self.inputs(split)
+        return torch.cat([tail_features(net, x[i:i + batch]) for i in range(0, len(y), batch)]), y
+
+
+def load_run_data(run_dir: str | Path, which: str = "best", device: str = "cpu") -> RunData:
+    """Load a finished run's checkpoint (`best` or `last`) and its data as trunk outputs.
+
+    The trunk outputs come from the same on-disk cache the training used (computed if missing).
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / f"{which}.pt").exists():
+        raise FileNotFoundError(f"{run_dir / (which + '.pt')} not found: the run has no {which!r} checkpoint. "
+                                f"Use which='best' (always kept) or train the run first.")
+    net, cfg_dict = load_run_model(run_dir, which)
+    cfg = config_io.from_dict(TrainConfig, cfg_dict)
+    meta = json.loads((run_dir / "meta.json").read_text())
+    dev = resolve_device(device)
+    bench = load_benchmark(cfg.benchmark, cfg.data_dir, skip_bad=cfg.skip_bad, progress=False)
+    norm = data_config(net.model)
+    data = make_data(cfg, bench, norm["mean"], norm["std"])
+    net = net.to(dev).eval()
+    trunk = trunk_features(net, data, cfg, dev)
+    return RunData(run_dir, net.cpu(), cfg, meta, trunk)
+
+
+def untrained_run_data(cfg: TrainConfig, device: str = "cpu") -> RunData:
+    """`RunData` for a config without training it: the initial network and the trunk outputs.
+
+    With `train_stages=0` these are the frozen pretrained features, the input of the head-only
+    studies (dropout vs L2 on fixed features). No run directory is written.
+
+    >>> rd = untrained_run_data(TrainConfig(benchmark="emoji", backbone="efficientnet_lite0.offline",
+    ...                                     train_stages=0, resolution=96, augment=False))   # doctest: +SKIP
+    """
+    from vldlib.experiments import with_paths
+
+    cfg = with_paths(cfg)
+    cfg.validate()
+    bench = load_benchmark(cfg.benchmark, cfg.data_dir, skip_bad=cfg.skip_bad, progress=False)
+    net = initial_net(cfg, len(bench.classes))
+    norm = data_config(net.model)
+    data = make_data(cfg, bench, norm["mean"], norm["std"])
+    dev = resolve_device(device)
+    trunk = trunk_features(net.to(dev), data, cfg, dev)
+    meta = {"classes": data.classes, "domains": data.domains, "train_envs": data.train_envs,
+            "test_envs": list(cfg.test_envs), "benchmark": bench.name}
+    return RunData(Path(""), net.cpu(), cfg, meta, trunk)

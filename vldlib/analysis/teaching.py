@@ -1,0 +1,217 @@
+"""Helpers for the teaching notebook: exercise checkers, a tiny CNN, a small training loop, a figure.
+
+The checkers hold the answers, so a student's notebook cell can be a plain `assert`-style call
+without printing the solution next to the question:
+
+>>> def my_dropout(x, p, training=True):                      # doctest: +SKIP
+...     ...
+>>> check_inverted_dropout(my_dropout)                         # doctest: +SKIP
+correct: same mask and scaling as nn.Dropout for p in (0.1, 0.5, 0.9), identity in eval mode.
+
+`train_curve` is the smallest possible training loop (full control, no run directory), used to
+show why 90% dropout stalls training from scratch but not the training of a head on pretrained
+features.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# --------------------------------------------------------------------------- exercise checkers
+def check_inverted_dropout(fn: Callable[..., torch.Tensor]) -> bool:
+    """Check `fn(x, p, training=True)` against `nn.Dropout(p)`: the same mask under the same seed,
+    the same 1/(1-p) scaling, identity when `training=False` and when p = 0.
+
+    Hint when it fails: draw the mask with `torch.empty_like(x).bernoulli_(1 - p)` (that is what
+    `nn.Dropout` does on a CPU, so the same seed gives the same mask), multiply, divide by 1 - p.
+    """
+    x = torch.randn(4, 1000)
+    out = fn(x, 0.5, training=False)
+    assert torch.equal(torch.as_tensor(out), x), "in eval mode (training=False) dropout must return x unchanged"
+    torch.manual_seed(0)
+    out = fn(x, 0.0, training=True)
+    assert torch.allclose(torch.as_tensor(out), x), "with p = 0 nothing is dropped: the output must equal x"
+    for p in (0.1, 0.5, 0.9):
+        torch.manual_seed(123)
+        mine = torch.as_tensor(fn(x, p, training=True))
+        assert mine.shape == x.shape, f"output shape {tuple(mine.shape)} differs from the input's {tuple(x.shape)}"
+        zeros = float((mine == 0).float().mean())
+        assert abs(zeros - p) < 0.03, (f"p={p}: {zeros:.2f} of the entries are zero; about p of them should be "
+                                       f"(is p the rate of *dropping*, not keeping?)")
+        kept = mine[mine != 0] / x[mine != 0]
+        assert torch.allclose(kept, torch.full_like(kept, 1 / (1 - p)), rtol=1e-4), (
+            f"p={p}: kept entries are multiplied by {float(kept.mean()):.3f}; inverted dropout scales them by "
+            f"1/(1-p) = {1 / (1 - p):.3f} so that the expected value is unchanged")
+        torch.manual_seed(123)
+        ref = nn.Dropout(p).train()(x)
+        assert torch.allclose(mine, ref), (f"p={p}: a valid dropout, but not the same mask as nn.Dropout under the "
+                                           f"same seed; draw it with torch.empty_like(x).bernoulli_(1 - p)")
+    print("correct: same mask and scaling as nn.Dropout for p in (0.1, 0.5, 0.9), identity in eval mode.")
+    return True
+
+
+def _check_number(answer: float, expected: float, what: str, hint: str, rtol: float = 1e-3) -> bool:
+    assert answer is not None, f"{what}: replace None by your answer"
+    assert abs(float(answer) - expected) <= rtol * max(1.0, abs(expected)), f"{what}: {answer} is not right. Hint: {hint}"
+    print(f"correct: {what} = {answer:g}")
+    return True
+
+
+def check_kept_features(answer: float, n_features: int = 1280, p: float = 0.9) -> bool:
+    """Expected number of the `n_features` penultimate features that survive dropout p."""
+    return _check_number(answer, n_features * (1 - p), f"features kept on average ({n_features} features, p={p})",
+                         "each feature is kept independently with probability 1 - p")
+
+
+def check_dropout_variance(answer: float, x: float = 1.0, p: float = 0.9) -> bool:
+    """Variance of inverted dropout applied to a constant feature x (the noise dropout injects)."""
+    return _check_number(answer, p / (1 - p) * x ** 2, f"variance of dropout(x={x:g}, p={p})",
+                         "the output is x/(1-p) with probability 1-p and 0 otherwise; Var = E[out^2] - x^2")
+
+
+def lodo_splits(domains: Sequence[str]) -> list[tuple[list[str], str]]:
+    """The leave-one-domain-out experiments: (training domains, held-out domain), one per domain."""
+    return [([d for d in domains if d != t], t) for t in domains]
+
+
+def check_lodo_splits(fn: Callable[[Sequence[str]], list]) -> bool:
+    """Check `fn(domains) -> [(training_domains, test_domain), ...]` on a 4-domain benchmark."""
+    domains = ["art", "cartoon", "photo", "sketch"]
+    got = fn(domains)
+    want = lodo_splits(domains)
+    assert got is not None, "fn returned None: return the list of (training domains, test domain) pairs"
+    assert len(got) == len(want), f"{len(got)} experiments; leave-one-domain-out on 4 domains makes {len(want)}"
+    norm = sorted((sorted(tr), te) for tr, te in got)
+    assert norm == sorted((sorted(tr), te) for tr, te in want), (
+        "each experiment trains on every domain but one and tests on that one")
+    print(f"correct: {len(want)} experiments, each domain held out once.")
+    return True
+
+
+def selection_exercise(seed: int = 0) -> pd.DataFrame:
+    """A made-up training trajectory: step, i.i.d. validation accuracy, o.o.d. test accuracy."""
+    rng = np.random.default_rng(seed)
+    steps = np.arange(300, 3301, 300)
+    iid = np.round(0.80 + 0.1 * (1 - np.exp(-steps / 900)) + rng.normal(0, 0.01, len(steps)), 3)
+    ood = np.round(0.60 + 0.05 * np.sin(steps / 700) + rng.normal(0, 0.02, len(steps)), 3)
+    return pd.DataFrame({"step": steps, "iid_val_acc": iid, "ood_test_acc": ood})
+
+
+def check_selected_step(answer: int, seed: int = 0) -> bool:
+    """The checkpoint that training-domain validation picks in `selection_exercise(seed)`."""
+    t = selection_exercise(seed)
+    want = int(t.step[t.iid_val_acc.idxmax()])
+    assert answer is not None, "replace None by a step number"
+    if int(answer) == int(t.step[t.ood_test_acc.idxmax()]) and int(answer) != want:
+        raise AssertionError("that is the step with the best *test* accuracy: choosing it peeks at the held-out "
+                             "domain (oracle selection). Training-domain validation may only look at iid_val_acc.")
+    assert int(answer) == want, "pick the step with the highest i.i.d. validation accuracy (earliest on ties)"
+    print(f"correct: step {want}; its o.o.d. accuracy {float(t.ood_test_acc[t.step == want].iloc[0]):.3f} is what "
+          f"we report, even if another step happened to test better.")
+    return True
+
+
+# --------------------------------------------------------------------------- small models and loop
+class TinyCNN(nn.Module):
+    """Three conv blocks, global pooling, Dropout(p) on the pooled features, Linear: the paper's head
+    on a network small enough to train from scratch on a CPU in seconds."""
+
+    def __init__(self, num_classes: int, width: int = 32, dropout: float = 0.0):
+        super().__init__()
+        w = width
+        self.body = nn.Sequential(
+            nn.Conv2d(3, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.BatchNorm2d(4 * w), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(self.body(x)))
+
+
+class LinearHead(nn.Module):
+    """Dropout(p) then Linear, on fixed (pretrained) features."""
+
+    def __init__(self, dim: int, num_classes: int, dropout: float = 0.0):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(x))
+
+
+@torch.no_grad()
+def _eval(model: nn.Module, X: torch.Tensor, y: torch.Tensor, batch: int = 512) -> tuple[float, float]:
+    model.eval()
+    logits = torch.cat([model(X[i:i + batch]) for i in range(0, len(y), batch)])
+    model.train()
+    return float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).float().mean())
+
+
+def train_curve(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
+                steps: int = 300, lr: float = 0.05, batch_size: int = 64, eval_every: int = 25, seed: int = 0,
+                momentum: float = 0.9) -> pd.DataFrame:
+    """SGD with momentum on minibatches; every `eval_every` steps the clean (eval-mode) training
+    loss and accuracy and the validation accuracy. Returns a tidy table (step, train_loss,
+    train_acc, val_acc)."""
+    X, y = train
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    rows = []
+    model.train()
+    for step in range(steps + 1):
+        if step % eval_every == 0 or step == steps:
+            tl, ta = _eval(model, X, y)
+            rows.append({"step": step, "train_loss": tl, "train_acc": ta, "val_acc": _eval(model, *val)[1]})
+        if step == steps:
+            break
+        idx = torch.randint(len(y), (batch_size,), generator=g)
+        loss = F.cross_entropy(model(X[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- protocol figure
+def plot_lodo_protocol(domains: Sequence[str], holdout: float = 0.2):
+    """One row per leave-one-domain-out experiment, one bar per domain, split into its "in" and
+    "out" parts and coloured by their role: training, i.i.d. validation (model selection), o.o.d.
+    test (reported), and the test domain's "out" part (used only by the oracle, never here)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    colors = {"train": "#4C72B0", "val": "#DD8452", "test": "#55A868", "unused": "#CCCCCC"}
+    n = len(domains)
+    fig, ax = plt.subplots(figsize=(1.9 * n + 1.5, 0.7 * n + 1.2))
+    for row, t in enumerate(domains):
+        for j, d in enumerate(domains):
+            x0 = j * 1.1
+            roles = ("test", "unused") if d == t else ("train", "val")
+            ax.barh(row, 1 - holdout, left=x0, color=colors[roles[0]], edgecolor="white")
+            ax.barh(row, holdout, left=x0 + 1 - holdout, color=colors[roles[1]], edgecolor="white")
+    ax.set_yticks(range(n), [f"hold out {t}" for t in domains])
+    ax.set_xticks([j * 1.1 + 0.5 for j in range(n)], list(domains))
+    ax.invert_yaxis()
+    ax.set_title(f"Leave-one-domain-out: each domain is split {100 * (1 - holdout):.0f}% 'in' / "
+                 f"{100 * holdout:.0f}% 'out'", fontsize=10)
+    ax.legend(handles=[Patch(color=colors["train"], label="train ('in' of training domains)"),
+                       Patch(color=colors["val"], label="i.i.d. validation: selects the checkpoint"),
+                       Patch(color=colors["test"], label="o.o.d. test: reported"),
+                       Patch(color=colors["unused"], label="unused (oracle selection only)")],
+              loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, fontsize=8, frameon=False)
+    ax.grid(False)
+    for s in ax.spines.values():
+        s.set_visible(False)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,115 @@
+"""`python -m vldlib quickstart`: the project's main job, offline, on a CPU.
+
+Executes `notebooks/00_quickstart.ipynb` with papermill (defaults, or `--param key=value`
+overrides, or `--paper` for the paper's own configuration on a GPU), writes the executed notebook,
+tidy CSVs, figures and `summary.md` to `outputs/quickstart/`, and prints the summary.
+Finished runs are kept, so an interrupted quickstart resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from vldlib.paths import project_root, resolve
+
+NOTEBOOK = "notebooks/00_quickstart.ipynb"
+PAPER_PARAMS = "notebooks/00_quickstart.paper.yaml"
+
+
+def notebook_path(name: str = NOTEBOOK) -> Path:
+    path = project_root() / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: the quickstart runs from a checkout of vldlib "
+                                f"(git clone, then `bash .ci/setup`); run it from inside that folder.")
+    return path
+
+
+def _parse_params(items: list[str]) -> dict:
+    import yaml
+
+    params = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--param expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        params[key.strip()] = yaml.safe_load(value)
+    return params
+
+
+class _CellLog(logging.Handler):
+    """papermill logs each cell's output line by line; show them as plain terminal lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if msg.startswith("Executing") or "Kernel is running over TCP" in msg:
+            return
+        print(msg, flush=True)
+
+
+def run_quickstart(params: dict | None = None, *, paper: bool = False, output_dir: str | None = None,
+                   log_output: bool = True) -> Path:
+    """Execute the quickstart notebook; return the output folder."""
+    import papermill as pm
+    import yaml
+
+    params = dict(params or {})
+    if paper:
+        params = {**yaml.safe_load(notebook_path(PAPER_PARAMS).read_text()), **params}
+    if output_dir is not None:
+        params["output_dir"] = output_dir
+    out = resolve(params.get("output_dir", "outputs/quickstart"))
+    params["output_dir"] = str(out)
+    out.mkdir(parents=True, exist_ok=True)
+    handler = _CellLog()
+    logger = logging.getLogger("papermill")
+    if log_output:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    try:
+        # written as it runs: after a failure it shows the error in place
+        pm.execute_notebook(str(notebook_path()), str(out / "00_quickstart.ipynb"), parameters=params,
+                            cwd=str(project_root()), log_output=log_output, progress_bar=False,
+                            kernel_name="python3")
+    finally:
+        logger.removeHandler(handler)
+    return out
+
+
+def register_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quickstart", help="run the offline CPU study (notebooks/00_quickstart.ipynb)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  python -m vldlib quickstart\n"
+                              "  python -m vldlib quickstart --param seeds=[0,1,2,3,4] --param steps=1000\n"
+                              "  python -m vldlib quickstart --paper --data-dir /datasets   # GPU, real PACS")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a parameter of the notebook (value read as YAML); repeatable")
+    p.add_argument("--paper", action="store_true", help=f"use the paper's configuration ({PAPER_PARAMS})")
+    p.add_argument("--data-dir", help="where benchmarks live (default: data/)")
+    p.add_argument("--out", help="output folder (default: outputs/quickstart)")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    try:
+        params = _parse_params(args.param)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.data_dir:
+        params["data_dir"] = args.data_dir
+    t0 = time.perf_counter()
+    try:
+        out = run_quickstart(params, paper=args.paper, output_dir=args.out)
+    except Exception as e:  # papermill raises PapermillExecutionError with the cell's traceback
+        print(f"error: the quickstart notebook failed: {e}", file=sys.stderr)
+        print("the executed notebook, showing the error in place, is outputs/quickstart/00_quickstart.ipynb; "
+              "finished runs are kept, so running the same command again resumes", file=sys.stderr)
+        return 1
+    print()
+    print((out / "summary.md").read_text())
+    print(f"[vldlib] quickstart finished in {time.perf_counter() - t0:.0f} s; notebook, tables and figures in {out}")
+    return 0
