@@ -213,5 +213,14 @@ def test_explorer_runs_without_a_front_end(tiny_runs, capsys):
     ex.dropout.value, ex.test_env.value = 0.5, 0
     run = ex.run()
     assert (run / "done").exists() and ex.progress.value == 4
-    assert list(ex.last_curve.step) == [2, 4] and "done" in ex.status.value
+    assert list(ex.last_curve.step) == [1, 2, 3, 4] and "done" in ex.status.value
     assert len(earlier_curves([root / "runs"], str(root / "fake"), 0).run.unique()) == 3
+
+
+def test_finetune_distances_split_body_and_head(tiny_runs):
+    st = load_run_data(tiny_runs["stage"])
+    net0 = initial_net(st.cfg, len(st.meta["classes"]))
+    d = lin.finetune_distances(net0, st.net)
+    assert d["body_distance"] > 0 and d["head_distance"] > 0 and d["body_params"] > 0
+    hd = lin.finetune_distances(net0, net0)
+    assert hd["body_distance"] == 0 and hd["head_distance"] == 0

@@ -478,16 +478,40 @@ def sweep_note(run_s: float, jobs: int = 288, gpus: tuple[int, ...] = (1, 2, 4, 
 
 
 # ----------------------------------------------------------------------------- the GPU check
-def gpu_check(budget_s: float = 360.0, out: Path = OUT, log: Callable = print) -> int:
+@dataclass(frozen=True)
+class CheckPlan:
+    """What `gpu_check` measures. GPU_PLAN is the real one; SMOKE_PLAN runs every stage on a CPU in
+    seconds (tiny models and images), so the one GPU run is not where its bugs are found."""
+
+    device: str = "cuda"
+    big: str = "resnet50"  # random init: no network
+    small: str = "tf_efficientnet_lite0"
+    resolution: int = 224
+    per_class: int = 225  # synthetic: 4 domains x 7 classes
+    image_size: int = 256
+    steps: int = 15
+    warmup: int = 5
+    repeats: int = 3
+    train_steps: int = 500
+    scaling: tuple[int, int] = (100, 300)
+
+
+GPU_PLAN = CheckPlan()
+SMOKE_PLAN = CheckPlan(device="cpu", big="test_resnet", small="test_efficientnet", resolution=32, per_class=8,
+                       image_size=40, steps=2, warmup=1, repeats=1, train_steps=4, scaling=(2, 4))
+
+
+def gpu_check(budget_s: float = 360.0, out: Path = OUT, log: Callable = print, plan: CheckPlan = GPU_PLAN) -> int:
     """Self-contained GPU report (no network, random init): bench resnet50 and tf_efficientnet_lite0 at
-    224 px on synthetic JPEGs, a 500-step run of the real loop, steps scaling, the sweep note.
-    Every stage is guarded: a failure or the time budget skips it and the table still prints."""
+    224 px on synthetic JPEGs, a 500-step run of the real loop (fp32/TF32 and bf16), steps scaling,
+    the sweep note. Every stage is guarded: a failure or the time budget skips it and the table
+    still prints. Exit code 0: every stage ran; 1: some failed or were skipped; 2: no CUDA."""
     t_start = time.perf_counter()
-    if not torch.cuda.is_available():
+    if plan.device == "cuda" and not torch.cuda.is_available():
         log("gpu-check: CUDA is not available on this machine; run it on a GPU machine.", flush=True)
         return 2
     rows: list[dict] = []
-    report: dict = {"torch": torch.__version__, "cpus": os.cpu_count(), "rows": rows}
+    report: dict = {"torch": torch.__version__, "cpus": os.cpu_count(), "plan": asdict(plan), "rows": rows}
 
     def left() -> float:
         return budget_s - (time.perf_counter() - t_start)
@@ -510,22 +534,24 @@ def gpu_check(budget_s: float = 360.0, out: Path = OUT, log: Callable = print) -
             return None
 
     root = out / "data" / "synthetic"
+    px = f"{plan.resolution}px"
     # written before CUDA starts in this process: the pool forks
-    stage("write synthetic JPEGs (4 domains x 7 classes x 225, 256 px)", 30,
-          lambda: {"root": str(write_synthetic_domains(root, domains=4))})
-    report["device"] = device_name("cuda")
-    base = BenchConfig(device="cuda", resolution=224, batch_size=32, domains=3, steps=15, warmup=5, repeats=3,
-                       train_stages=None)
+    stage(f"write synthetic JPEGs (4 domains x 7 classes x {plan.per_class}, {plan.image_size} px)", 30,
+          lambda: {"root": str(write_synthetic_domains(root, domains=4, per_class=plan.per_class,
+                                                       size=plan.image_size))})
+    report["device"] = device_name(plan.device)
+    base = BenchConfig(device=plan.device, resolution=plan.resolution, batch_size=32, domains=3, steps=plan.steps,
+                       warmup=plan.warmup, repeats=plan.repeats, train_stages=None, data=str(root))
 
     def cache() -> dict:
         from vldlib.data import load_benchmark
         from vldlib.data.cache import cached_benchmark
         bench = load_benchmark(root, progress=False)  # checks the images once (cached)
         t0 = time.perf_counter()
-        cached_benchmark(bench, 224, progress=False)
+        cached_benchmark(bench, plan.resolution, progress=False)
         return {"cache_build_s": time.perf_counter() - t0, "images": sum(map(len, bench.samples))}
 
-    stage("decoded-image cache at 224 px", 45, cache)
+    stage(f"decoded-image cache at {px}", 45, cache)
     runs: dict[str, dict] = {}
 
     def bench_row(key: str, cfg: BenchConfig, paths: tuple[str, ...]) -> Callable[[], dict]:
@@ -535,40 +561,43 @@ def gpu_check(budget_s: float = 360.0, out: Path = OUT, log: Callable = print) -
             return {**{f"{k}_img_s": v for k, v in res["rates_img_per_s"].items()}, **res["ratios"]}
         return fn
 
-    r50 = replace(base, backbone="resnet50")
-    stage("resnet50 224px fp32/TF32: compute, fast, plain", 60, bench_row("resnet50", r50, ("compute", "fast", "plain")))
-    stage("resnet50 224px DomainBed compute settings (fp32, NCHW, deterministic)", 25,
-          lambda: {"compute_img_s": measure_compute(r50.resolved(), 7, channels_last=False, tf32=False,
+    big = replace(base, backbone=plan.big)
+    stage(f"{plan.big} {px} fp32/TF32: compute, fast, plain", 60,
+          bench_row(f"{plan.big}", big, ("compute", "fast", "plain")))
+    stage(f"{plan.big} {px} compute with DomainBed's settings (fp32, NCHW, deterministic)", 25,
+          lambda: {"compute_img_s": measure_compute(big.resolved(), 7, channels_last=False, tf32=False,
                                                     deterministic=True)["rate"]})
-    stage("resnet50 224px bf16: compute, fast", 40, bench_row("resnet50-bf16", replace(r50, bf16=True), ("compute", "fast")))
-    stage("resnet50 224px bf16 compute without the loop's per-step host syncs", 25,
-          lambda: {"compute_img_s": measure_compute(replace(r50, bf16=True).resolved(), 7, host_syncs=False)["rate"]})
-    lite = replace(base, backbone="tf_efficientnet_lite0")
-    stage("tf_efficientnet_lite0 224px: compute, fast, plain", 50,
-          bench_row("lite0", lite, ("compute", "fast", "plain")))
+    stage(f"{plan.big} {px} bf16: compute, fast", 40,
+          bench_row(f"{plan.big}-bf16", replace(big, bf16=True), ("compute", "fast")))
+    stage(f"{plan.big} {px} bf16 compute without the loop's per-step host syncs", 25,
+          lambda: {"compute_img_s": measure_compute(replace(big, bf16=True).resolved(), 7, host_syncs=False)["rate"]})
+    stage(f"{plan.small} {px}: compute, fast, plain", 50,
+          bench_row(plan.small, replace(base, backbone=plan.small), ("compute", "fast", "plain")))
 
     loops: dict[str, dict] = {}
 
     def train_run(bf16: bool) -> Callable[[], dict]:
         def fn() -> dict:
             with tempfile.TemporaryDirectory() as tmp:
-                res = time_training_run(root, 500, backbone="resnet50", resolution=224, device="cuda", out=tmp,
-                                        bf16=bf16)
+                res = time_training_run(root, plan.train_steps, backbone=plan.big, resolution=plan.resolution,
+                                        device=plan.device, out=tmp, bf16=bf16)
             loops["bf16" if bf16 else "fp32/TF32"] = res
             return {**res, "10k_steps_train_only_min": 10_000 * res["step_time_s"] / 60}
         return fn
 
-    stage("real loop: resnet50 224px, 500 steps, augment_on=device, cache_images", 70, train_run(False))
+    stage(f"real loop: {plan.big} {px}, {plan.train_steps} steps, augment_on=device, cache_images", 70,
+          train_run(False))
     stage("real loop: the same with bf16", 60, train_run(True))
 
     def scaling() -> dict:
         with tempfile.TemporaryDirectory() as tmp:
-            res = steps_scaling(root, (100, 300), backbone="resnet50", resolution=224, device="cuda", out=tmp)
+            res = steps_scaling(root, plan.scaling, backbone=plan.big, resolution=plan.resolution,
+                                device=plan.device, out=tmp)
         return {"fixed_s": res["fixed_s"], "slope_s_per_step": res["slope_s_per_step"],
                 "loop_step_time_s": res["loop_step_time_s"][1], "slope_over_step_time": res["slope_over_step_time"],
                 "walls_s": [r["wall_s"] for r in res["runs"]]}
 
-    stage("steps scaling: real loop at 100 and 300 steps", 50, scaling)
+    stage(f"steps scaling: real loop at {plan.scaling[0]} and {plan.scaling[1]} steps", 50, scaling)
 
     # --- the table, last
     lines = [f"# vldlib GPU check: {report.get('device')}, torch {torch.__version__}, {os.cpu_count()} CPUs", "",
@@ -576,12 +605,12 @@ def gpu_check(budget_s: float = 360.0, out: Path = OUT, log: Callable = print) -
              "|---|---|---|---|---|---|"]
     for key, res in runs.items():
         r, q = res["rates_img_per_s"], res["ratios"]
-        lines.append(f"| {key} 224px | {_fmt(r.get('compute'))} | {_fmt(r.get('plain'))} | {_fmt(r.get('fast'))} | "
+        lines.append(f"| {key} {px} | {_fmt(r.get('compute'))} | {_fmt(r.get('plain'))} | {_fmt(r.get('fast'))} | "
                      f"{_fmt(q.get('fast/compute'), 2)} | {_fmt(q.get('fast/plain'), 2)} |")
     for precision, loop in loops.items():
         run_10k = 10_000 * loop["step_time_s"]
-        lines += ["", f"Real loop (resnet50, 224 px, 3 x 32, {precision}, channels_last, device augmentation, "
-                      f"500 steps): {loop['steps_per_s']:.2f} steps/s, {loop['step_time_s'] * 1e3:.1f} ms/step; "
+        lines += ["", f"Real loop ({plan.big}, {px}, 3 x 32, {precision}, channels_last, device augmentation, "
+                      f"{plan.train_steps} steps): {loop['steps_per_s']:.2f} steps/s, {loop['step_time_s'] * 1e3:.1f} ms/step; "
                       f"10k steps = {run_10k / 60:.1f} min of training "
                       f"(target <= 5 min: {'holds' if run_10k <= 300 else 'does not hold'}), "
                       f"plus evaluations (this run's setup + 1 evaluation took {loop['other_s']:.0f} s).", "",
@@ -634,12 +663,16 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps-scaling", nargs="?", const="50,100", metavar="N,M",
                    help="time real training runs of N and M steps instead (default 50,100)")
     p.add_argument("--gpu-check", action="store_true", help="the self-contained GPU report (~5 min on an H100)")
+    p.add_argument("--gpu-check-smoke", action="store_true",
+                   help="every --gpu-check stage on the CPU with tiny models (a minute): checks the script itself")
     p.add_argument("--budget", type=float, default=360.0, help="--gpu-check's internal time budget in seconds")
     p.set_defaults(func=_cli_bench)
 
 
 def _cli_bench(args: argparse.Namespace) -> int:
-    if args.gpu_check:
+    if args.gpu_check or args.gpu_check_smoke:
+        if args.gpu_check_smoke:
+            return gpu_check(args.budget, out=OUT / "smoke", plan=SMOKE_PLAN)
         return gpu_check(args.budget)
     cfg = BenchConfig(backbone=args.backbone, resolution=args.resolution, batch_size=args.batch_size,
                       domains=args.domains, train_stages=None if args.train_stages == -2 else args.train_stages,

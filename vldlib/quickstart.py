@@ -45,7 +45,8 @@ class _CellLog(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         msg = record.getMessage()
-        if msg.startswith("Executing") or "Kernel is running over TCP" in msg:
+        if msg.startswith(("Executing", "Ending Cell", "Working directory", "Input Notebook", "Output Notebook")) \
+                or "Kernel is running over TCP" in msg or not msg.strip():
             return
         print(msg, flush=True)
 

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from vldlib.reference import METHOD_LABELS, READ_OFF_NOTE, paper_reference, reference_benchmark
-from vldlib.utils import atomic_path, read_jsonl, write_text_atomic
+from vldlib.utils import read_json, atomic_path, read_jsonl, write_text_atomic
 
 SELECTIONS = ("training_domain", "oracle", "last")
 METHODS = ("model", "wa", "ens")  # current weights, trajectory weight average, trajectory ensemble
@@ -77,13 +77,6 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
     return sorted(found)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); delete the run directory to recompute it") from None
 
 
 def _readable(value: Any) -> Any:
@@ -113,6 +106,8 @@ def _run_info(run: Path, config: dict, meta: dict, records: list[dict]) -> dict[
         "done": (run / "done").exists(),
         "failed": bool(failures),
         "failure_reason": failures[-1].get("reason", "") if failures else "",
+        # which split of the held-out domain measures o.o.d. accuracy (see split_scores)
+        "ood_split": meta.get("ood_split", "in"),
     }
     for k, v in config.items():
         if k in ("benchmark", "test_envs"):
@@ -143,7 +138,7 @@ def load_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
     for run in find_run_dirs(paths):
         records = read_jsonl(run / "records.jsonl")
         evals = [r for r in records if r.get("type", "eval") == "eval" and "acc" in r]
-        config, meta = _read_json(run / "config.json"), _read_json(run / "meta.json")
+        config, meta = read_json(run / "config.json"), read_json(run / "meta.json")
         if not evals:
             why = "it failed before its first evaluation" if any(r.get("type") == "failure" for r in records) \
                 else "no evaluation recorded yet"
@@ -196,8 +191,13 @@ def run_status(paths: Iterable[str | Path]) -> pd.DataFrame:
 
 # --------------------------------------------------------------------------- selection
 
-def split_scores(acc: dict[str, float], test_envs: Iterable[int]) -> dict[str, float]:
+def split_scores(acc: dict[str, float], test_envs: Iterable[int], ood_split: str = "in") -> dict[str, float]:
     """iid_acc, ood_acc and oracle_acc (test-domain "out") from one `{"env0_in": ..}` dict.
+
+    `ood_split` is "in" (DomainBed's convention) except for benchmarks whose domains show the
+    same objects (emoji): there the held-out domain's "in" part holds objects trained on in other
+    styles, so o.o.d. is measured on its "out" part (objects never trained on), and the oracle on
+    the "in" part. The run's meta.json says which.
 
     >>> split_scores({"env0_in": .9, "env0_out": .8, "env1_in": .5, "env1_out": .4}, [1])
     {'iid_acc': 0.8, 'ood_acc': 0.5, 'oracle_acc': 0.4}
@@ -210,7 +210,7 @@ def split_scores(acc: dict[str, float], test_envs: Iterable[int]) -> dict[str, f
             continue
         env, split = int(m.group(1)), m.group(2)
         if env in test_envs:
-            parts["ood_acc" if split == "in" else "oracle_acc"].append(float(a))
+            parts["ood_acc" if split == ood_split else "oracle_acc"].append(float(a))
         elif split == "out":
             parts["iid_acc"].append(float(a))
     return {k: float(np.mean(v)) if v else float("nan") for k, v in parts.items()}
@@ -221,8 +221,8 @@ def per_step_scores(df: pd.DataFrame) -> pd.DataFrame:
     keys = ["run", "method", "step"]
     parts = {
         "iid_acc": df[~df.is_test & (df.split == "out")],
-        "ood_acc": df[df.is_test & (df.split == "in")],
-        "oracle_acc": df[df.is_test & (df.split == "out")],
+        "ood_acc": df[df.is_test & (df.split == df.ood_split)],
+        "oracle_acc": df[df.is_test & (df.split != df.ood_split)],
     }
     scores = pd.concat({k: v.groupby(keys).acc.mean() for k, v in parts.items()}, axis=1)
     extra = df.groupby(keys)[["loss", "train_acc"]].first()

@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import pandas as pd
 import torch
+
+from vldlib.utils import read_json
 from torch import nn
 
 from vldlib.results import _readable, split_scores
@@ -53,18 +55,11 @@ def default_eval_fn(model: nn.Module, cfg: dict[str, Any]) -> dict[str, tuple[to
 
 # --------------------------------------------------------------------------- compatibility
 
-def _read(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); delete the run directory to recompute it") from None
 
 
 def _run_facts(run: Path) -> dict[str, Any]:
     """config.json then meta.json (which wins: it records what the run actually did)."""
-    return {**_read(run / "config.json"), **_read(run / "meta.json")}
+    return {**read_json(run / "config.json"), **read_json(run / "meta.json")}
 
 
 def check_compatible(run_dirs: Sequence[str | Path], keys: Sequence[str] = SOUP_KEYS) -> dict[str, Any]:
@@ -178,6 +173,12 @@ def accuracies(outputs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[st
             for k, (logits, labels) in sorted(outputs.items())}
 
 
+def _ood_split(cfg: dict[str, Any]) -> str:
+    from vldlib.data.registry import ood_split_for
+
+    return ood_split_for(str(cfg.get("benchmark", "")))
+
+
 def _test_envs(cfg: dict[str, Any]) -> list[int]:
     t = cfg.get("test_envs", [])
     return [int(x) for x in (t if isinstance(t, (list, tuple)) else [t])]
@@ -186,14 +187,14 @@ def _test_envs(cfg: dict[str, Any]) -> list[int]:
 def _result(method: str, members: Sequence[Path], candidates: Sequence[Path], acc: dict[str, float],
             cfg: dict[str, Any], shared: dict[str, Any], which: str, **extra: Any) -> dict[str, Any]:
     return {"method": method, "members": [str(m) for m in members], "candidates": [str(c) for c in candidates],
-            "which": which, "acc": acc, **split_scores(acc, _test_envs(cfg)), "shared": shared, **extra}
+            "which": which, "acc": acc, **split_scores(acc, _test_envs(cfg), _ood_split(cfg)), "shared": shared, **extra}
 
 
 def _shared_config(runs: Sequence[Path]) -> dict[str, Any]:
     """config.json keys whose value is the same in every run (dropout, backbone, ...)."""
-    facts = [_read(r / "config.json") for r in runs]
+    facts = [read_json(r / "config.json") for r in runs]
     shared = {k: _readable(v) for k, v in facts[0].items() if all(k in f and f[k] == v for f in facts[1:])}
-    meta = _read(runs[0] / "meta.json")
+    meta = read_json(runs[0] / "meta.json")
     domains = list(meta.get("domains") or [])
     t = _test_envs(meta if "test_envs" in meta else facts[0])
     shared["test_domain"] = ",".join(domains[i] if i < len(domains) else f"env{i}" for i in t)
@@ -247,7 +248,7 @@ def greedy_soup(run_dirs: Iterable[str | Path], which: str = "best", load_fn: Lo
         scores = {}
         for run in runs:
             model, cfg = load_fn(run, which)
-            scores[str(run)] = split_scores(accuracies(eval_fn(model, cfg)), _test_envs(cfg))["iid_acc"]
+            scores[str(run)] = split_scores(accuracies(eval_fn(model, cfg)), _test_envs(cfg), _ood_split(cfg))["iid_acc"]
             del model
     else:
         scores = {str(k): float(v) for k, v in scores.items()}
@@ -260,7 +261,7 @@ def greedy_soup(run_dirs: Iterable[str | Path], which: str = "best", load_fn: Lo
     avg = StateDictAverage()
     avg.add(base.state_dict(), str(order[0]))
     acc = accuracies(eval_fn(base, base_cfg))
-    best = split_scores(acc, _test_envs(base_cfg))["iid_acc"]
+    best = split_scores(acc, _test_envs(base_cfg), _ood_split(base_cfg))["iid_acc"]
     history = [{"run": str(order[0]), "soup_iid_acc": best, "added": True}]
     members = [order[0]]
     for run in order[1:]:
@@ -268,7 +269,7 @@ def greedy_soup(run_dirs: Iterable[str | Path], which: str = "best", load_fn: Lo
         sd = model.state_dict()
         base.load_state_dict(avg.average(extra=sd, name=str(run)))
         cand = accuracies(eval_fn(base, base_cfg))
-        cand_iid = split_scores(cand, _test_envs(base_cfg))["iid_acc"]
+        cand_iid = split_scores(cand, _test_envs(base_cfg), _ood_split(base_cfg))["iid_acc"]
         added = cand_iid >= best
         history.append({"run": str(run), "soup_iid_acc": cand_iid, "added": bool(added)})
         if added:

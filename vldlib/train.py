@@ -19,17 +19,19 @@ random draw (batch order, augmentation, dropout) is a function of (seed, step), 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import pickle
 import platform
 import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -103,16 +105,18 @@ class TrainConfig:
         """Errors before any work starts, each naming the value and the fix."""
         check_dropout(self.dropout)
         check_backbone(self.backbone)
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):  # `not >`: NaN fails too
+            raise ValueError(f"lr must be > 0 and finite, got {self.lr}; e.g. --lr 1e-3 (the paper's grid: 1e-3, 5e-4)")
         if self.steps <= 0:
             raise ValueError(f"steps must be > 0, got {self.steps}")
         if self.batch_size <= 0 or self.eval_batch_size <= 0:
             raise ValueError(f"batch sizes must be > 0, got batch_size={self.batch_size}")
-        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
+        if not (0 <= self.weight_decay < math.inf) or not 0 <= self.momentum < 1:
             raise ValueError(f"need weight_decay >= 0 and 0 <= momentum < 1, got {self.weight_decay}, {self.momentum}")
-        if self.head_lr_mult <= 0:
+        if not (0 < self.head_lr_mult < math.inf):
             raise ValueError(f"head_lr_mult must be > 0, got {self.head_lr_mult}")
+        if not 0 < self.holdout < 1:
+            raise ValueError(f"holdout fraction must be in (0, 1), got {self.holdout}; e.g. --holdout 0.2 (the paper's)")
         if not self.test_envs:
             raise ValueError("test_envs is empty: name at least one held-out domain index")
         if any(not 0 < f < 1 for f in self.lr_decay_at):
@@ -157,6 +161,26 @@ class AveragedTrainable(AveragedModel):
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; a failure record was written."""
+
+
+class RunOutputError(RuntimeError):
+    """Writing into the run directory failed: disk full, read-only, a file where a folder should be."""
+
+
+@contextlib.contextmanager
+def _writing(path: Path, *also: type[Exception]) -> Iterator[None]:
+    """Turn an OSError (or `also`) while writing `path` into a RunOutputError that names it and
+    the fix. Every write is atomic or an fsynced append, so what the run saved before is intact
+    and the same command resumes once the cause is gone."""
+    try:
+        yield
+    except RunOutputError:
+        raise
+    except (OSError, *also) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+        raise RunOutputError(f"cannot write {path}: {reason}. Free disk space, or choose a writable --out "
+                             f"(a folder, not a file); the records and checkpoints saved before are intact: "
+                             f"run the same command again to resume.") from e
 
 
 # ----------------------------------------------------------------------------- run directory
@@ -383,13 +407,20 @@ def validation_score(acc: dict[str, float], train_envs: list[int]) -> float:
 
 # ----------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path: Path, state: dict) -> None:
-    with atomic_path(path) as tmp:
+    # torch.save reports a failed write (disk full) as a RuntimeError from its C++ writer
+    with _writing(path, RuntimeError), atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
 def load_checkpoint(path: Path) -> dict:
+    """A checkpoint as plain tensors and values: `weights_only=True` refuses pickles that run code."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RuntimeError(f"{path}: refused: it is a pickle that needs code to load ({first}). vldlib "
+                           f"checkpoints hold only tensors and plain values, so this file was not written by "
+                           f"vldlib or was altered; delete it to restart the run from scratch.") from None
     except Exception as e:
         raise RuntimeError(f"{path}: cannot load checkpoint ({type(e).__name__}: {e}). It is not a vldlib "
                            f"checkpoint or it is damaged; delete it to restart the run from scratch.") from e
@@ -399,6 +430,15 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _ends_with_newline(path: Path) -> bool:
+    """False when the last line of `path` was cut by a kill (read_jsonl ignores such a line)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return True
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -452,7 +492,8 @@ def train(cfg: TrainConfig) -> Path:
     best_score, start = -1.0, 0
 
     # --- resume from the last checkpoint; drop records written after it
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with _writing(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
     if (run_dir / "last.pt").exists():
         ckpt = load_checkpoint(run_dir / "last.pt")
         net.model.load_state_dict(ckpt["model"])
@@ -461,21 +502,26 @@ def train(cfg: TrainConfig) -> Path:
         averaged.load_state_dict(ckpt["averaged"])
         ensemble_logits, best_score, start = ckpt["ensemble_logits"], ckpt["best_score"], ckpt["step"]
         kept = [r for r in old if r.get("step", 0) <= start]
-        if len(kept) != len(old):
-            write_text_atomic(records_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        # Also rewrite when a kill left half a line: the next append would be glued to it.
+        if len(kept) != len(old) or not _ends_with_newline(records_path):
+            with _writing(records_path):
+                write_text_atomic(records_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
         print(f"[vldlib] resuming {run_dir} from step {start}")
-    elif old:  # records but no checkpoint: a run killed before its first checkpoint
+    elif records_path.exists():  # records (or half a line) but no checkpoint: killed before the first one
         records_path.unlink()
-    write_json_atomic(run_dir / "config.json", asdict(cfg))
-    write_json_atomic(run_dir / "meta.json", {
+    with _writing(run_dir / "config.json"):
+        write_json_atomic(run_dir / "config.json", asdict(cfg))
+    with _writing(run_dir / "meta.json"):
+        write_json_atomic(run_dir / "meta.json", {
         "benchmark": bench.name, "domains": data.domains, "classes": data.classes, "test_envs": cfg.test_envs,
-        "train_envs": data.train_envs, "split_sizes": {k: len(v) for k, v in data.evals.items()},
+        "train_envs": data.train_envs, "ood_split": "out" if bench.group_by_stem else "in", "split_sizes": {k: len(v) for k, v in data.evals.items()},
         "init_fingerprint": init_fingerprint, "device": str(device), "python": platform.python_version(),
         "torch": torch.__version__, "num_params": sum(p.numel() for p in net.parameters()),
         "trainable_params": sum(p.numel() for p in net.parameters() if p.requires_grad)})
 
     from tqdm.auto import tqdm
 
+    ood_split = "out" if bench.group_by_stem else "in"
     bar = tqdm(total=cfg.steps, initial=start, desc=run_dir.name, disable=not cfg.progress, dynamic_ncols=True)
     loss_sum, correct, seen, t_interval, last_eval = 0.0, 0, 0, time.perf_counter(), start
     net.train()
@@ -491,7 +537,8 @@ def train(cfg: TrainConfig) -> Path:
         loss = F.cross_entropy(logits.float(), y)
         if not torch.isfinite(loss):
             reason = f"non-finite loss ({loss.item()}) at step {step}; lr {cfg.lr} is probably too high."
-            append_jsonl(records_path, {"type": "failure", "step": step, "reason": reason})
+            with _writing(records_path):
+                append_jsonl(records_path, {"type": "failure", "step": step, "reason": reason})
             bar.close()
             raise TrainingDiverged(f"{run_dir}: {reason} A failure record was written.")
         optimizer.zero_grad(set_to_none=True)
@@ -533,19 +580,21 @@ def train(cfg: TrainConfig) -> Path:
             best_score = score
             save_checkpoint(run_dir / "best.pt", {"model": net.model.state_dict(), "step": done_steps,
                                                   "config": asdict(cfg), "score": score})
-        append_jsonl(records_path, record)
+        with _writing(records_path):
+            append_jsonl(records_path, record)
         save_checkpoint(run_dir / "last.pt", {
             "model": net.model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "averaged": averaged.state_dict(),
             "ensemble_logits": ensemble_logits, "best_score": best_score, "step": done_steps,
             "config": asdict(cfg)})
         bar.set_postfix(loss=f"{record['loss']:.3f}", val=f"{score:.3f}",
-                        test=f"{np.mean([acc['model'][f'env{t}_in'] for t in cfg.test_envs]):.3f}")
+                        test=f"{np.mean([acc['model'][f'env{t}_{ood_split}'] for t in cfg.test_envs]):.3f}")
         loss_sum, correct, seen, t_interval, last_eval = 0.0, 0, 0, time.perf_counter(), done_steps
     bar.close()
     if not cfg.keep_last:
         (run_dir / "last.pt").unlink(missing_ok=True)
-    write_text_atomic(run_dir / "done", time.strftime("%Y-%m-%d %H:%M:%S\n"))
+    with _writing(run_dir / "done"):
+        write_text_atomic(run_dir / "done", time.strftime("%Y-%m-%d %H:%M:%S\n"))
     return run_dir
 
 

@@ -70,6 +70,17 @@ def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """A run's JSON file ({} when absent); a damaged one is an error that says how to recover."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); delete the run directory to recompute it") from None
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Read JSON lines, ignoring a truncated final line left by a killed writer."""
     path = Path(path)

@@ -140,7 +140,7 @@ def fit_head(X: torch.Tensor, y: torch.Tensor, num_classes: int, p: float, mode:
         obj.backward()
         opt.step()
         sched.step()
-    return HeadFit(W.detach(), b.detach(), mode, p, float(obj))
+    return HeadFit(W.detach(), b.detach(), mode, p, float(obj.detach()))
 
 
 def _acc(W: torch.Tensor, b: torch.Tensor, X: torch.Tensor, y: torch.Tensor) -> float:

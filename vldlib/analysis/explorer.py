@@ -48,7 +48,7 @@ def explorer_config(data_dir: str, runs_dir: str, **values: Any) -> TrainConfig:
                       train_stages=v["train_stages"], cache_trunk=cache, augment=False, dropout=float(v["dropout"]),
                       steps=steps, lr=float(v["lr"]), weight_decay=float(v["weight_decay"]),
                       batch_size=int(v["batch_size"]), eval_every=every, average_from=every, seed=int(v["seed"]),
-                      device=v["device"], out=runs_dir, keep_last=False, progress=False)
+                      device=v["device"], out=runs_dir, keep_last=False, progress=False, num_threads=1)
     cfg = with_paths(cfg)
     cfg.validate()
     return cfg

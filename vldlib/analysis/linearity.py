@@ -159,3 +159,18 @@ def interpolation_path(net_a: nn.Module, net_b: nn.Module, forward: str, x: torc
         rows.append({"alpha": a, "path": "weights", "acc": _acc(run(probe), y)})
         rows.append({"alpha": a, "path": "representations", "acc": _acc((1 - a) * fa + a * fb, y)})
     return pd.DataFrame(rows)
+
+
+def finetune_distances(net0: nn.Module, net1: nn.Module) -> dict[str, float]:
+    """Distance travelled by the body (trained stages) and by the head of a `FineTuneNet`, apart:
+    the head starts from a random initialisation, so only the body's relative distance says how
+    far fine-tuning moved the pretrained weights."""
+    head_ids = {id(p) for p in net0.head().parameters()}
+    head_names = [n for n, p in net0.named_parameters() if id(p) in head_ids]
+    body_names = [n for n, p in net0.named_parameters() if p.requires_grad and id(p) not in head_ids]
+    body = weight_distance(net0, net1, exclude=head_names) if body_names else \
+        {"distance": 0.0, "norm0": 0.0, "relative": float("nan"), "n_params": 0}
+    p0, p1 = dict(net0.named_parameters()), dict(net1.named_parameters())
+    head = float(torch.sqrt(sum(((p1[n].detach() - p0[n].detach()) ** 2).sum() for n in head_names)))
+    return {"body_distance": body["distance"], "body_relative": body["relative"], "body_params": body["n_params"],
+            "head_distance": head}

@@ -17,6 +17,7 @@ held-out domain (the reported o.o.d. accuracy), as in `vldlib.results`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,9 +135,25 @@ def untrained_run_data(cfg: TrainConfig, device: str = "cpu") -> RunData:
     bench = load_benchmark(cfg.benchmark, cfg.data_dir, skip_bad=cfg.skip_bad, progress=False)
     net = initial_net(cfg, len(bench.classes))
     norm = data_config(net.model)
-    data = make_data(cfg, bench, norm["mean"], norm["std"])
+    # no training batches are drawn here, so the batch size must not reject a small domain
+    data = make_data(dataclasses.replace(cfg, batch_size=1), bench, norm["mean"], norm["std"])
     dev = resolve_device(device)
     trunk = trunk_features(net.to(dev), data, cfg, dev)
     meta = {"classes": data.classes, "domains": data.domains, "train_envs": data.train_envs,
             "test_envs": list(cfg.test_envs), "benchmark": bench.name}
     return RunData(Path(""), net.cpu(), cfg, meta, trunk)
+
+
+def prepare_benchmark(benchmark: str, data_dir: str = "data"):
+    """Load a benchmark by registered name or folder path, building an offline one (emoji) on first
+    use; relative paths are taken from the project root. Returns the `MultiDomainFolder`."""
+    from vldlib.data import get_spec
+    from vldlib.paths import resolve
+
+    try:
+        spec = get_spec(benchmark)
+    except KeyError:
+        spec = None  # a folder path
+    if spec is not None and spec.builder is not None:
+        spec.builder(resolve(data_dir), progress=False)
+    return load_benchmark(benchmark if spec else str(resolve(benchmark)), resolve(data_dir), progress=False)

@@ -15,6 +15,7 @@ features.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Sequence
 
 import numpy as np
@@ -57,8 +58,14 @@ def check_inverted_dropout(fn: Callable[..., torch.Tensor]) -> bool:
     return True
 
 
-def _check_number(answer: float, expected: float, what: str, hint: str, rtol: float = 1e-3) -> bool:
-    assert answer is not None, f"{what}: replace None by your answer"
+def _not_answered(what: str) -> bool:
+    print(f"not answered yet ({what}): replace None by your answer and run the cell again.")
+    return False
+
+
+def _check_number(answer: float | None, expected: float, what: str, hint: str, rtol: float = 1e-3) -> bool:
+    if answer is None:
+        return _not_answered(what)
     assert abs(float(answer) - expected) <= rtol * max(1.0, abs(expected)), f"{what}: {answer} is not right. Hint: {hint}"
     print(f"correct: {what} = {answer:g}")
     return True
@@ -86,7 +93,8 @@ def check_lodo_splits(fn: Callable[[Sequence[str]], list]) -> bool:
     domains = ["art", "cartoon", "photo", "sketch"]
     got = fn(domains)
     want = lodo_splits(domains)
-    assert got is not None, "fn returned None: return the list of (training domains, test domain) pairs"
+    if got is None:
+        return _not_answered("leave-one-domain-out splits; return the list of (training domains, test domain) pairs")
     assert len(got) == len(want), f"{len(got)} experiments; leave-one-domain-out on 4 domains makes {len(want)}"
     norm = sorted((sorted(tr), te) for tr, te in got)
     assert norm == sorted((sorted(tr), te) for tr, te in want), (
@@ -108,7 +116,8 @@ def check_selected_step(answer: int, seed: int = 0) -> bool:
     """The checkpoint that training-domain validation picks in `selection_exercise(seed)`."""
     t = selection_exercise(seed)
     want = int(t.step[t.iid_val_acc.idxmax()])
-    assert answer is not None, "replace None by a step number"
+    if answer is None:
+        return _not_answered("selected step")
     if int(answer) == int(t.step[t.ood_test_acc.idxmax()]) and int(answer) != want:
         raise AssertionError("that is the step with the best *test* accuracy: choosing it peeks at the held-out "
                              "domain (oracle selection). Training-domain validation may only look at iid_val_acc.")
@@ -116,6 +125,27 @@ def check_selected_step(answer: int, seed: int = 0) -> bool:
     print(f"correct: step {want}; its o.o.d. accuracy {float(t.ood_test_acc[t.step == want].iloc[0]):.3f} is what "
           f"we report, even if another step happened to test better.")
     return True
+
+
+# --------------------------------------------------------------------------- data as tensors
+def split_tensors(cfg, splits: Sequence[str] = ("train", "iid", "ood")) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Normalised images of each split of a `TrainConfig`'s data (eval transform) as tensors, for
+    loops that train on a small benchmark held in memory. Splits as in `vldlib.analysis.runs`."""
+    from vldlib.data import load_benchmark
+    from vldlib.experiments import with_paths
+    from vldlib.train import make_data
+
+    cfg = with_paths(cfg)
+    bench = load_benchmark(cfg.benchmark, cfg.data_dir, progress=False)
+    data = make_data(dataclasses.replace(cfg, batch_size=1), bench, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    test = list(cfg.test_envs)
+    keys = {"train": [f"env{e}_in" for e in data.train_envs], "iid": [f"env{e}_out" for e in data.train_envs],
+            "ood": [f"env{e}_in" for e in test]}
+    out = {}
+    for split in splits:
+        items = [data.evals[k][i] for k in keys[split] for i in range(len(data.evals[k]))]
+        out[split] = (torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items]))
+    return out
 
 
 # --------------------------------------------------------------------------- small models and loop

@@ -27,6 +27,7 @@ overlaps with the previous step's compute.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import queue
@@ -285,6 +286,22 @@ class ArraySource:
         return torch.from_numpy(self.labels[idx])
 
 
+@contextlib.contextmanager
+def _cpu_threads(n: int | None) -> Iterator[None]:
+    """Run CPU tensor ops with n intra-op threads (None: unchanged). Augmentation is many small
+    ops: with several threads they pay a barrier each, which on a busy machine costs more than
+    the work; compute, with large ops, keeps every core."""
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 class DeviceBatches:
     """Iterate the training batches of steps [start, stop): per step, one (x, y) per domain,
     x already augmented and normalised on `device` (float32 [B,3,size,size]).
@@ -345,6 +362,8 @@ class DeviceBatches:
     # --- background producer
     def _produce(self, q: queue.Queue) -> None:
         try:
+            if not self._cuda:  # per-thread setting: this thread's small ops, the main thread keeps its cores
+                torch.set_num_threads(1)
             stream = torch.cuda.Stream(self.device) if self._cuda else None
             for step in range(self.start, self.stop):
                 if self._stop_event.is_set():
@@ -370,7 +389,9 @@ class DeviceBatches:
     def __iter__(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
         if not self.overlap:
             for step in range(self.start, self.stop):
-                yield self._split(*self._device(self._host(step)))
+                with _cpu_threads(1 if not self._cuda else None):
+                    x, y = self._device(self._host(step))
+                yield self._split(x, y)
             return
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         self._stop_event.clear()

@@ -1,0 +1,69 @@
+"""The mechanism, explorer and teaching notebooks run top to bottom under papermill on tiny fake
+data (test_resnet, random weights, 32 px, a few steps) and write their results files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from conftest import make_fake_benchmark
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+
+TINY = dict(backbone="test_resnet", pretrained=False, resolution=32, device="cpu")
+CASES = {
+    "10_feature_usage": (dict(dropout_rates=[0.0, 0.9], test_envs=[0], seeds=[0], steps=4, eval_every=2, batch_size=4,
+                              n_random=2), ["feature_usage.csv", "ablations.csv", "importances.png", "ablations.png",
+                                            "summary.md"]),
+    "11_linearity": (dict(dropout_rates=[0.0, 0.9], test_env=0, seeds=[0], steps=4, eval_every=2, batch_size=4,
+                          n_alphas=3), ["linearity.csv", "interpolation.csv", "taylor.png", "interpolation.png",
+                                        "summary.md"]),
+    "12_dropout_vs_l2": (dict(test_env=0, rates=[0.1, 0.9], steps=20, n_mc=5),
+                         ["penalty_vs_mc.csv", "dropout_vs_penalty.csv", "penalty_vs_mc.png",
+                          "dropout_vs_penalty.png", "summary.md"]),
+    "20_explorer": (dict(test_env=0, dropout=0.5, steps=4, batch_size=4, train_stages=1, interactive=True),
+                    ["curve.csv", "earlier.csv", "curves.png"]),
+    "30_teaching_dropout": (dict(scratch_resolution=32, scratch_width=8, test_env=0, steps=10, batch_size=8),
+                            ["scratch_vs_pretrained.csv", "scratch_vs_pretrained.png", "lodo_protocol.png",
+                             "summary.md"]),
+}
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory) -> Path:
+    return make_fake_benchmark(tmp_path_factory.mktemp("nb") / "fake", per_class=6)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_notebook_structure(name):
+    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    assert nb.cells[0].cell_type == "markdown"
+    params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1 and nb.cells.index(params[0]) == 1
+    src = params[0].source
+    for key in ("benchmark = \"emoji\"", "data_dir = \"data\"", f"output_dir = \"outputs/{name}\"",
+                "backbone = \"efficientnet_lite0.offline\"", "device = \"auto\""):
+        assert key in src, f"{name}: parameters cell lacks {key}"
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit notebooks without outputs"
+    for k in CASES[name][0]:
+        assert f"\n{k} = " in "\n" + src, f"{name}: test parameter {k} is not a notebook parameter"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_notebook_runs_on_tiny_data(name, bench, tmp_path):
+    import papermill as pm
+
+    params, files = CASES[name]
+    out = tmp_path / "out"
+    params = {**TINY, **params, "benchmark": str(bench), "data_dir": str(tmp_path / "data"), "output_dir": str(out)}
+    if name in ("10_feature_usage", "11_linearity", "20_explorer"):
+        params["runs_dir"] = str(bench.parent / "runs")  # shared: the explorer compares with the others' runs
+    if name == "20_explorer":
+        params["compare_dirs"] = [str(bench.parent / "runs")]
+    pm.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(tmp_path / f"{name}.out.ipynb"), parameters=params,
+                        cwd=str(ROOT), progress_bar=False, kernel_name="python3")
+    for f in files:
+        assert (out / f).exists(), f"{name} did not write {f}"
