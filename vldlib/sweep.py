@@ -567,6 +567,7 @@ class SweepLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = None
+        unsigned_until = time.time() + 2.0
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -574,6 +575,9 @@ class SweepLock:
             except BlockingIOError:
                 holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
                 info = dict(kv.split("=", 1) for kv in holder.split("\n") if "=" in kv)
+                if not info and time.time() < unsigned_until:  # a sweep started at the same moment:
+                    time.sleep(0.05)  # it holds the lock but has not written its PID yet
+                    continue
                 if _alive(info) or (deadline is not None and time.time() > deadline):
                     os.close(fd)
                     pid = info.get("pid", "?")

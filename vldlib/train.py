@@ -426,6 +426,12 @@ def load_checkpoint(path: Path) -> dict:
                            f"checkpoint or it is damaged; delete it to restart the run from scratch.") from e
 
 
+def first_non_finite(losses: list[torch.Tensor]) -> int | None:
+    """Index of the first NaN/inf among recent losses (one device sync for all of them)."""
+    bad = (~torch.isfinite(torch.stack(losses))).nonzero()
+    return int(bad[0]) if len(bad) else None
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -523,7 +529,12 @@ def train(cfg: TrainConfig) -> Path:
 
     ood_split = "out" if bench.group_by_stem else "in"
     bar = tqdm(total=cfg.steps, initial=start, desc=run_dir.name, disable=not cfg.progress, dynamic_ncols=True)
-    loss_sum, correct, seen, t_interval, last_eval = 0.0, 0, 0, time.perf_counter(), start
+    # Running sums stay on the device: reading a GPU value each step would stall the pipeline.
+    # For the same reason the finiteness check reads the recent losses in batches on a GPU.
+    check_every = 1 if device.type == "cpu" else 25
+    zero = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
+    loss_sum, correct, seen, recent = zero(), zero(), 0, []
+    t_interval, last_eval = time.perf_counter(), start
     net.train()
     for step, batch in enumerate(train_batches(data, cfg, start, device, features), start=start):
         # one SGD step on the concatenated per-domain batches; every random draw seeded by the step
@@ -535,10 +546,14 @@ def train(cfg: TrainConfig) -> Path:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             logits = forward(x)
         loss = F.cross_entropy(logits.float(), y)
-        if not torch.isfinite(loss):
-            reason = f"non-finite loss ({loss.item()}) at step {step}; lr {cfg.lr} is probably too high."
+        recent.append(loss.detach())
+        at_eval = (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps
+        bad = first_non_finite(recent) if len(recent) >= check_every or at_eval else None
+        if bad is not None:
+            bad_step, bad_loss = step - len(recent) + 1 + bad, recent[bad].item()
+            reason = f"non-finite loss ({bad_loss}) at step {bad_step}; lr {cfg.lr} is probably too high."
             with _writing(records_path):
-                append_jsonl(records_path, {"type": "failure", "step": step, "reason": reason})
+                append_jsonl(records_path, {"type": "failure", "step": bad_step, "reason": reason})
             bar.close()
             raise TrainingDiverged(f"{run_dir}: {reason} A failure record was written.")
         optimizer.zero_grad(set_to_none=True)
@@ -551,8 +566,10 @@ def train(cfg: TrainConfig) -> Path:
             if not cfg.freeze_bn:
                 for b_avg, b in zip(averaged.module.buffers(), net.buffers()):
                     b_avg.copy_(b)
-        loss_sum += loss.item()
-        correct += (logits.argmax(1) == y).sum().item()
+        if len(recent) >= check_every or at_eval:
+            recent.clear()
+        loss_sum += loss.detach()
+        correct += (logits.detach().argmax(1) == y).sum()
         seen += len(y)
         bar.update(1)
 
@@ -560,6 +577,8 @@ def train(cfg: TrainConfig) -> Path:
             continue
         # --- evaluate the current weights, the weight average and the logit ensemble
         n_interval = done_steps - last_eval
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the queued steps belong to this interval's time
         step_time = (time.perf_counter() - t_interval) / max(1, n_interval)
         net.eval()
         preds = predict_all(forward, data.evals, cfg, device, features)
@@ -572,8 +591,8 @@ def train(cfg: TrainConfig) -> Path:
                 ensemble_logits[k] = ensemble_logits.get(k, torch.zeros_like(lg)) + lg
             acc["ens"] = accuracies({k: (ensemble_logits[k], preds[k][1]) for k in preds})
         net.train()
-        record = {"type": "eval", "step": done_steps, "loss": loss_sum / max(1, n_interval),
-                  "lr": optimizer.param_groups[-1]["lr"] / cfg.head_lr_mult, "train_acc": correct / max(1, seen),
+        record = {"type": "eval", "step": done_steps, "loss": loss_sum.item() / max(1, n_interval),
+                  "lr": optimizer.param_groups[-1]["lr"] / cfg.head_lr_mult, "train_acc": correct.item() / max(1, seen),
                   "step_time": step_time, "peak_mem_mb": peak_memory_mb(device), "acc": acc}
         score = validation_score(acc["model"], data.train_envs)
         if score > best_score:
@@ -589,7 +608,7 @@ def train(cfg: TrainConfig) -> Path:
             "config": asdict(cfg)})
         bar.set_postfix(loss=f"{record['loss']:.3f}", val=f"{score:.3f}",
                         test=f"{np.mean([acc['model'][f'env{t}_{ood_split}'] for t in cfg.test_envs]):.3f}")
-        loss_sum, correct, seen, t_interval, last_eval = 0.0, 0, 0, time.perf_counter(), done_steps
+        loss_sum, correct, seen, t_interval, last_eval = zero(), zero(), 0, time.perf_counter(), done_steps
     bar.close()
     if not cfg.keep_last:
         (run_dir / "last.pt").unlink(missing_ok=True)
@@ -639,17 +658,36 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cli_train)
 
 
+def _read_config_file(path: str) -> dict:
+    """The --config file as a dict; a missing file, bad YAML or an unknown key names the file."""
+    import yaml
+
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except OSError as e:
+        raise ValueError(f"--config {p}: cannot read it ({e.strerror or e}); check the path.") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"--config {p}: not valid YAML ({' '.join(str(e).split())}); fix the file.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {p}: expected a mapping of field: value, got a {type(data).__name__}.")
+    try:  # unknown keys and bad values, named with the file
+        config_io.from_dict(TrainConfig, data, source=str(p))
+    except ValueError as e:
+        raise ValueError(str(e) if str(p) in str(e) else f"{p}: {e}") from None
+    return data
+
+
 def _cli_train(args: argparse.Namespace) -> int:
     try:
-        base = {}
-        if args.config:
-            import yaml
-            base = yaml.safe_load(Path(args.config).read_text()) or {}
+        base = _read_config_file(args.config) if args.config else {}
         cfg = config_io.from_args(TrainConfig, args, base)
         print(json.dumps(asdict(cfg), indent=1))
         run_dir = train(cfg)
     except (ValueError, KeyError, ModelConfigError, DataError, TrainingDiverged, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)  # no repr quotes
         return 1
     print(f"[vldlib] run directory: {run_dir}")
     return 0

@@ -1,0 +1,184 @@
+"""The experiment notebooks (01-06) and the report run top to bottom under papermill.
+
+Each experiment notebook gets a tiny fake benchmark (3 domains x 3 classes x 6 images), timm's
+`test_resnet` with random weights at 32 px and a few steps, and must write its results files.
+The report runs on hand-made run directories (records written by hand, as in test_results.py),
+including PACS runs so that the comparison with the paper's numbers is exercised too.
+Also unit tests of vldlib.figures and vldlib.multiblock that need no notebook.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import make_fake_benchmark
+from vldlib import figures
+from vldlib.models import create_model
+from vldlib.multiblock import MultiBlockNet, residual_units
+
+ROOT = Path(__file__).resolve().parents[1]
+NB = ROOT / "notebooks"
+
+TINY = dict(backbone="test_resnet", pretrained=False, resolution=32, steps=2, eval_every=1, batch_size=4,
+            seeds=[0], test_envs=[0], num_threads=1)
+# notebook -> (its own tiny parameters, files it must write)
+CASES = {
+    "01_ood_comparison": (dict(seeds=[0, 1]), ["summary.md", "table.csv", "across_runs.csv", "ood_vs_iid.png"]),
+    "02_dropout_sweep": (dict(dropout_rates=[0.0, 0.9]), ["summary.md", "table.csv", "rate_curve.png", "rate_curve.csv"]),
+    "03_head_lr_and_combinations": (dict(seeds=[0, 1]), ["summary.md", "table.csv", "table_fig7.csv", "head_lr.png"]),
+    "04_from_scratch": (dict(dropout_rates=[0.0, 0.9]), ["summary.md", "table.csv", "rate_curve.png"]),
+    "05_pretraining_quality": (dict(starting_points=["test_resnet", "test_resnet@noise0.5"]),
+                               ["summary.md", "table.csv", "fig8.csv", "pretraining.png"]),
+    "06_linear_finetuning": (dict(dropout_rates=[0.0, 0.9], blocks=[1, 2]), ["summary.md", "table.csv", "rate_curve.png"]),
+}
+
+
+def _execute(name: str, params: dict, tmp: Path) -> None:
+    pm = pytest.importorskip("papermill")
+    pm.execute_notebook(str(NB / f"{name}.ipynb"), str(tmp / f"{name}.out.ipynb"), parameters=params,
+                        cwd=str(ROOT), progress_bar=False, kernel_name="python3")
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory) -> Path:
+    return make_fake_benchmark(tmp_path_factory.mktemp("bench") / "fake")
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_experiment_notebook_runs(name, fake, tmp_path):
+    own, files = CASES[name]
+    params = {**TINY, **own, "benchmark": str(fake), "output_dir": str(tmp_path / name)}
+    if name == "05_pretraining_quality":
+        params.pop("backbone")  # 05 takes its backbones from starting_points
+    _execute(name, params, tmp_path)
+    out = tmp_path / name
+    for f in files:
+        assert (out / f).exists(), f"{name} did not write {f}"
+    selected = pd.read_csv(out / "selected.csv")
+    assert set(selected.method) >= {"model", "wa", "ens"}
+    assert selected.ood_acc.between(0, 1).all()
+
+
+def test_every_experiment_notebook_has_a_paper_parameter_set():
+    import papermill as pm
+    import yaml
+
+    for name in CASES:
+        declared = pm.inspect_notebook(str(NB / f"{name}.ipynb"))
+        path = NB / f"{name}.paper.yaml"
+        grid = yaml.safe_load(path.read_text())
+        unknown = set(grid) - set(declared)
+        assert not unknown, f"{path.name} sets {unknown}, not parameters of {name}"
+        assert "output_dir" not in grid  # set by the sweep
+    domainnet = yaml.safe_load((NB / "02_dropout_sweep.domainnet.yaml").read_text())
+    assert domainnet["benchmark"] == "DomainNet" and domainnet["steps"] == 30000
+
+
+# --------------------------------------------------------------------------- the report
+
+DOMAINS = ["art_painting", "cartoon", "photo", "sketch"]
+
+
+def _run(root: Path, name: str, test_env: int, dropout: float, seed: int, ood: float, benchmark: str = "PACS",
+         **config) -> Path:
+    run = root / name
+    run.mkdir(parents=True)
+    cfg = {"benchmark": benchmark, "data_dir": "/data", "test_envs": [test_env], "backbone": "resnet50.tv2_in1k",
+           "pretrained": True, "dropout": dropout, "lr": 1e-3, "head_lr_mult": 1.0, "weight_decay": 1e-4,
+           "steps": 600, "seed": seed, "trial_seed": 0, "resolution": 224, "train_stages": None,
+           "weights_file": None, **config}
+    (run / "config.json").write_text(json.dumps(cfg))
+    (run / "meta.json").write_text(json.dumps({"benchmark": benchmark, "domains": DOMAINS, "classes": ["a", "b"],
+                                               "test_envs": [test_env], "init_fingerprint": "x"}))
+    recs = []
+    for step, f in [(300, 0.9), (600, 1.0)]:
+        acc = {f"env{e}_{s}": (ood * f if e == test_env and s == "in" else 0.8 * f) for e in range(4) for s in ("in", "out")}
+        recs.append({"type": "eval", "step": step, "loss": 0.5, "acc": {m: acc for m in ("model", "wa", "ens")}})
+    (run / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (run / "done").write_text("")
+    return run
+
+
+def test_report_notebook_on_hand_made_runs(tmp_path):
+    results_dir = tmp_path / "outputs"
+    for t in range(2):
+        for p in (0.0, 0.5, 0.9):
+            for s in range(2):
+                _run(results_dir / "02_dropout_sweep" / "runs", f"pacs-t{t}-p{p}-s{s}", t, p, s, 0.7 + 0.05 * p + 0.01 * s)
+                _run(results_dir / "04_from_scratch" / "runs", f"scratch-t{t}-p{p}-s{s}", t, p, s, 0.5 - 0.1 * p,
+                     pretrained=False)
+    mb = _run(results_dir / "06_linear_finetuning" / "runs", "mb-t0", 0, 0.9, 0, 0.6, train_stages=0)
+    (mb / "head.json").write_text(json.dumps({"head": "multiblock3", "blocks": 3}))
+    soups = pd.DataFrame([{"run": "soup_uniform of 2 runs", "method": "soup_uniform", "iid_acc": 0.8, "ood_acc": 0.71,
+                           "benchmark": "PACS", "test_env": 0, "test_domain": "art_painting", "dropout": 0.0,
+                           "pretrained": True, "head_lr_mult": 1.0}])
+    (results_dir / "01_ood_comparison").mkdir()
+    soups.to_csv(results_dir / "01_ood_comparison" / "across_runs.csv", index=False)
+    out = tmp_path / "report"
+    _execute("report", {"results_dir": str(results_dir), "output_dir": str(out)}, tmp_path)
+    text = (out / "report.md").read_text()
+    assert "02_dropout_sweep / PACS" in text and "Beside the paper" in text
+    ref = pd.read_csv(out / "reference_comparison.csv")
+    assert set(ref.dropout) == {0.0, 0.5, 0.9} and "soup_uniform" in set(ref.method)
+    assert (out / "paper_setting" / "table.md").exists()  # vldlib.results.report's bundle
+    for f in ("ood_vs_iid.png", "rate_curves.png", "tables.csv", "selected.csv"):
+        assert (out / f).exists(), f
+    sel = pd.read_csv(out / "selected.csv")
+    assert set(sel.experiment) == {"02_dropout_sweep", "04_from_scratch", "06_linear_finetuning"}
+    assert set(sel["head"]) == {"linear", "multiblock3"}
+
+
+# --------------------------------------------------------------------------- library units
+
+def test_as_list_accepts_scalars_lists_and_sweep_style_nesting():
+    assert figures.as_list(0.9) == [0.9]
+    assert figures.as_list([[0, 1], 2]) == [0, 1, 2]
+    assert figures.as_list(None) is None
+    assert figures.held_out(None, 3) == [0, 1, 2] and figures.held_out(2, 3) == [2]
+    with pytest.raises(ValueError, match="out of range"):
+        figures.held_out([5], 3)
+
+
+def test_contrast_pairs_and_says_when_within_noise():
+    sel = pd.DataFrame({"method": "model", "dropout": [0.0, 0.9] * 3, "test_env": [0, 0, 1, 1, 2, 2],
+                        "seed": 0, "ood_acc": [0.5, 0.6, 0.5, 0.62, 0.5, 0.58]})
+    eff = figures.contrast(sel, {"dropout": 0.0}, {"dropout": 0.9})
+    assert eff["n"] == 3 and abs(eff["mean"] - 0.1) < 1e-9
+    assert "detectable gain" in figures.contrast_sentence(eff)
+    same = figures.contrast(sel, {"dropout": 0.0}, {"dropout": 0.0})
+    assert "no detectable difference" in figures.contrast_sentence(same)
+
+
+def test_starting_points(tmp_path):
+    assert figures.starting_point("resnet50.tv_in1k", tmp_path)["weights_file"] is None
+    assert figures.starting_point("test_resnet@random", tmp_path)["pretrained"] is False
+    sp = figures.starting_point("test_resnet@noise0.5", tmp_path, pretrained=False)
+    assert Path(sp["weights_file"]).exists()
+    assert figures.start_of({"backbone": "test_resnet", "pretrained": True, "weights_file": sp["weights_file"]}) \
+        .startswith("test_resnet@noise0.5")
+    with pytest.raises(ValueError, match="unknown modifier"):
+        figures.starting_point("test_resnet@blur", tmp_path)
+
+
+def test_multiblock_net_is_linear_in_the_frozen_features():
+    torch.manual_seed(0)
+    model = create_model("test_resnet", 3, pretrained=False, dropout=0.0)
+    net = MultiBlockNet(model, blocks=2).eval()
+    assert len(residual_units(model)) == 5  # stem + one BasicBlock per layer
+    x = torch.randn(2, 3, 32, 32)
+    phi = net.trunk(x)
+    ext = net._trunk[0]
+    assert phi.shape == (2, 2, max(ext.dims)) and ext.dims[-1] == model.num_features and not phi.requires_grad
+    assert torch.allclose(net(x), net.tail(phi))
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable == {"model.head.v", "model.head.fc.weight", "model.head.fc.bias"}
+    # y = V (sum_i v_i * phi_i) + b
+    h = net.model.head
+    assert torch.allclose(net.tail(phi), h.fc((h.v * phi).sum(1)), atol=1e-6)
+    net.train()
+    assert not net.model.backbone.training and net.model.head.training
