@@ -215,6 +215,7 @@ def test_explorer_runs_without_a_front_end(tiny_runs, capsys):
     assert (run / "done").exists() and ex.progress.value == 4
     assert list(ex.last_curve.step) == [1, 2, 3, 4] and "done" in ex.status.value
     assert len(earlier_curves([root / "runs"], str(root / "fake"), 0).run.unique()) == 3
+    assert len(earlier_curves([root / "runs"], str(root / "fake"), 0, match={"train_stages": 0}).run.unique()) == 1
 
 
 def test_finetune_distances_split_body_and_head(tiny_runs):

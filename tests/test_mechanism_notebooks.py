@@ -26,7 +26,7 @@ CASES = {
                           "dropout_vs_penalty.png", "summary.md"]),
     "20_explorer": (dict(test_env=0, dropout=0.5, steps=4, batch_size=4, train_stages=1, interactive=True),
                     ["curve.csv", "earlier.csv", "curves.png"]),
-    "30_teaching_dropout": (dict(scratch_resolution=32, scratch_width=8, test_env=0, steps=10, batch_size=8),
+    "30_teaching_dropout": (dict(scratch_resolution=32, scratch_width=8, test_env=0, steps=10, eval_every=5, batch_size=8),
                             ["scratch_vs_pretrained.csv", "scratch_vs_pretrained.png", "lodo_protocol.png",
                              "summary.md"]),
 }

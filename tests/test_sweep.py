@@ -210,7 +210,10 @@ def test_cli_kill_restart_runs_every_job_once_and_lock_refuses_second(tmp_path, 
     restart = subprocess.run([sys.executable, "-m", "vldlib", "sweep", *args], cwd=ROOT, text=True,
                              capture_output=True, timeout=120)
     assert restart.returncode == 0, restart.stderr
-    assert "2 jobs: 1 skipped, 1 done" in restart.stdout, restart.stdout
+    # Normally the killed sweep's worker stops its kernel at once and the restart runs the job.
+    # On a starved machine the kernel may finish that cell first; the restart then waits for the
+    # worker (it still holds the lock) and skips the job. Either way it ran exactly once (below).
+    assert ("2 jobs: 1 skipped, 1 done" in restart.stdout or "2 jobs: 2 skipped" in restart.stdout), restart.stdout
     done_names = sorted(p.parent.name for p in out.glob("*/done"))
     assert len(done_names) == 2 and sorted(runs(out)) == done_names  # each job completed exactly once
 

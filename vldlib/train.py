@@ -27,6 +27,7 @@ import os
 import pickle
 import platform
 import resource
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -167,6 +168,15 @@ class RunOutputError(RuntimeError):
     """Writing into the run directory failed: disk full, read-only, a file where a folder should be."""
 
 
+def _free_space(path: Path) -> str:
+    """' (N MB free on that disk)': torch reports a full disk as a cryptic C++ error; this says it plainly."""
+    try:
+        existing = next(p for p in [path, *path.parents] if p.is_dir())
+        return f" ({shutil.disk_usage(existing).free / 2**20:.0f} MB free on that disk)"
+    except (OSError, StopIteration):
+        return ""
+
+
 @contextlib.contextmanager
 def _writing(path: Path, *also: type[Exception]) -> Iterator[None]:
     """Turn an OSError (or `also`) while writing `path` into a RunOutputError that names it and
@@ -178,8 +188,8 @@ def _writing(path: Path, *also: type[Exception]) -> Iterator[None]:
         raise
     except (OSError, *also) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
-        raise RunOutputError(f"cannot write {path}: {reason}. Free disk space, or choose a writable --out "
-                             f"(a folder, not a file); the records and checkpoints saved before are intact: "
+        raise RunOutputError(f"cannot write {path}: {reason}{_free_space(path)}. Free disk space, or choose a "
+                             f"writable --out (a folder, not a file); the records and checkpoints saved before are intact: "
                              f"run the same command again to resume.") from e
 
 

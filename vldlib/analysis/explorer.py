@@ -105,9 +105,12 @@ def run_live(cfg: TrainConfig, on_update: Callable[[pd.DataFrame], None] | None 
     return run_dir
 
 
-def earlier_curves(paths: Iterable[str | Path], benchmark: str, test_env: int) -> pd.DataFrame:
+def earlier_curves(paths: Iterable[str | Path], benchmark: str, test_env: int, match: dict[str, Any] | None = None
+                   ) -> pd.DataFrame:
     """Per-step scores of finished runs under `paths` on the same benchmark and held-out domain
-    (columns: run, step, iid_acc, ood_acc, dropout, pretrained, train_stages); empty if none."""
+    (columns: run, step, iid_acc, ood_acc, dropout, ...); empty if none. `match` keeps only runs
+    whose config has these values (e.g. the same backbone and resolution), so the comparison
+    differs in the dropout rate, not in everything else."""
     from vldlib.results import load_runs, per_step_scores
 
     import warnings
@@ -122,12 +125,21 @@ def earlier_curves(paths: Iterable[str | Path], benchmark: str, test_env: int) -
         return pd.DataFrame(columns=cols)
     name = Path(benchmark).name
     df = df[df.done & (df.benchmark.astype(str).str.lower() == name.lower()) & (df.test_envs == str(test_env))]
+    for key, value in (match or {}).items():
+        if key in df.columns:
+            df = df[df[key].astype(str) == str(value)]
     if df.empty:
         return pd.DataFrame(columns=cols)
     s = per_step_scores(df)
     s = s[s.method == "model"]
     keys = [c for c in ("dropout", "pretrained", "train_stages", "steps", "resolution", "backbone") if c in df.columns]
     return s.merge(df.drop_duplicates("run")[["run", *keys]], on="run")
+
+
+def comparable(cfg: TrainConfig) -> dict[str, Any]:
+    """Config values an earlier run must share to be drawn next to `cfg` (all but rate and seed)."""
+    return {"backbone": cfg.backbone, "pretrained": cfg.pretrained, "train_stages": cfg.train_stages,
+            "resolution": cfg.resolution}
 
 
 def plot_curves(curve: pd.DataFrame, earlier: pd.DataFrame | None = None, title: str = "", total_steps: int | None = None):
@@ -238,7 +250,7 @@ class Explorer:
         s = self.settings()
         cfg = explorer_config(self.data_dir, self.runs_dir, **s)
         this = run_dir_for(cfg)
-        earlier = earlier_curves(self.compare, cfg.benchmark, s["test_env"])
+        earlier = earlier_curves(self.compare, cfg.benchmark, s["test_env"], match=comparable(cfg))
         earlier = earlier[earlier.run != str(this)] if len(earlier) else earlier
         self.progress.max, self.progress.value = cfg.steps, 0
         title = f"p={cfg.dropout:g}, held out {self.test_env.label}, {cfg.steps} steps"

@@ -7,8 +7,9 @@ frozen trunk. `RunData` bundles them and computes penultimate features from the 
 so the expensive frozen stages run once per image (and are reused from the training cache).
 
 Split names: "train" = the "in" part of the training domains (what the head was fitted on),
-"iid" = their held-out "out" part (the i.i.d. validation set), "ood" = the "in" part of the
-held-out domain (the reported o.o.d. accuracy), as in `vldlib.results`.
+"iid" = their held-out "out" part (the i.i.d. validation set), "ood" = the held-out domain's
+part that `vldlib.results` reports: its "in" part (DomainBed), or its "out" part for benchmarks
+whose domains show the same objects (emoji), as the run's meta.json says (`ood_split`).
 
 >>> rd = load_run_data("outputs/runs/emoji-te0-p0.9-...")     # doctest: +SKIP
 >>> phi, y = rd.features("ood")                                # [N, 1280] penultimate features
@@ -81,7 +82,8 @@ class RunData:
         if split == "iid":
             return [f"env{e}_out" for e in self.train_envs]
         if split == "ood":
-            return [f"env{e}_in" for e in self.test_envs]
+            ood = self.meta.get("ood_split", "in")  # "out" where domains share objects (emoji)
+            return [f"env{e}_{ood}" for e in self.test_envs]
         raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
 
     def inputs(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +142,8 @@ def untrained_run_data(cfg: TrainConfig, device: str = "cpu") -> RunData:
     dev = resolve_device(device)
     trunk = trunk_features(net.to(dev), data, cfg, dev)
     meta = {"classes": data.classes, "domains": data.domains, "train_envs": data.train_envs,
-            "test_envs": list(cfg.test_envs), "benchmark": bench.name}
+            "test_envs": list(cfg.test_envs), "benchmark": bench.name,
+            "ood_split": "out" if bench.group_by_stem else "in"}
     return RunData(Path(""), net.cpu(), cfg, meta, trunk)
 
 
