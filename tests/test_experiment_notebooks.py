@@ -112,8 +112,7 @@ def test_report_notebook_on_hand_made_runs(tmp_path):
                 _run(results_dir / "02_dropout_sweep" / "runs", f"pacs-t{t}-p{p}-s{s}", t, p, s, 0.7 + 0.05 * p + 0.01 * s)
                 _run(results_dir / "04_from_scratch" / "runs", f"scratch-t{t}-p{p}-s{s}", t, p, s, 0.5 - 0.1 * p,
                      pretrained=False)
-    mb = _run(results_dir / "06_linear_finetuning" / "runs", "mb-t0", 0, 0.9, 0, 0.6, train_stages=0)
-    (mb / "head.json").write_text(json.dumps({"head": "multiblock3", "blocks": 3}))
+    _run(results_dir / "06_linear_finetuning" / "runs", "mb-t0", 0, 0.9, 0, 0.6, train_stages=0, head="multiblock3")
     soups = pd.DataFrame([{"run": "soup_uniform of 2 runs", "method": "soup_uniform", "iid_acc": 0.8, "ood_acc": 0.71,
                            "benchmark": "PACS", "test_env": 0, "test_domain": "art_painting", "dropout": 0.0,
                            "pretrained": True, "head_lr_mult": 1.0}])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
+import re
 from typing import Iterable
 
 import timm
@@ -265,6 +266,34 @@ class FineTuneNet(nn.Module):
     def head(self) -> nn.Linear:
         """The final Linear classifier."""
         return self.model.get_classifier()
+
+
+HEADS = "linear (timm's Dropout + Linear) or multiblock<k> (the last k blocks re-weighted, paper Figs 9-10)"
+
+
+def check_head(head: str, train_stages: int | None) -> int | None:
+    """Blocks of a multi-block head (None for the linear head); raise on a bad value."""
+    if head == "linear":
+        return None
+    m = re.fullmatch(r"multiblock(\d+)", head)
+    if m is None or int(m.group(1)) < 1:
+        raise ModelConfigError(f"unknown head {head!r}; use {HEADS}")
+    if train_stages != 0:
+        raise ModelConfigError(f"head {head!r} trains on a frozen backbone: set train_stages=0 "
+                               f"(--train-stages 0), got {train_stages}")
+    return int(m.group(1))
+
+
+def build_net(model: nn.Module, head: str = "linear", train_stages: int | None = None,
+              freeze_bn: bool = True) -> nn.Module:
+    """The network the loop trains: `FineTuneNet`, or the multi-block linear model
+    (`vldlib.multiblock.MultiBlockNet`), which offers the same interface."""
+    blocks = check_head(head, train_stages)
+    if blocks is None:
+        return FineTuneNet(model, train_stages, freeze_bn)
+    from vldlib.multiblock import MultiBlockNet
+
+    return MultiBlockNet(model, train_stages, freeze_bn, blocks=blocks)
 
 
 def param_groups(net: FineTuneNet, lr: float, head_lr_mult: float = 1.0) -> list[dict]:

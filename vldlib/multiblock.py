@@ -27,10 +27,8 @@ runs it through `vldlib.train.train` unchanged:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from pathlib import Path
-from unittest import mock
 
 import torch
 from torch import nn
@@ -38,7 +36,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from vldlib.models import ModelConfigError, check_dropout, model_stages
 
-HEAD_FILE = "head.json"  # written into a run directory whose head is not the plain linear one
 
 
 def residual_units(model: nn.Module) -> list[nn.Module]:
@@ -172,40 +169,25 @@ class MultiBlockNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------- running it
-def multiblock_run_name(cfg, blocks: int) -> str:
-    """The plain run name plus "-mb<k>": TrainConfig has no head field yet, so the head must be
-    part of the name, or a multi-block run would share the folder of a plain linear probe."""
-    from vldlib.train import run_dir_for
-
-    plain = dataclasses.replace(cfg, run_name=None)
-    return f"{run_dir_for(plain).name}-mb{blocks}"
+def multiblock_config(cfg, blocks: int):
+    """`cfg` with the multi-block head on k blocks (the backbone frozen: train_stages=0)."""
+    if blocks < 1:
+        raise ValueError(f"blocks must be >= 1, got {blocks}")
+    return dataclasses.replace(cfg, train_stages=0, head=f"multiblock{blocks}")
 
 
 def train_multiblock(cfg, blocks: int = 3) -> Path:
-    """`vldlib.train.train` with `MultiBlockNet` in place of `FineTuneNet` (resumable, skipped
-    when done, like any run). The run folder gets a `head.json` naming the head.
+    """`vldlib.train.train` with the multi-block head (resumable, skipped when done, like any
+    run): the head is a TrainConfig field, part of the run's identity and folder name."""
+    from vldlib.train import train
 
-    Sets train_stages=0 (the whole backbone is frozen); cache_trunk may be on (augment off).
-    """
-    import vldlib.train as T
-
-    if blocks < 1:
-        raise ValueError(f"blocks must be >= 1, got {blocks}")
-    cfg = dataclasses.replace(cfg, train_stages=0)
-    cfg = dataclasses.replace(cfg, run_name=cfg.run_name or multiblock_run_name(cfg, blocks))
-    run_dir = T.run_dir_for(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / HEAD_FILE).write_text(json.dumps({"head": f"multiblock{blocks}", "blocks": blocks}) + "\n")
-    with mock.patch.object(T, "FineTuneNet", functools.partial(MultiBlockNet, blocks=blocks)):
-        return T.train(cfg)
+    return train(multiblock_config(cfg, blocks))
 
 
 def head_of(run_dir: str | Path) -> str:
-    """"multiblock<k>" for a run trained by `train_multiblock`, else "linear" (timm's head)."""
-    path = Path(run_dir) / HEAD_FILE
-    if path.exists():
-        return json.loads(path.read_text()).get("head", "linear")
-    return "linear"
+    """The run's head, "multiblock<k>" or "linear" (timm's head), from its config.json."""
+    config = Path(run_dir) / "config.json"
+    return (json.loads(config.read_text()).get("head") if config.exists() else None) or "linear"
 
 
 def run_multiblock_grid(configs: list, blocks: list[int], progress: bool = True) -> list[Path]:
@@ -213,7 +195,7 @@ def run_multiblock_grid(configs: list, blocks: list[int], progress: bool = True)
     from tqdm.auto import tqdm
 
     from vldlib.experiments import with_paths
-    from vldlib.train import TrainingDiverged
+    from vldlib.train import TrainingDiverged, run_dir_for
 
     jobs = [(with_paths(dataclasses.replace(c, progress=False)), k) for c in configs for k in blocks]
     out = []
@@ -222,5 +204,5 @@ def run_multiblock_grid(configs: list, blocks: list[int], progress: bool = True)
             out.append(train_multiblock(cfg, k))
         except TrainingDiverged as e:
             print(f"failed: {e}")
-            out.append(Path(cfg.out) / multiblock_run_name(cfg, k))
+            out.append(run_dir_for(multiblock_config(cfg, k)))
     return out

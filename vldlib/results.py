@@ -47,7 +47,8 @@ RUN_COLS = ["run", "benchmark", "test_env", "test_envs", "test_domain", "done", 
 REPLICATE_KEYS = ("seed", "trial_seed", "lr", "weight_decay", "data_dir", "test_envs", "test_env",
                   "test_domain", "out_dir", "run_dir")
 # config keys that change *what* is being compared; the report adds them to the rows if they vary
-EXTRA_ROW_KEYS = ("backbone", "pretrained", "head_lr_mult", "train_stages", "steps", "resolution")
+EXTRA_ROW_KEYS = ("backbone", "pretrained", "weights_file", "head", "head_lr_mult", "train_stages", "freeze_bn",
+                  "steps", "resolution")
 
 
 # --------------------------------------------------------------------------- loading

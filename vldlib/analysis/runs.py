@@ -27,7 +27,7 @@ import torch
 
 from vldlib import config as config_io
 from vldlib.data import load_benchmark
-from vldlib.models import FineTuneNet, create_model, data_config
+from vldlib.models import FineTuneNet, build_net, create_model, data_config
 from vldlib.train import TrainConfig, load_run_model, make_data, resolve_device, trunk_features
 from vldlib.utils import seed_hash
 
@@ -46,7 +46,7 @@ def initial_net(cfg: TrainConfig | dict, num_classes: int) -> FineTuneNet:
     torch.manual_seed(seed_hash(cfg.seed, "init"))
     model = create_model(cfg.backbone, num_classes, pretrained=cfg.pretrained, dropout=cfg.dropout,
                          weights_file=cfg.weights_file)
-    return FineTuneNet(model, cfg.train_stages, cfg.freeze_bn).eval()
+    return build_net(model, cfg.head, cfg.train_stages, cfg.freeze_bn).eval()
 
 
 def tail_features(net: FineTuneNet, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,225 @@
+"""What the training loop reads and how it scores: per-domain datasets with their splits,
+step-indexed batches (a pure function of seed and step, so resumes are exact), cached outputs of
+the frozen trunk, and predictions on every (domain, split).
+
+Split out of `vldlib.train` so the loop itself reads top to bottom; `vldlib.train` re-exports
+these names.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+import torch
+
+from vldlib.data import MultiDomainFolder, split_domain
+from vldlib.data.datasets import ArrayDataset, ImageDataset
+from vldlib.data.transforms import eval_transform, train_transform
+from vldlib.models import FineTuneNet, weights_fingerprint
+from vldlib.utils import atomic_path, config_hash, seed_hash
+
+if TYPE_CHECKING:
+    from vldlib.train import TrainConfig
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass
+class Data:
+    """What the loop reads: per training domain a dataset, and every (domain, split) to evaluate."""
+
+    train: list[torch.utils.data.Dataset]  # one per training domain (its "in" split)
+    evals: dict[str, torch.utils.data.Dataset]  # "env0_in", "env0_out", ...
+    domains: list[str]
+    classes: list[str]
+    train_envs: list[int]
+    key: str  # identifies the exact samples of every split (for the trunk-output cache)
+
+
+def make_data(cfg: TrainConfig, bench: MultiDomainFolder, mean, std) -> Data:
+    n_env = len(bench.domains)
+    for t in cfg.test_envs:
+        if not 0 <= t < n_env:
+            raise ValueError(f"test env {t} out of range: {bench.name} has {n_env} domains "
+                             f"{list(enumerate(bench.domains))}; pass --test-envs 0..{n_env - 1}")
+    train_envs = [i for i in range(n_env) if i not in cfg.test_envs]
+    if not train_envs:
+        raise ValueError(f"every domain of {bench.name} is held out (test_envs={cfg.test_envs}); leave one to train on")
+    tf_train = train_transform(cfg.resolution, mean, std) if cfg.augment else eval_transform(cfg.resolution, mean, std)
+    tf_eval = eval_transform(cfg.resolution, mean, std)
+    if cfg.cache_images:
+        from vldlib.data.cache import cached_benchmark
+
+        arrays = cached_benchmark(bench, cfg.resolution, progress=cfg.progress)
+
+        def subset(env: int, idx: np.ndarray, tf) -> ArrayDataset:
+            images, labels = arrays[env]
+            return ArrayDataset(images[idx] if len(idx) < len(labels) else images, labels[idx], tf)
+    else:
+        def subset(env: int, idx: np.ndarray, tf) -> ImageDataset:
+            return ImageDataset([bench.samples[env][i] for i in idx], tf)
+
+    train, evals, split_files = [], {}, []
+    for env in range(n_env):
+        ins, outs = split_domain(len(bench.samples[env]), cfg.trial_seed, env, cfg.holdout, bench.groups(env))
+        split_files.append([[bench.samples[env][i] for i in ins], [bench.samples[env][i] for i in outs]])
+        if env in train_envs:
+            if cfg.batch_size > len(ins):
+                raise ValueError(f"batch_size {cfg.batch_size} is larger than the 'in' split of domain "
+                                 f"{bench.domains[env]!r} ({len(ins)} images); use --batch-size <= {len(ins)}")
+            train.append(subset(env, ins, tf_train))
+        evals[f"env{env}_in"] = subset(env, ins, tf_eval)
+        evals[f"env{env}_out"] = subset(env, outs, tf_eval)
+    return Data(train, evals, bench.domains, bench.classes, train_envs, config_hash({"s": split_files}, n=16))
+
+
+def batch_indices(n: int, batch_size: int, seed: int, env: int, step: int) -> np.ndarray:
+    """Indices of the batch of domain `env` at `step`: consecutive slices of per-epoch
+    permutations, so the order is a pure function of (seed, env, step) and resumes exactly."""
+    pos = np.arange(step * batch_size, (step + 1) * batch_size)
+    epochs, offsets = pos // n, pos % n
+    out = np.empty(batch_size, dtype=np.int64)
+    for e in np.unique(epochs):
+        perm = np.random.RandomState(seed_hash(seed, "order", env, int(e))).permutation(n)
+        mask = epochs == e
+        out[mask] = perm[offsets[mask]]
+    return out
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """For a DataLoader: the batches of one domain from `start` to `stop`, each item with the seed
+    of its augmentation."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, env: int, start: int, stop: int):
+        self.args = (n, batch_size, seed, env)
+        self.start, self.stop = start, stop
+
+    def __iter__(self):
+        n, b, seed, env = self.args
+        for step in range(self.start, self.stop):
+            yield [(int(i), seed_hash(seed, "aug", env, step, k)) for k, i in enumerate(batch_indices(n, b, seed, env, step))]
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def _device_batches(data: Data, cfg: TrainConfig, start: int, device: torch.device):
+    """augment_on="device": uint8 images from the decoded-image cache, augmented in batches where
+    the model runs (vldlib.data.gpu_augment), with the same per-image seeds as StepBatches."""
+    from vldlib.data.cache import cached_domain
+    from vldlib.data.gpu_augment import ArraySource, DeviceBatches, normalisation_of
+
+    sources = []
+    for env, ds in zip(data.train_envs, data.train):
+        if isinstance(ds, ArrayDataset):
+            sources.append(ArraySource(ds.images, ds.labels))
+        elif isinstance(ds, ImageDataset):  # not cached yet: decode this split once (same cache)
+            images, labels = cached_domain(ds.samples, cfg.resolution, name=f"train-env{env}", progress=cfg.progress)
+            sources.append(ArraySource(images, labels))
+        else:
+            raise ValueError(f"augment_on='device' needs image datasets, got {type(ds).__name__}; "
+                             f"use augment_on='workers'")
+    mean, std = normalisation_of(data.train[0].transform)
+    yield from DeviceBatches(sources, data.train_envs, batch_size=cfg.batch_size, seed=cfg.seed, start=start,
+                             stop=cfg.steps, device=device, size=cfg.resolution, mean=mean, std=std,
+                             augment=cfg.augment, index_fn=batch_indices, overlap=True)
+
+
+def train_batches(data: Data, cfg: TrainConfig, start: int, device: torch.device, features=None):
+    """Yield, for each step from `start`, one (x, y) batch per training domain, on the device."""
+    if features is not None:  # cached trunk outputs: index tensors directly
+        for step in range(start, cfg.steps):
+            batch = []
+            for k, (x, y) in enumerate(features["train"]):
+                idx = torch.from_numpy(batch_indices(len(y), cfg.batch_size, cfg.seed, data.train_envs[k], step))
+                batch.append((x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)))
+            yield batch
+        return
+    if cfg.augment_on == "device":
+        yield from _device_batches(data, cfg, start, device)
+        return
+    workers = cfg.num_workers if cfg.num_workers >= 0 else min(4, os.cpu_count() or 1)
+    loaders = [torch.utils.data.DataLoader(
+        ds, batch_sampler=StepBatches(len(ds), cfg.batch_size, cfg.seed, env, start, cfg.steps),
+        num_workers=max(0, workers // len(data.train)) if workers else 0, pin_memory=device.type == "cuda",
+        persistent_workers=False) for env, ds in zip(data.train_envs, data.train)]
+    for batch in zip(*loaders):
+        yield [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in batch]
+
+
+@torch.no_grad()
+def compute_trunk(net: FineTuneNet, ds: torch.utils.data.Dataset, cfg: TrainConfig, device: torch.device
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs of the frozen stages for every item of a dataset (eval transform, no dropout)."""
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.eval_batch_size, shuffle=False,
+                                         num_workers=0)
+    xs, ys = [], []
+    for x, y in loader:
+        xs.append(net.trunk(x.to(device)).cpu())
+        ys.append(y)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def trunk_features(net: FineTuneNet, data: Data, cfg: TrainConfig, device: torch.device):
+    """Cached trunk outputs for the training sets and every eval set, kept on disk between runs
+    (keyed by the trunk's weights, the resolution and the exact sample list)."""
+    from tqdm.auto import tqdm
+
+    from vldlib.data.cache import cache_root
+
+    key = config_hash({"trunk": weights_fingerprint(torch.nn.ModuleList(net._trunk)), "backbone": cfg.backbone,
+                       "stages": [type(m).__name__ for m in net._trunk], "resolution": cfg.resolution, "data": data.key,
+                       "cache_images": cfg.cache_images}, n=16)
+    path = cache_root() / "trunk" / f"{key}.pt"
+    if path.exists():
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception:  # a damaged cache file is recomputed, never trusted
+            path.unlink(missing_ok=True)
+    net.eval()
+    out = {"evals": {}, "train": []}
+    for name, ds in tqdm(list(data.evals.items()), desc="computing frozen-trunk outputs", disable=not cfg.progress):
+        out["evals"][name] = compute_trunk(net, ds, cfg, device)
+    # training sets are the "in" splits of the training domains: the same images
+    out["train"] = [out["evals"][f"env{e}_in"] for e in data.train_envs]
+    with atomic_path(path) as tmp:
+        torch.save(out, tmp)
+    return out
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def predict_all(forward: Callable, evals: dict, cfg: TrainConfig, device: torch.device, features=None
+                ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Logits and labels of every eval split."""
+    out = {}
+    for name, ds in evals.items():
+        if features is not None:
+            x_all, y_all = features["evals"][name]
+            chunks = [forward(x_all[i:i + cfg.eval_batch_size].to(device)).float().cpu()
+                      for i in range(0, len(y_all), cfg.eval_batch_size)]
+            out[name] = (torch.cat(chunks), y_all)
+            continue
+        loader = torch.utils.data.DataLoader(ds, batch_size=cfg.eval_batch_size, shuffle=False,
+                                             num_workers=0 if cfg.num_workers == 0 else min(2, os.cpu_count() or 1))
+        logits, labels = [], []
+        for x, y in loader:
+            x = x.to(device, non_blocking=True)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                logits.append(forward(x).float().cpu())
+            labels.append(y)
+        out[name] = (torch.cat(logits), torch.cat(labels))
+    return out
+
+
+def accuracies(preds: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    return {k: (lg.argmax(1) == y).float().mean().item() for k, (lg, y) in preds.items()}
+
+
+def validation_score(acc: dict[str, float], train_envs: list[int]) -> float:
+    """Training-domain validation (the paper's model selection): mean out-split accuracy."""
+    return float(np.mean([acc[f"env{i}_out"] for i in train_envs]))
