@@ -215,3 +215,27 @@ def test_shared_object_benchmark_scores_ood_on_objects_never_trained(tmp_path):
     sel = select(load_runs([run]), "last")
     model = sel[sel.method == "model"].iloc[0]
     assert model.ood_acc == pytest.approx(record["acc"]["model"]["env0_out"])
+
+
+def test_trunk_cache_shared_across_held_out_domains_never_trains_on_the_test_domain(fake_benchmark, tmp_path,
+                                                                                    monkeypatch):
+    """Runs holding out different domains share one trunk-output cache; each must train on its own
+    training domains (a cache that stored the first run's training sets leaked the test domain)."""
+    from vldlib import train as T
+
+    seen = []
+    real = T.train_batches
+
+    def spy(data, cfg, start, device, features=None):
+        seen.append((list(cfg.test_envs), [torch.equal(x, features["evals"][f"env{e}_in"][0])
+                                           for (x, _), e in zip(features["train"], data.train_envs)],
+                     data.train_envs))
+        return real(data, cfg, start, device, features)
+
+    monkeypatch.setattr(T, "train_batches", spy)
+    common = dict(benchmark=str(fake_benchmark), cache_trunk=True, augment=False, train_stages=1, steps=2,
+                  eval_every=2, average_from=2)
+    for t in (0, 1, 2):
+        train(tiny_config(tmp_path, test_envs=[t], **common))
+    assert [s[2] for s in seen] == [[1, 2], [0, 2], [0, 1]]
+    assert all(all(matches) for _, matches, _ in seen)

@@ -44,9 +44,12 @@ def plateau_check(curves: pd.DataFrame, by: Sequence[str] = ("dropout",), tail: 
         at_start = g[g["step"] == start]["iid_acc"].mean()
         at_end = g[g["step"] == last_step]["iid_acc"].mean()
         best = g.groupby("run")["iid_acc"].max().mean()
+        # a flat validation curve after the lr decay can hide a model that never fitted its data
+        fitted = g[g["step"] == last_step]["train_in_acc"].mean() if "train_in_acc" in g else float("nan")
         rows.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), "from_step": int(start),
                      "to_step": int(last_step), "iid_at_from": at_start, "iid_at_end": at_end,
-                     "gain": at_end - at_start, "best_iid": best, "plateaued": bool(at_end - at_start < tolerance)})
+                     "gain": at_end - at_start, "best_iid": best, "train_acc_at_end": fitted,
+                     "plateaued": bool(at_end - at_start < tolerance)})
     return pd.DataFrame(rows)
 
 

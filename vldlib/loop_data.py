@@ -173,20 +173,22 @@ def trunk_features(net: FineTuneNet, data: Data, cfg: TrainConfig, device: torch
                        "stages": [type(m).__name__ for m in net._trunk], "resolution": cfg.resolution, "data": data.key,
                        "cache_images": cfg.cache_images}, n=16)
     path = cache_root() / "trunk" / f"{key}.pt"
+    evals = None
     if path.exists():
         try:
-            return torch.load(path, weights_only=True)
+            evals = torch.load(path, weights_only=True)["evals"]
         except Exception:  # a damaged cache file is recomputed, never trusted
             path.unlink(missing_ok=True)
-    net.eval()
-    out = {"evals": {}, "train": []}
-    for name, ds in tqdm(list(data.evals.items()), desc="computing frozen-trunk outputs", disable=not cfg.progress):
-        out["evals"][name] = compute_trunk(net, ds, cfg, device)
-    # training sets are the "in" splits of the training domains: the same images
-    out["train"] = [out["evals"][f"env{e}_in"] for e in data.train_envs]
-    with atomic_path(path) as tmp:
-        torch.save(out, tmp)
-    return out
+    if evals is None:
+        net.eval()
+        evals = {name: compute_trunk(net, ds, cfg, device)
+                 for name, ds in tqdm(list(data.evals.items()), desc="computing frozen-trunk outputs",
+                                      disable=not cfg.progress)}
+        with atomic_path(path) as tmp:
+            torch.save({"evals": evals}, tmp)
+    # The cache holds every (domain, split) and is shared by runs holding out different domains;
+    # which of them are trained on is decided here, per run, never stored with the cache.
+    return {"evals": evals, "train": [evals[f"env{e}_in"] for e in data.train_envs]}
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -1,0 +1,49 @@
+"""Computed conclusions: paired effects, their sentences, and the plateau check."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from vldlib.convergence import plateau_check
+from vldlib.summary import effect_sentence, paired_effect
+
+
+def selected(diffs: list[float]) -> pd.DataFrame:
+    rows = []
+    for i, d in enumerate(diffs):
+        rows.append({"method": "model", "dropout": 0.0, "test_env": i % 3, "seed": i, "ood_acc": 0.5})
+        rows.append({"method": "model", "dropout": 0.9, "test_env": i % 3, "seed": i, "ood_acc": 0.5 + d})
+    return pd.DataFrame(rows)
+
+
+def test_paired_effect_mean_and_standard_error():
+    eff = paired_effect(selected([0.02, 0.04, 0.06]))
+    assert eff["n"] == 3 and eff["mean"] == pytest.approx(0.04)
+    assert eff["se"] == pytest.approx(0.02 / 3 ** 0.5)
+
+
+@pytest.mark.parametrize("diffs, verdict", [
+    ([0.10, 0.11, 0.12, 0.10], "detectable improvement"),
+    ([-0.10, -0.11, -0.12, -0.10], "detectable loss"),
+    ([0.05, -0.04, 0.03, -0.05], "no detectable effect"),
+    ([0.05], "one pair only"),
+])
+def test_effect_sentence_follows_the_numbers(diffs, verdict):
+    assert verdict in effect_sentence(paired_effect(selected(diffs)))
+
+
+def test_effect_sentence_without_pairs():
+    df = selected([0.1])
+    assert "nothing to compare" in effect_sentence(paired_effect(df[df.dropout == 0.0]))
+
+
+def test_plateau_check_flags_a_rising_curve():
+    rows = []
+    for p, slope in ((0.0, 0.0), (0.9, 0.05)):
+        for step in (100, 200, 300, 400):
+            rows.append({"run": f"r{p}", "step": step, "dropout": p, "iid_acc": 0.5 + slope * step / 100,
+                         "train_in_acc": 0.9})
+    table = plateau_check(pd.DataFrame(rows)).set_index("dropout")
+    assert bool(table.loc[0.0, "plateaued"]) and not bool(table.loc[0.9, "plateaued"])
+    assert table.loc[0.9, "gain"] == pytest.approx(0.05) and table.loc[0.9, "train_acc_at_end"] == 0.9
