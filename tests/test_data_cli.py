@@ -10,15 +10,7 @@ import pytest
 from vldlib.cli import main
 from vldlib.data import registry
 from vldlib.data.registry import get_spec
-from test_download import FileServer, make_zip, tree  # noqa: E402  (tests/ is on sys.path)
-
-
-@pytest.fixture
-def server(monkeypatch):
-    srv = FileServer()
-    monkeypatch.setenv("VLDLIB_MIRROR", srv.url)
-    yield srv
-    srv.close()
+from test_download import make_zip, server, tree  # noqa: E402,F401  (tests/ is on sys.path; `server` is a fixture)
 
 
 @pytest.fixture
