@@ -135,17 +135,19 @@ def make_zip(entries: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def make_tar(entries: dict[str, bytes], mode: str = "w:gz", links: dict[str, str] | None = None) -> bytes:
+def make_tar(entries: dict[str, bytes], mode: str = "w:gz",
+             links: dict[str, str | tuple[bytes, str]] | None = None) -> bytes:
+    """A tar archive in memory; `links` maps a member to a symlink target, or to (tar type, target)
+    for hard links."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode=mode) as tf:
         for name, data in entries.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
-        for name, target in (links or {}).items():
+        for name, link in (links or {}).items():
             info = tarfile.TarInfo(name)
-            info.type = tarfile.SYMTYPE
-            info.linkname = target
+            info.type, info.linkname = link if isinstance(link, tuple) else (tarfile.SYMTYPE, link)
             tf.addfile(info)
     return buf.getvalue()
 

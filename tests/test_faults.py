@@ -346,17 +346,7 @@ def test_skip_bad_trains_around_bad_files(tmp_path, capsys):
 # ------------------------------------------------------------------------------------- 5. archives
 
 def _tar(entries: dict[str, bytes], links: dict[str, tuple[bytes, str]] | None = None, mode: str = "w") -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode=mode) as tf:
-        for name, data in entries.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-        for name, (kind, target) in (links or {}).items():
-            info = tarfile.TarInfo(name)
-            info.type, info.linkname = kind, target
-            tf.addfile(info)
-    return buf.getvalue()
+    return make_tar(entries, mode=mode, links=links)
 
 
 def _zip_symlink(entries: dict[str, bytes], name: str, target: str) -> bytes:
