@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 
 from vldlib.results import METHOD_LABELS, summarize
+from vldlib.summary import paired_difference
 
 
 # --------------------------------------------------------------------------- parameters
@@ -46,20 +47,18 @@ def setup_torch(num_threads: int | None) -> None:
 
 
 def prepare_benchmark(benchmark: str, data_dir: str, progress: bool = False):
-    """Load a registered benchmark (building it first if it can be built offline, like emoji) or a
-    folder ROOT/<domain>/<class>/<img>; returns (benchmark object, name to put in TrainConfig)."""
-    from vldlib.data import get_spec, load_benchmark
+    """`vldlib.data.prepare_benchmark`, plus the name to put in TrainConfig (the registered name,
+    or the resolved folder path)."""
+    from vldlib.data import get_spec
+    from vldlib.data import prepare_benchmark as prepare
     from vldlib.paths import resolve
 
-    spec = None
+    bench = prepare(benchmark, data_dir, progress=progress)
     try:
-        spec = get_spec(benchmark)
+        get_spec(benchmark)
+        return bench, benchmark
     except KeyError:
-        pass  # a folder path
-    if spec is not None and spec.builder is not None:
-        spec.builder(resolve(data_dir), progress=progress)
-    name = benchmark if spec is not None else str(resolve(benchmark))
-    return load_benchmark(name, resolve(data_dir)), name
+        return bench, str(resolve(benchmark))
 
 
 def held_out(test_envs: Any, n_domains: int) -> list[int]:
@@ -216,14 +215,8 @@ def contrast(selected: pd.DataFrame, a: Mapping[str, Any], b: Mapping[str, Any],
     keys = [k for k in pair_on if k in selected.columns]
     left = selected[_mask(selected, a)].groupby(keys)[metric].mean()
     right = selected[_mask(selected, b)].groupby(keys)[metric].mean()
-    both = pd.concat({"a": left, "b": right}, axis=1).dropna()
-    diff = both["b"] - both["a"]
-    n = len(diff)
-    return {"a": label(a), "b": label(b), "metric": metric, "n": n,
-            "a_mean": float(both["a"].mean()) if n else math.nan,
-            "b_mean": float(both["b"].mean()) if n else math.nan,
-            "mean": float(diff.mean()) if n else math.nan,
-            "se": float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan, "pair_on": ",".join(keys)}
+    return {"a": label(a), "b": label(b), "metric": metric, **paired_difference(left, right),
+            "pair_on": ",".join(keys)}
 
 
 def contrast_sentence(eff: Mapping[str, Any], what: str = "o.o.d. accuracy") -> str:

@@ -345,6 +345,19 @@ def _method_first(table: pd.DataFrame) -> pd.DataFrame:
     return table.iloc[np.argsort(key.to_numpy(), kind="stable")].reset_index(drop=True)
 
 
+def _cell_table(summary: pd.DataFrame, rows: list[str], column: str, order: Sequence[Any], metric: str,
+                percent: bool, digits: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(table of "mean ± se" cells, one column per value of `column` in `order`; the pivot of
+    means and se's it was formatted from)."""
+    pivot = summary.pivot_table(index=rows, columns=column, values=[f"{metric}_mean", f"{metric}_se"],
+                                dropna=False, sort=True, aggfunc="first")
+    cells = pd.DataFrame(index=pivot.index)
+    for value in order:
+        cells[value] = [format_cell(m, s, percent, digits) for m, s in
+                        zip(pivot[(f"{metric}_mean", value)], pivot[(f"{metric}_se", value)])]
+    return cells, pivot
+
+
 def domainbed_table(selected: pd.DataFrame, rows: Sequence[str] = ("method", "dropout"),
                     metric: str = "ood_acc", over: str | None = "seed", benchmark: str | None = None,
                     percent: bool = True, digits: int = 1) -> pd.DataFrame:
@@ -365,12 +378,7 @@ def domainbed_table(selected: pd.DataFrame, rows: Sequence[str] = ("method", "dr
              .sort_values(["test_env", "test_domain"], na_position="last").test_domain.tolist())
     order = list(dict.fromkeys(order))
     per = summarize(sel, by=rows + ["test_domain"], over=over, metrics=[metric])
-    table = per.pivot_table(index=rows, columns="test_domain", values=[f"{metric}_mean", f"{metric}_se"],
-                            dropna=False, sort=True, aggfunc="first")
-    out = pd.DataFrame(index=table.index)
-    for dom in order:
-        out[dom] = [format_cell(m, s, percent, digits) for m, s in
-                    zip(table[(f"{metric}_mean", dom)], table[(f"{metric}_se", dom)])]
+    out, table = _cell_table(per, rows, "test_domain", order, metric, percent, digits)
     # Avg over held-out domains, for rows that have every domain of the table
     if over is not None:  # DomainBed: average the domains within each replicate, then mean ± se
         data = sel.groupby(rows + [over, "test_domain"], dropna=False)[metric].mean().reset_index()
@@ -398,12 +406,7 @@ def benchmark_table(selected: pd.DataFrame, rows: Sequence[str] = ("method", "dr
     rows = list(rows)
     s = summarize(selected, by=rows + ["benchmark"], over=over, metrics=[metric])
     benches = sorted(selected.benchmark.dropna().unique())
-    out = s.pivot_table(index=rows, columns="benchmark", values=[f"{metric}_mean", f"{metric}_se"],
-                        dropna=False, sort=True, aggfunc="first")
-    table = pd.DataFrame(index=out.index)
-    for b in benches:
-        table[b] = [format_cell(m, e, percent, digits) for m, e in
-                    zip(out[(f"{metric}_mean", b)], out[(f"{metric}_se", b)])]
+    table, out = _cell_table(s, rows, "benchmark", benches, metric, percent, digits)
     means, ses = out[f"{metric}_mean"][benches], out[f"{metric}_se"][benches]
     full = means.notna().all(axis=1)
     table["Avg"] = [format_cell(m, e, percent, digits) if ok else "-" for m, e, ok in

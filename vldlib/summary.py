@@ -12,6 +12,16 @@ from typing import Sequence
 import pandas as pd
 
 
+def paired_difference(left: pd.Series, right: pd.Series) -> dict:
+    """n, both means, and mean ± standard error of right - left over the keys both sides have."""
+    both = pd.concat({"a": left, "b": right}, axis=1).dropna()
+    diff = both["b"] - both["a"]
+    n = int(len(diff))
+    nan = float("nan")
+    return {"n": n, "a_mean": float(both["a"].mean()) if n else nan, "b_mean": float(both["b"].mean()) if n else nan,
+            "mean": float(diff.mean()) if n else nan, "se": float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else nan}
+
+
 def paired_effect(selected: pd.DataFrame, a: float = 0.0, b: float = 0.9, metric: str = "ood_acc",
                   method: str = "model", pair_on: Sequence[str] = ("test_env", "seed"), by: str = "dropout") -> dict:
     """Mean and standard error of `metric(b) - metric(a)` over runs paired on `pair_on`.
@@ -23,14 +33,7 @@ def paired_effect(selected: pd.DataFrame, a: float = 0.0, b: float = 0.9, metric
     keys = list(pair_on)
     left = sel[sel[by] == a].groupby(keys)[metric].mean()
     right = sel[sel[by] == b].groupby(keys)[metric].mean()
-    both = pd.concat({"a": left, "b": right}, axis=1).dropna()
-    diff = both["b"] - both["a"]
-    n = int(len(diff))
-    se = float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
-    return {"by": by, "a": a, "b": b, "metric": metric, "method": method, "n": n,
-            "a_mean": float(both["a"].mean()) if n else float("nan"),
-            "b_mean": float(both["b"].mean()) if n else float("nan"),
-            "mean": float(diff.mean()) if n else float("nan"), "se": se}
+    return {"by": by, "a": a, "b": b, "metric": metric, "method": method, **paired_difference(left, right)}
 
 
 def effect_sentence(eff: dict, what: str = "o.o.d. accuracy") -> str:

@@ -27,6 +27,7 @@ import torch
 
 from vldlib import config as config_io
 from vldlib.data import load_benchmark
+from vldlib.data import prepare_benchmark  # noqa: F401  (notebooks import it from here)
 from vldlib.models import FineTuneNet, build_net, create_model, data_config
 from vldlib.train import TrainConfig, load_run_model, make_data, resolve_device, trunk_features
 from vldlib.utils import seed_hash
@@ -145,18 +146,3 @@ def untrained_run_data(cfg: TrainConfig, device: str = "cpu") -> RunData:
             "test_envs": list(cfg.test_envs), "benchmark": bench.name,
             "ood_split": "out" if bench.group_by_stem else "in"}
     return RunData(Path(""), net.cpu(), cfg, meta, trunk)
-
-
-def prepare_benchmark(benchmark: str, data_dir: str = "data"):
-    """Load a benchmark by registered name or folder path, building an offline one (emoji) on first
-    use; relative paths are taken from the project root. Returns the `MultiDomainFolder`."""
-    from vldlib.data import get_spec
-    from vldlib.paths import resolve
-
-    try:
-        spec = get_spec(benchmark)
-    except KeyError:
-        spec = None  # a folder path
-    if spec is not None and spec.builder is not None:
-        spec.builder(resolve(data_dir), progress=False)
-    return load_benchmark(benchmark if spec else str(resolve(benchmark)), resolve(data_dir), progress=False)

@@ -5,13 +5,14 @@
 ['DomainNet', 'OfficeHome', 'PACS', 'TerraIncognita', 'VLCS', 'emoji']
 """
 
-from vldlib.data.folder import DataError, MultiDomainFolder, load_benchmark, resolve_benchmark, scan_folder
+from vldlib.data.folder import (DataError, MultiDomainFolder, load_benchmark, prepare_benchmark, resolve_benchmark,
+                                scan_folder)
 from vldlib.data.registry import BENCHMARKS, BenchmarkSpec, Source, get_spec, list_benchmarks, register_benchmark
 from vldlib.data.splits import split_domain
 from vldlib.data.transforms import eval_transform, train_transform
 
 __all__ = [
     "BENCHMARKS", "BenchmarkSpec", "DataError", "MultiDomainFolder", "Source", "eval_transform",
-    "get_spec", "list_benchmarks", "load_benchmark", "register_benchmark", "resolve_benchmark",
+    "get_spec", "list_benchmarks", "load_benchmark", "prepare_benchmark", "register_benchmark", "resolve_benchmark",
     "scan_folder", "split_domain", "train_transform",
 ]

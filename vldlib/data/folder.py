@@ -250,3 +250,18 @@ def load_benchmark(name_or_path: str | os.PathLike, data_dir: str | os.PathLike 
     """
     root, spec = resolve_benchmark(name_or_path, data_dir)
     return scan_folder(root, spec, **kwargs)
+
+
+def prepare_benchmark(name_or_path: str | os.PathLike, data_dir: str | os.PathLike = "data", *,
+                      progress: bool = False) -> MultiDomainFolder:
+    """What notebooks call: load a benchmark, building it first when it is registered with an
+    offline builder (emoji); relative paths are taken from the project root (`vldlib.paths`)."""
+    from vldlib.paths import resolve
+
+    try:
+        spec = get_spec(str(name_or_path))
+    except KeyError:
+        spec = None  # a folder path
+    if spec is not None and spec.builder is not None:
+        spec.builder(resolve(data_dir), progress=progress)
+    return load_benchmark(str(name_or_path) if spec else resolve(name_or_path), resolve(data_dir), progress=progress)
