@@ -9,6 +9,8 @@ from dataclasses import replace
 import pytest
 
 from vldlib import bench as B
+from vldlib import bench_runs as R
+from vldlib import gpu_check as G
 from vldlib import train as T
 from vldlib.utils import read_jsonl
 
@@ -41,9 +43,9 @@ def test_write_synthetic_domains(tmp_path):
 
 
 def test_sweep_wall_time():
-    assert B.sweep_wall_time(288, 100.0, 1) == 28_800
-    assert B.sweep_wall_time(288, 100.0, 5) == 58 * 100
-    assert "8 GPUs" in B.sweep_note(60.0, jobs=16)
+    assert R.sweep_wall_time(288, 100.0, 1) == 28_800
+    assert R.sweep_wall_time(288, 100.0, 5) == 58 * 100
+    assert "8 GPUs" in R.sweep_note(60.0, jobs=16)
 
 
 def _cfg(fake_benchmark, tmp_path, **kw) -> T.TrainConfig:
@@ -99,6 +101,74 @@ def test_device_and_worker_paths_train_on_the_same_batches(fake_benchmark, tmp_p
 def test_gpu_check_exits_quickly_without_cuda(tmp_path, capsys):
     if B.torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    assert B.gpu_check(out=tmp_path) == 2
+    assert G.gpu_check(out=tmp_path) == 2
     assert "CUDA is not available" in capsys.readouterr().out
+
+
+def test_gpu_check_smoke_runs_every_stage(tmp_path):
+    """The GPU report's every stage, with tiny models on the CPU: the one GPU session must not be
+    where its bugs are found."""
+    lines = []
+    assert G.gpu_check(out=tmp_path, plan=G.SMOKE_PLAN, log=lambda *a, **k: lines.append(" ".join(map(str, a)))) == 0
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert "| test_resnet 32px |" in table and "Real loop" in table and "Sweep of 288 runs" in table
+    assert "| error" not in table and "| skipped" not in table
+
+
+# ----------------------------------------------------------------------------- a run's own configuration
+def _tiny_run(fake_benchmark, **kw) -> T.TrainConfig:
+    return T.TrainConfig(**{**dict(benchmark=str(fake_benchmark), test_envs=[0], backbone="test_resnet",
+                                   pretrained=False, resolution=32, batch_size=4, train_stages=1, cache_trunk=True,
+                                   augment=False, num_threads=1, device="cpu", progress=False), **kw})
+
+
+@pytest.mark.parametrize("cache_trunk", [True, False])
+def test_config_bench_times_the_runs_own_step(fake_benchmark, tmp_path, cache_trunk):
+    timing = B.BenchConfig(steps=2, warmup=1, repeats=2, workers=0)
+    threads = B.torch.get_num_threads()
+    res = R.run_config_bench(_tiny_run(fake_benchmark, cache_trunk=cache_trunk), timing, name="tiny",
+                             json_path=tmp_path / "b.json", log=lambda *a, **k: None)
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert set(saved["rates_img_per_s"]) == {"compute", "plain", "fast"}
+    assert all(v > 0 for v in saved["rates_img_per_s"].values())
+    assert saved["images_per_step"] == 2 * 4  # two training domains x batch 4
+    assert saved["details"]["fast"]["threads"] == 1 and saved["config"]["cache_trunk"] is cache_trunk
+    assert res["ratios"]["fast/compute"] == pytest.approx(saved["ratios"]["fast/compute"])
+    assert B.torch.get_num_threads() == threads  # the run's thread count is not left behind
+
+
+def test_quickstart_config_follows_the_notebook():
+    import ast
+
+    import papermill as pm
+
+    from vldlib.quickstart import notebook_path
+
+    p = {k: ast.literal_eval(v["default"]) for k, v in pm.inspect_notebook(str(notebook_path())).items()}
+    cfg = R.quickstart_config("cpu")
+    assert (cfg.backbone, cfg.resolution, cfg.train_stages, cfg.cache_trunk, cfg.augment, cfg.batch_size,
+            cfg.num_threads, cfg.lr, cfg.dropout) == (p["backbone"], p["resolution"], p["train_stages"],
+                                                      p["cache_trunk"], p["augment"], p["batch_size"],
+                                                      p["num_threads"], p["lr"], max(p["dropout_rates"]))
+    cfg.validate()
+
+
+def test_bench_cli_picks_the_quickstart_on_a_cpu_and_refuses_mixed_options(capsys):
+    from vldlib.cli import main
+
+    parse = lambda *a: B.argparse.Namespace(**{"config": None, "bf16": False, "compile": False,  # noqa: E731
+                                               **{k: None for k in B.IMAGE_OPTIONS}, **dict(a)})
+    assert B._pick_config(parse(), "cpu") == "quickstart"
+    assert B._pick_config(parse(("resolution", 64)), "cpu") == "images"
+    assert main(["bench", "--config", "quickstart", "--resolution", "64"]) == 1
+    assert "--config images" in capsys.readouterr().err
+    assert main(["bench", "--steps-scaling", "10"]) == 1
+    assert "--steps-scaling expects N,M" in capsys.readouterr().err
+
+
+def test_steps_scaling_times_real_runs(fake_benchmark, tmp_path):
+    res = R.steps_scaling(_tiny_run(fake_benchmark), (2, 4), tmp_path)
+    assert [r["steps"] for r in res["runs"]] == [2, 4]
+    assert res["slope_s_per_step"] == pytest.approx((res["runs"][1]["wall_s"] - res["runs"][0]["wall_s"]) / 2)
+    assert all(r["step_time_s"] > 0 for r in res["runs"])
 

@@ -28,6 +28,7 @@ def test_paired_effect_mean_and_standard_error():
     ([-0.10, -0.11, -0.12, -0.10], "detectable loss"),
     ([0.05, -0.04, 0.03, -0.05], "no detectable effect"),
     ([0.05], "one pair only"),
+    ([0.0, 0.0, 0.0], "no detectable effect"),  # identical runs: se 0, no difference
 ])
 def test_effect_sentence_follows_the_numbers(diffs, verdict):
     assert verdict in effect_sentence(paired_effect(selected(diffs)))

@@ -42,11 +42,12 @@ def effect_sentence(eff: dict, what: str = "o.o.d. accuracy") -> str:
         return f"No paired runs with {eff['by']}={eff['a']} and {eff['b']}: nothing to compare."
     pts = 100 * eff["mean"]
     se = 100 * eff["se"] if not math.isnan(eff["se"]) else float("nan")
-    head = (f"{eff['by']} {eff['b']:g} vs {eff['a']:g}: {what} {100 * eff['b_mean']:.1f}% vs "
+    a, b = eff.get("a_label", f"{eff['a']:g}"), eff.get("b_label", f"{eff['b']:g}")
+    head = (f"{eff['by']} {b} vs {a}: {what} {100 * eff['b_mean']:.1f}% vs "
             f"{100 * eff['a_mean']:.1f}%, paired difference {pts:+.1f} ± {se:.1f} points (n={eff['n']} pairs)")
     if math.isnan(se):
         return head + "; one pair only, so no error bar: run more seeds before concluding."
-    if abs(pts) < 2 * se:
+    if abs(pts) <= 2 * se:  # se 0 and no difference (identical runs) is no effect, not a detectable one
         return head + ": within 2 standard errors of zero, so no detectable effect at this scale."
     return head + (": larger than 2 standard errors, a detectable improvement." if pts > 0
                    else ": larger than 2 standard errors, a detectable loss.")

@@ -93,6 +93,7 @@ class TrainConfig:
     num_threads: int = 0  # CPU threads for torch (0: torch's default; 1 is fastest for tiny heads)
     channels_last: bool = False  # NHWC memory format (faster convolutions on GPUs)
     bf16: bool = False  # bfloat16 autocast (off until a short run shows accuracy within noise)
+    compile: bool = False  # torch.compile the training forward (GPU speed; the first step compiles for a minute)
     tf32: bool = True  # TensorFloat-32 matmuls/convolutions on Ampere+ GPUs
     out: str = "outputs/runs"  # parent folder of run directories
     run_name: str | None = None  # run folder name (default: readable summary + config hash)
@@ -100,7 +101,7 @@ class TrainConfig:
 
     # Fields that do not change results: left out of the run's identity hash.
     NON_IDENTITY = ("data_dir", "device", "num_workers", "out", "run_name", "progress", "keep_last",
-                    "eval_batch_size", "cache_images", "cache_trunk", "num_threads")
+                    "eval_batch_size", "cache_images", "cache_trunk", "num_threads", "compile")
 
     def validate(self) -> None:
         """Errors before any work starts, each naming the value and the fix."""
@@ -260,6 +261,23 @@ def _ends_with_newline(path: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------- the loop
+def build_run_net(cfg: TrainConfig, num_classes: int, device: torch.device) -> tuple[FineTuneNet, dict, str]:
+    """The network a run starts from, its input normalisation, and the fingerprint of its start.
+
+    Seeded, so every run (and `vldlib.bench`, which times this same network) starts alike.
+    """
+    torch.manual_seed(seed_hash(cfg.seed, "init"))
+    model = create_model(cfg.backbone, num_classes, pretrained=cfg.pretrained, dropout=cfg.dropout,
+                         weights_file=cfg.weights_file)
+    # Soups need a shared start: fingerprint everything but the (seeded) classifier, since
+    # averaging linear heads on shared features equals averaging their logits.
+    init_fingerprint = weights_fingerprint(model, exclude=model.get_classifier())
+    net = build_net(model, cfg.head, cfg.train_stages, cfg.freeze_bn).to(device)
+    if cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return net, data_config(model), init_fingerprint
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume, or skip if finished) one fine-tuning run; returns its directory."""
     cfg.validate()
@@ -281,22 +299,15 @@ def train(cfg: TrainConfig) -> Path:
     torch.backends.cudnn.benchmark = device.type == "cuda"
 
     # --- model: pretrained backbone, dropout on the penultimate features, frozen BN
-    torch.manual_seed(seed_hash(cfg.seed, "init"))
     bench = load_benchmark(cfg.benchmark, cfg.data_dir, skip_bad=cfg.skip_bad, progress=cfg.progress)
-    model = create_model(cfg.backbone, len(bench.classes), pretrained=cfg.pretrained, dropout=cfg.dropout,
-                         weights_file=cfg.weights_file)
-    # Soups need a shared start: fingerprint everything but the (seeded) classifier, since
-    # averaging linear heads on shared features equals averaging their logits.
-    init_fingerprint = weights_fingerprint(model, exclude=model.get_classifier())
-    net = build_net(model, cfg.head, cfg.train_stages, cfg.freeze_bn).to(device)
-    if cfg.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    norm = data_config(model)
+    net, norm, init_fingerprint = build_run_net(cfg, len(bench.classes), device)
 
     # --- data: per-domain training sets and every eval split (optionally as cached trunk outputs)
     data = make_data(cfg, bench, norm["mean"], norm["std"])
     features = trunk_features(net, data, cfg, device) if cfg.cache_trunk else None
     forward = net.tail if features is not None else net
+    # compiled for training only: evaluation (eval mode) would compile a second graph for little gain
+    train_forward = torch.compile(forward, dynamic=False) if cfg.compile else forward
 
     # --- optimiser: SGD, momentum, the same weight decay on every parameter, step decay
     optimizer = torch.optim.SGD(param_groups(net, cfg.lr, cfg.head_lr_mult), lr=cfg.lr, momentum=cfg.momentum,
@@ -356,7 +367,7 @@ def train(cfg: TrainConfig) -> Path:
         if cfg.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            logits = forward(x)
+            logits = train_forward(x)
         loss = F.cross_entropy(logits.float(), y)
         recent.append(loss.detach())
         at_eval = (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps
