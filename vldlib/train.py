@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import math
 import os
@@ -196,6 +197,34 @@ def _writing(path: Path, *also: type[Exception]) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------- run directory
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on RUN_DIR/.lock while training; yield whether another process held it
+    first (then that process has finished or died, and the run's files must be read again).
+
+    `fcntl.flock`: the kernel releases it when its holder exits, even by kill -9, so a stale lock
+    never blocks a resume.
+    """
+    path = run_dir / ".lock"
+    with _writing(path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    waited = False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a process"
+            print(f"[vldlib] {run_dir} is being trained by {holder}; waiting for it to finish", flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            waited = True
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"PID {os.getpid()} on {platform.node()}".encode(), 0)
+        yield waited
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
 def run_dir_for(cfg: TrainConfig) -> Path:
     """outputs/runs/<benchmark>-te<t>-p<dropout>-lr<lr>-s<seed>-<hash of every result-changing knob>."""
     if cfg.run_name:
@@ -320,124 +349,139 @@ def train(cfg: TrainConfig) -> Path:
     ensemble_logits: dict[str, torch.Tensor] = {}
     best_score, start = -1.0, 0
 
-    # --- resume from the last checkpoint; drop records written after it
+    # --- one process per run: a second one (two notebooks sharing runs) waits here, then
+    # finds the run done, or resumes it from where the first stopped
     with _writing(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
-    if (run_dir / "last.pt").exists():
-        ckpt = load_checkpoint(run_dir / "last.pt")
-        net.model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        averaged.load_state_dict(ckpt["averaged"])
-        ensemble_logits, best_score, start = ckpt["ensemble_logits"], ckpt["best_score"], ckpt["step"]
-        kept = [r for r in old if r.get("step", 0) <= start]
-        # Also rewrite when a kill left half a line: the next append would be glued to it.
-        if len(kept) != len(old) or not _ends_with_newline(records_path):
-            with _writing(records_path):
-                write_text_atomic(records_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
-        print(f"[vldlib] resuming {run_dir} from step {start}")
-    elif records_path.exists():  # records (or half a line) but no checkpoint: killed before the first one
-        records_path.unlink()
-    with _writing(run_dir / "config.json"):
-        write_json_atomic(run_dir / "config.json", asdict(cfg))
-    with _writing(run_dir / "meta.json"):
-        write_json_atomic(run_dir / "meta.json", {
-        "benchmark": bench.name, "domains": data.domains, "classes": data.classes, "test_envs": cfg.test_envs,
-        "train_envs": data.train_envs, "ood_split": "out" if bench.group_by_stem else "in", "split_sizes": {k: len(v) for k, v in data.evals.items()},
-        "init_fingerprint": init_fingerprint, "device": str(device), "python": platform.python_version(),
-        "torch": torch.__version__, "num_params": sum(p.numel() for p in net.parameters()),
-        "trainable_params": sum(p.numel() for p in net.parameters() if p.requires_grad)})
+    with run_lock(run_dir) as waited:
+        if waited and (run_dir / "done").exists():
+            print(f"[vldlib] finished meanwhile by another process: {run_dir}")
+            return run_dir
+        old = read_jsonl(records_path) if waited else old
+        for orphan in run_dir.glob(".*.tmp"):  # half-written by a killed process (atomic_path); ours now
+            orphan.unlink(missing_ok=True)
+        if waited and old and old[-1].get("type") == "failure":
+            raise TrainingDiverged(f"{run_dir} failed in another process at step {old[-1]['step']}: "
+                                   f"{old[-1]['reason']} Delete the folder to retry, or change the config.")
 
-    from tqdm.auto import tqdm
+        # --- resume from the last checkpoint; drop records written after it
+        if (run_dir / "last.pt").exists():
+            ckpt = load_checkpoint(run_dir / "last.pt")
+            net.model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            averaged.load_state_dict(ckpt["averaged"])
+            ensemble_logits, best_score, start = ckpt["ensemble_logits"], ckpt["best_score"], ckpt["step"]
+            kept = [r for r in old if r.get("step", 0) <= start]
+            # Also rewrite when a kill left half a line: the next append would be glued to it.
+            if len(kept) != len(old) or not _ends_with_newline(records_path):
+                with _writing(records_path):
+                    write_text_atomic(records_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+            print(f"[vldlib] resuming {run_dir} from step {start}")
+        elif records_path.exists():  # records (or half a line) but no checkpoint: killed before the first one
+            records_path.unlink()
+        with _writing(run_dir / "config.json"):
+            write_json_atomic(run_dir / "config.json", asdict(cfg))
+        with _writing(run_dir / "meta.json"):
+            write_json_atomic(run_dir / "meta.json", {
+                "benchmark": bench.name, "domains": data.domains, "classes": data.classes, "test_envs": cfg.test_envs,
+                "train_envs": data.train_envs, "ood_split": "out" if bench.group_by_stem else "in",
+                "split_sizes": {k: len(v) for k, v in data.evals.items()},
+                "init_fingerprint": init_fingerprint, "device": str(device), "python": platform.python_version(),
+                "torch": torch.__version__, "num_params": sum(p.numel() for p in net.parameters()),
+                "trainable_params": sum(p.numel() for p in net.parameters() if p.requires_grad)})
 
-    ood_split = "out" if bench.group_by_stem else "in"
-    bar = tqdm(total=cfg.steps, initial=start, desc=run_dir.name, disable=not cfg.progress, dynamic_ncols=True)
-    # Running sums stay on the device: reading a GPU value each step would stall the pipeline.
-    # For the same reason the finiteness check reads the recent losses in batches on a GPU.
-    check_every = 1 if device.type == "cpu" else 25
-    zero = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
-    loss_sum, correct, seen, recent = zero(), zero(), 0, []
-    t_interval, last_eval = time.perf_counter(), start
-    net.train()
-    for step, batch in enumerate(train_batches(data, cfg, start, device, features), start=start):
-        # one SGD step on the concatenated per-domain batches; every random draw seeded by the step
-        torch.manual_seed(seed_hash(cfg.seed, "step", step))
-        x = torch.cat([b[0] for b in batch])
-        y = torch.cat([b[1] for b in batch])
-        if cfg.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            logits = train_forward(x)
-        loss = F.cross_entropy(logits.float(), y)
-        recent.append(loss.detach())
-        at_eval = (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps
-        bad = first_non_finite(recent) if len(recent) >= check_every or at_eval else None
-        if bad is not None:
-            bad_step, bad_loss = step - len(recent) + 1 + bad, recent[bad].item()
-            reason = f"non-finite loss ({bad_loss}) at step {bad_step}; lr {cfg.lr} is probably too high."
-            with _writing(records_path):
-                append_jsonl(records_path, {"type": "failure", "step": bad_step, "reason": reason})
-            bar.close()
-            raise TrainingDiverged(f"{run_dir}: {reason} A failure record was written.")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        done_steps = step + 1
-        if done_steps >= cfg.average_from:
-            averaged.update_parameters(net)
-            if not cfg.freeze_bn:
-                for b_avg, b in zip(averaged.module.buffers(), net.buffers()):
-                    b_avg.copy_(b)
-        if len(recent) >= check_every or at_eval:
-            recent.clear()
-        loss_sum += loss.detach()
-        correct += (logits.detach().argmax(1) == y).sum()
-        seen += len(y)
-        bar.update(1)
+        from tqdm.auto import tqdm
 
-        if done_steps % cfg.eval_every and done_steps != cfg.steps:
-            continue
-        # --- evaluate the current weights, the weight average and the logit ensemble
-        n_interval = done_steps - last_eval
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # the queued steps belong to this interval's time
-        step_time = (time.perf_counter() - t_interval) / max(1, n_interval)
-        net.eval()
-        preds = predict_all(forward, data.evals, cfg, device, features)
-        acc = {"model": accuracies(preds)}
-        if done_steps >= cfg.average_from:
-            averaged.eval()
-            wa_forward = averaged.module.tail if features is not None else averaged.module
-            acc["wa"] = accuracies(predict_all(wa_forward, data.evals, cfg, device, features))
-            for k, (lg, y_k) in preds.items():
-                ensemble_logits[k] = ensemble_logits.get(k, torch.zeros_like(lg)) + lg
-            acc["ens"] = accuracies({k: (ensemble_logits[k], preds[k][1]) for k in preds})
+        ood_split = "out" if bench.group_by_stem else "in"
+        bar = tqdm(total=cfg.steps, initial=start, desc=run_dir.name, disable=not cfg.progress, dynamic_ncols=True)
+        # Running sums stay on the device: reading a GPU value each step would stall the pipeline.
+        # For the same reason the finiteness check reads the recent losses in batches on a GPU.
+        check_every = 1 if device.type == "cpu" else 25
+        zero = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
+        loss_sum, correct, seen, recent = zero(), zero(), 0, []
+        t_interval, last_eval = time.perf_counter(), start
         net.train()
-        record = {"type": "eval", "step": done_steps, "loss": loss_sum.item() / max(1, n_interval),
-                  "lr": optimizer.param_groups[-1]["lr"] / cfg.head_lr_mult, "train_acc": correct.item() / max(1, seen),
-                  "step_time": step_time, "peak_mem_mb": peak_memory_mb(device), "acc": acc}
-        score = validation_score(acc["model"], data.train_envs)
-        if score > best_score:
-            best_score = score
-            save_checkpoint(run_dir / "best.pt", {"model": net.model.state_dict(), "step": done_steps,
-                                                  "config": asdict(cfg), "score": score})
-        with _writing(records_path):
-            append_jsonl(records_path, record)
-        save_checkpoint(run_dir / "last.pt", {
-            "model": net.model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "averaged": averaged.state_dict(),
-            "ensemble_logits": ensemble_logits, "best_score": best_score, "step": done_steps,
-            "config": asdict(cfg)})
-        bar.set_postfix(loss=f"{record['loss']:.3f}", val=f"{score:.3f}",
-                        test=f"{np.mean([acc['model'][f'env{t}_{ood_split}'] for t in cfg.test_envs]):.3f}")
-        loss_sum, correct, seen, t_interval, last_eval = zero(), zero(), 0, time.perf_counter(), done_steps
-    bar.close()
-    if not cfg.keep_last:
-        (run_dir / "last.pt").unlink(missing_ok=True)
-    with _writing(run_dir / "done"):
-        write_text_atomic(run_dir / "done", time.strftime("%Y-%m-%d %H:%M:%S\n"))
-    return run_dir
+        for step, batch in enumerate(train_batches(data, cfg, start, device, features), start=start):
+            # one SGD step on the concatenated per-domain batches; every random draw seeded by the step
+            torch.manual_seed(seed_hash(cfg.seed, "step", step))
+            x = torch.cat([b[0] for b in batch])
+            y = torch.cat([b[1] for b in batch])
+            if cfg.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                logits = train_forward(x)
+            loss = F.cross_entropy(logits.float(), y)
+            recent.append(loss.detach())
+            at_eval = (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps
+            bad = first_non_finite(recent) if len(recent) >= check_every or at_eval else None
+            if bad is not None:
+                bad_step, bad_loss = step - len(recent) + 1 + bad, recent[bad].item()
+                reason = f"non-finite loss ({bad_loss}) at step {bad_step}; lr {cfg.lr} is probably too high."
+                with _writing(records_path):
+                    append_jsonl(records_path, {"type": "failure", "step": bad_step, "reason": reason})
+                bar.close()
+                raise TrainingDiverged(f"{run_dir}: {reason} A failure record was written.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            done_steps = step + 1
+            if done_steps >= cfg.average_from:
+                averaged.update_parameters(net)
+                if not cfg.freeze_bn:
+                    for b_avg, b in zip(averaged.module.buffers(), net.buffers()):
+                        b_avg.copy_(b)
+            if len(recent) >= check_every or at_eval:
+                recent.clear()
+            loss_sum += loss.detach()
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += len(y)
+            bar.update(1)
+
+            if done_steps % cfg.eval_every and done_steps != cfg.steps:
+                continue
+            # --- evaluate the current weights, the weight average and the logit ensemble
+            n_interval = done_steps - last_eval
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the queued steps belong to this interval's time
+            step_time = (time.perf_counter() - t_interval) / max(1, n_interval)
+            net.eval()
+            preds = predict_all(forward, data.evals, cfg, device, features)
+            acc = {"model": accuracies(preds)}
+            if done_steps >= cfg.average_from:
+                averaged.eval()
+                wa_forward = averaged.module.tail if features is not None else averaged.module
+                acc["wa"] = accuracies(predict_all(wa_forward, data.evals, cfg, device, features))
+                for k, (lg, y_k) in preds.items():
+                    ensemble_logits[k] = ensemble_logits.get(k, torch.zeros_like(lg)) + lg
+                acc["ens"] = accuracies({k: (ensemble_logits[k], preds[k][1]) for k in preds})
+            net.train()
+            record = {"type": "eval", "step": done_steps, "loss": loss_sum.item() / max(1, n_interval),
+                      "lr": optimizer.param_groups[-1]["lr"] / cfg.head_lr_mult,
+                      "train_acc": correct.item() / max(1, seen),
+                      "step_time": step_time, "peak_mem_mb": peak_memory_mb(device), "acc": acc}
+            score = validation_score(acc["model"], data.train_envs)
+            if score > best_score:
+                best_score = score
+                save_checkpoint(run_dir / "best.pt", {"model": net.model.state_dict(), "step": done_steps,
+                                                      "config": asdict(cfg), "score": score})
+            with _writing(records_path):
+                append_jsonl(records_path, record)
+            save_checkpoint(run_dir / "last.pt", {
+                "model": net.model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "averaged": averaged.state_dict(),
+                "ensemble_logits": ensemble_logits, "best_score": best_score, "step": done_steps,
+                "config": asdict(cfg)})
+            bar.set_postfix(loss=f"{record['loss']:.3f}", val=f"{score:.3f}",
+                            test=f"{np.mean([acc['model'][f'env{t}_{ood_split}'] for t in cfg.test_envs]):.3f}")
+            loss_sum, correct, seen, t_interval, last_eval = zero(), zero(), 0, time.perf_counter(), done_steps
+        bar.close()
+        if not cfg.keep_last:
+            (run_dir / "last.pt").unlink(missing_ok=True)
+        with _writing(run_dir / "done"):
+            write_text_atomic(run_dir / "done", time.strftime("%Y-%m-%d %H:%M:%S\n"))
+        return run_dir
 
 
 # ----------------------------------------------------------------------------- reuse of finished runs
