@@ -172,3 +172,12 @@ def test_steps_scaling_times_real_runs(fake_benchmark, tmp_path):
     assert res["slope_s_per_step"] == pytest.approx((res["runs"][1]["wall_s"] - res["runs"][0]["wall_s"]) / 2)
     assert all(r["step_time_s"] > 0 for r in res["runs"])
 
+
+
+def test_steps_per_dropout_rate():
+    from vldlib.experiments import steps_for
+
+    assert steps_for(600, 0.9) == 600
+    assert steps_for({0.0: 600, 0.9: 1200}, 0.9) == 1200 and steps_for({"0.9": 1200}, 0.9) == 1200
+    with pytest.raises(ValueError, match="no value for dropout rate 0.5"):
+        steps_for({0.0: 600}, 0.5)

@@ -281,6 +281,12 @@ def rate_ratio(a: dict, b: dict) -> float:
     return a["rate"] / b["rate"]
 
 
+def check_paths(paths: tuple[str, ...]) -> None:
+    for p in paths:
+        if p not in ("compute", "plain", "fast"):
+            raise ValueError(f"unknown path {p!r}; choose from compute, plain, fast")
+
+
 def total_steps(cfg: BenchConfig) -> int:
     return cfg.warmup + cfg.steps * cfg.repeats
 
@@ -417,9 +423,7 @@ def run_bench(cfg: BenchConfig, *, json_path: str | os.PathLike | None = None, l
     cached-arrays-with-workers variant) on their own. The fast rate is the best measured variant.
     """
     cfg = cfg.resolved()
-    for p in cfg.paths:
-        if p not in ("compute", "plain", "fast"):
-            raise ValueError(f"unknown path {p!r}; choose from compute, plain, fast")
+    check_paths(cfg.paths)
     bench = load_data(cfg)
     gpu = torch.device(cfg.device).type == "cuda"
     n_img = cfg.domains * cfg.batch_size
@@ -527,17 +531,22 @@ CONFIGS_HELP = """\
     configuration of the GPU targets (resnet50, 224 px, 3 x 32)."""
 
 
+def _image_options_given(args: argparse.Namespace) -> bool:
+    return any(getattr(args, k) is not None for k in IMAGE_OPTIONS)
+
+
 def _pick_config(args: argparse.Namespace, device: str) -> str:
     if args.config:
         return args.config
     from vldlib.train import resolve_device
 
-    image_options = any(getattr(args, k) is not None for k in IMAGE_OPTIONS) or args.bf16 or args.compile
+    image_options = _image_options_given(args) or args.bf16 or args.compile
     return "images" if image_options or resolve_device(device).type != "cpu" else "quickstart"
 
 
 def _cli_bench(args: argparse.Namespace) -> int:
     from vldlib.bench_runs import quickstart_config, run_config_bench
+
     if args.gpu_check or args.gpu_check_smoke:
         from vldlib.gpu_check import GPU_PLAN, SMOKE_PLAN, gpu_check
 
@@ -554,7 +563,7 @@ def _cli_bench(args: argparse.Namespace) -> int:
                       paths=tuple(p.strip() for p in args.paths.split(",") if p.strip()))
     try:
         which = _pick_config(args, cfg.device)
-        if which == "quickstart" and any(getattr(args, k) is not None for k in IMAGE_OPTIONS):
+        if which == "quickstart" and _image_options_given(args):
             raise ValueError("--config quickstart times the quickstart notebook's own configuration; "
                              "--backbone/--resolution/--domains/--train-stages/--data/--batch-size apply to "
                              "--config images (or change the notebook's parameters)")
@@ -580,6 +589,7 @@ def _cli_bench(args: argparse.Namespace) -> int:
 
 def _cli_steps_scaling(args: argparse.Namespace, cfg: BenchConfig, which: str) -> int:
     from vldlib.bench_runs import image_run_config, quickstart_config, steps_scaling, sweep_note
+
     try:
         n, m = (int(s) for s in args.steps_scaling.split(","))
     except ValueError:

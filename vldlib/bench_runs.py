@@ -18,8 +18,8 @@ from typing import Callable
 
 import torch
 
-from vldlib.bench import (OUT, BenchConfig, Contender, LoopStep, total_steps, backend_flags, report_rates, time_plain,
-                          time_rates)
+from vldlib.bench import (OUT, BenchConfig, Contender, LoopStep, backend_flags, check_paths, report_rates, time_plain,
+                          time_rates, total_steps)
 from vldlib.train import TrainConfig
 
 
@@ -32,7 +32,7 @@ def quickstart_config(device: str = "auto") -> TrainConfig:
 
     import papermill as pm
 
-    from vldlib.experiments import with_paths
+    from vldlib.experiments import steps_for, with_paths
     from vldlib.quickstart import notebook_path
 
     nb = notebook_path()
@@ -42,12 +42,11 @@ def quickstart_config(device: str = "auto") -> TrainConfig:
         raise ValueError(f"{nb}: a parameters-cell default is not a Python literal ({e}); "
                          f"the bench reads them to time the quickstart's configuration") from e
     rate = max(p["dropout_rates"])
-    steps = p["steps"].get(rate, p["steps"].get(str(rate))) if isinstance(p["steps"], dict) else p["steps"]
     return with_paths(TrainConfig(
         benchmark=p["benchmark"], data_dir=p["data_dir"], backbone=p["backbone"], pretrained=p["pretrained"],
         resolution=p["resolution"], train_stages=p["train_stages"], cache_trunk=p["cache_trunk"],
-        augment=p["augment"], dropout=rate, steps=int(steps), lr=p["lr"], weight_decay=p["weight_decay"],
-        batch_size=p["batch_size"], eval_every=p["eval_every"], average_from=p["eval_every"],
+        augment=p["augment"], dropout=rate, steps=steps_for(p["steps"], rate), lr=p["lr"],
+        weight_decay=p["weight_decay"], batch_size=p["batch_size"], eval_every=p["eval_every"], average_from=p["eval_every"],
         test_envs=[0] if p["test_envs"] is None else [p["test_envs"][0]],
         device=p["device"] if device == "auto" else device, num_threads=p["num_threads"], keep_last=False,
         progress=False))
@@ -70,9 +69,7 @@ def run_config_bench(tcfg: TrainConfig, timing: BenchConfig, *, name: str = "con
     from vldlib.data.transforms import eval_transform, train_transform
     from vldlib.train import make_data, train_batches, trunk_features
 
-    for p in timing.paths:
-        if p not in ("compute", "plain", "fast"):
-            raise ValueError(f"unknown path {p!r}; choose from compute, plain, fast")
+    check_paths(timing.paths)
     timing = replace(timing, batch_size=tcfg.batch_size,
                      workers=timing.workers if timing.workers >= 0 else (os.cpu_count() or 1))
     tcfg = replace(tcfg, steps=total_steps(timing) + 1, progress=False)

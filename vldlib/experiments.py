@@ -33,6 +33,17 @@ def grid(base: TrainConfig, **axes: Iterable[Any]) -> list[TrainConfig]:
     return configs
 
 
+def steps_for(steps: int | dict, rate: float) -> int:
+    """The steps of a run at dropout `rate`: one number for every rate, or a mapping per rate (90%
+    dropout fits more slowly, so it may need more steps to plateau; the paper's section 3)."""
+    if not isinstance(steps, dict):
+        return int(steps)
+    found = steps.get(rate, steps.get(str(rate)))
+    if found is None:
+        raise ValueError(f"steps gives no value for dropout rate {rate}: {steps}")
+    return int(found)
+
+
 def with_paths(cfg: TrainConfig) -> TrainConfig:
     """Resolve data_dir/out (and a benchmark given as a relative path) against the project root."""
     bench = cfg.benchmark

@@ -31,6 +31,7 @@ import torch
 
 from vldlib.bench import OUT, BenchConfig, device_name, measure_compute, run_bench, write_synthetic_domains
 from vldlib.bench_runs import image_run_config, linear_fit, quickstart_config, sweep_note, time_run
+from vldlib.train import TrainConfig
 from vldlib.utils import write_json_atomic, write_text_atomic
 
 
@@ -142,11 +143,13 @@ def gpu_check(budget_s: float = 450.0, out: Path = OUT, log: Callable = print, p
 
     loops: dict[str, dict] = {}
 
+    def loop_config(**opts) -> TrainConfig:
+        return image_run_config(root, backbone=plan.big, resolution=plan.resolution, device=plan.device, **opts)
+
     def train_run(name: str, **opts) -> Callable[[], dict]:
         def fn() -> dict:
             with tempfile.TemporaryDirectory() as tmp:
-                res = time_run(image_run_config(root, backbone=plan.big, resolution=plan.resolution,
-                                                device=plan.device, **opts), plan.train_steps, tmp)
+                res = time_run(loop_config(**opts), plan.train_steps, tmp)
             loops[name] = res
             return {**res, "10k_steps_train_only_min": 10_000 * res["step_time_s"] / 60}
         return fn
@@ -162,8 +165,7 @@ def gpu_check(budget_s: float = 450.0, out: Path = OUT, log: Callable = print, p
         if "fp32/TF32" not in loops:
             raise RuntimeError("needs the fp32/TF32 real-loop run")
         with tempfile.TemporaryDirectory() as tmp:
-            short = time_run(image_run_config(root, backbone=plan.big, resolution=plan.resolution,
-                                              device=plan.device), plan.scaling_steps, tmp)
+            short = time_run(loop_config(), plan.scaling_steps, tmp)
         res = linear_fit(short, loops["fp32/TF32"])
         return {"fixed_s": res["fixed_s"], "slope_s_per_step": res["slope_s_per_step"],
                 "loop_step_time_s": res["loop_step_time_s"][1], "slope_over_step_time": res["slope_over_step_time"],
