@@ -18,19 +18,28 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_fake_benchmark
 from PIL import Image
+from test_download import _png, make_tar, make_zip, small, tree
 
 from vldlib.cli import main as cli_main
 from vldlib.data import DataError, load_benchmark
-from vldlib.data.archives import ArchiveError, ExpandsTooLarge, NoSpaceError, safe_extract
+from vldlib.data.archives import (
+    ArchiveError,
+    ExpandsTooLarge,
+    NoSpaceError,
+    safe_extract,
+)
 from vldlib.data.datasets import ImageDataset
-from vldlib.data.download import MAX_BYTES_PER_IMAGE, MIN_EXTRACT_CAP, download_benchmark, expanded_size_cap
+from vldlib.data.download import (
+    MAX_BYTES_PER_IMAGE,
+    MIN_EXTRACT_CAP,
+    download_benchmark,
+    expanded_size_cap,
+)
 from vldlib.data.folder import check_image, to_rgb
 from vldlib.data.layout import _apply_remove_list
 from vldlib.data.registry import get_spec
-
-from conftest import make_fake_benchmark
-from test_download import _png, make_tar, make_zip, small, tree
 
 DEPTH = 12  # deep enough that DEPTH '..' from inside the tree reach '/'
 

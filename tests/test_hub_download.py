@@ -18,17 +18,15 @@ import threading
 import urllib.parse
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_download import FileServer, _png, small
 
 from vldlib.cli import main as cli_main
 from vldlib.data import DataError, get_spec
-from vldlib.data.download import DownloadError, download_benchmark, verify_benchmark
-
-from test_download import FileServer, _png, small
+from vldlib.data.download import download_benchmark, verify_benchmark
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 

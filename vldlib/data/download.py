@@ -24,7 +24,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from vldlib.data.archives import ArchiveError, ExpandsTooLarge, archive_format, no_space

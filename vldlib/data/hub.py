@@ -16,19 +16,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 from vldlib.data.archives import check_member_name, inside
 from vldlib.data.fetch import DownloadError
 from vldlib.data.folder import IMAGE_EXTENSIONS, DataError
+from vldlib.data.layout import _norm
 from vldlib.data.registry import BenchmarkSpec
 
 PARQUET_PATTERNS = ["*.parquet", "**/*.parquet"]
-
-
-def _norm(name: str) -> str:
-    return re.sub(r"[\s_\-]+", "", str(name)).lower()
 
 
 def fetch_hub_dataset(repo_id: str, dest: Path, *, revision: str | None = None, progress: bool = True) -> list[Path]:
@@ -48,7 +44,7 @@ def fetch_hub_dataset(repo_id: str, dest: Path, *, revision: str | None = None, 
         folder = snapshot_download(repo_id=repo_id, repo_type="dataset", revision=revision, local_dir=dest,
                                    cache_dir=dest / ".hf-cache", allow_patterns=PARQUET_PATTERNS,
                                    endpoint=endpoint)
-    except Exception as e:  # huggingface_hub raises many kinds (HTTP, offline, connection, ...)
+    except Exception as e:  # noqa: BLE001  (huggingface_hub raises many kinds: HTTP, offline, connection)
         raise DownloadError(f"Hugging Face Hub dataset {repo_id} at {endpoint or 'https://huggingface.co'}: "
                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     finally:
@@ -111,7 +107,7 @@ def write_hub_layout(spec: BenchmarkSpec, shards: list[Path], out: Path, *, prog
                    mininterval=1.0)
         for batch in pf.iter_batches(batch_size=256, columns=["image", "domain", "label"]):
             for image, domain, label in zip(*(batch.column(c).to_pylist() for c in ("image", "domain", "label"))):
-                d = domains.get(_norm(domain))
+                d = domains.get(_norm(str(domain)))
                 if isinstance(label, str):
                     cls_name = label
                 elif names is not None and 0 <= int(label) < len(names):
