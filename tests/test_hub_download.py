@@ -158,6 +158,7 @@ def test_pacs_from_the_hub_in_the_domainbed_layout(hub, tmp_path):
     assert prov["sources"][0]["hub"] == "flwrlabs/pacs" and prov["matched"] == "hub"
     assert verify_benchmark(spec, tmp_path / "data", progress=False).ok
     assert not (tmp_path / "data" / ".downloads").exists()  # shards removed after install
+    assert not [p for p in (tmp_path / "hf-home").rglob("*") if p.is_file()]  # nothing in the user's HF cache
     assert any("/api/datasets/flwrlabs/pacs/revision/" in r for r in hub.requests)
     assert not any("README" in r for r in hub.requests if "resolve" in r)  # only the parquet shards
 
