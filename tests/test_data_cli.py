@@ -39,6 +39,7 @@ def test_list_shows_domains_counts_and_sources(capsys):
     assert "location_100 4879" in out and "total 24330" in out
     assert "Real World 4357" in out
     assert "https://storage.googleapis.com/public-datasets-lila/caltechcameratraps/eccv_18_all_images_sm.tar.gz" in out
+    assert "(--source hf, and the fallback): https://huggingface.co/datasets/flwrlabs/pacs" in out
 
 
 def test_download_then_verify(server, tiny_pacs, tmp_path, capsys):
