@@ -39,6 +39,7 @@ def test_list_shows_domains_counts_and_sources(capsys):
     assert "location_100 4879" in out and "total 24330" in out
     assert "Real World 4357" in out
     assert "https://storage.googleapis.com/public-datasets-lila/caltechcameratraps/eccv_18_all_images_sm.tar.gz" in out
+    assert "(--source hf, and the fallback): https://huggingface.co/datasets/flwrlabs/pacs" in out
 
 
 def test_download_then_verify(server, tiny_pacs, tmp_path, capsys):
@@ -89,3 +90,31 @@ def test_build_calls_the_offline_builder(monkeypatch, tmp_path, capsys):
     assert calls == [(tmp_path, True, False)]
     assert main(["data", "build", "PACS", "--data-dir", str(tmp_path)]) == 1
     assert "is downloaded, not built" in capsys.readouterr().err
+
+
+def test_verify_accepts_any_folder_path(tmp_path, capsys):
+    """`data verify PATH`: counts per domain and class, class lists compared, unreadable files."""
+    from conftest import make_fake_benchmark
+
+    root = make_fake_benchmark(tmp_path / "mine", per_class=3)
+    assert main(["data", "verify", str(root), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "d0" in out and "d2" in out and "27 images" in out  # 3 domains x 3 classes x 3
+    assert "no expected counts are recorded" in out
+    (root / "d1" / "b" / "b_000.png").write_bytes(b"not a png")
+    assert main(["data", "verify", str(root), "--quiet"]) == 1
+    assert "1 unreadable file(s), e.g. " + str(root / "d1" / "b" / "b_000.png") in capsys.readouterr().out
+    (root / "d1" / "b" / "b_000.png").unlink()
+    (root / "d2" / "zz").mkdir()
+    (root / "d2" / "zz" / "x.png").write_bytes((root / "d2" / "a" / "a_000.png").read_bytes())
+    assert main(["data", "verify", str(root), "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "lacks class folder(s) ['zz']" in out
+
+
+def test_verify_a_path_named_like_a_benchmark_uses_its_counts(server, tiny_pacs, tmp_path, capsys):
+    server.files["PACS.zip"] = make_zip(tree("kfold/", tiny_pacs.domains, tiny_pacs.classes))
+    assert main(["data", "download", "PACS", "--data-dir", str(tmp_path / "d"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["data", "verify", str(tmp_path / "d" / "PACS"), "--quiet"]) == 0
+    assert "match the 'DomainBed' counts" in capsys.readouterr().out

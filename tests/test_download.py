@@ -101,6 +101,7 @@ class FileServer:
 def server(monkeypatch):
     srv = FileServer()
     monkeypatch.setenv("VLDLIB_MIRROR", srv.url)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # a Hub fallback never leaves the machine
     yield srv
     srv.close()
 
@@ -136,16 +137,17 @@ def make_zip(entries: dict[str, bytes]) -> bytes:
 
 
 def make_tar(entries: dict[str, bytes], mode: str = "w:gz",
-             links: dict[str, str | tuple[bytes, str]] | None = None) -> bytes:
+             links: dict[str, str | tuple[bytes, str]] | list[tuple[str, str]] | None = None) -> bytes:
     """A tar archive in memory; `links` maps a member to a symlink target, or to (tar type, target)
-    for hard links."""
+    for hard links; a list of (member, target) pairs keeps its order and may name a member twice
+    (a link re-pointed by a later entry)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode=mode) as tf:
         for name, data in entries.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
-        for name, link in (links or {}).items():
+        for name, link in (links.items() if isinstance(links, dict) else links or ()):
             info = tarfile.TarInfo(name)
             info.type, info.linkname = link if isinstance(link, tuple) else (tarfile.SYMTYPE, link)
             tf.addfile(info)
@@ -345,7 +347,7 @@ def test_md5_mismatch_is_refused(server, tmp_path):
 def test_http_error_says_what_to_fetch_by_hand(server, tmp_path):
     server.status["PACS.zip"] = 403
     with pytest.raises(DownloadError) as e:
-        download_benchmark("PACS", tmp_path, progress=False)
+        download_benchmark("PACS", tmp_path, progress=False, source="primary")  # no Hub fallback
     msg = str(e.value)
     assert "HTTP error 403" in msg and "Fetch it by hand" in msg
     assert "drive.google.com/file/d/1JFr8f805nMUelQWWmfnJR3y4_SYoN5Pd" in msg

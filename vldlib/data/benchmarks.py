@@ -129,6 +129,14 @@ OFFICE_HOME = register_benchmark(BenchmarkSpec(
                 "product photos and real-world photos; 15,588 images.",
 ))
 
+# Hugging Face Hub copies of the DomainBed benchmarks (Flower Labs), used with `--source hf` and
+# when the primary (Google-Drive) link fails; `vldlib.data.hub` converts them to the DomainBed
+# layout. Published schema (dataset card of flwrlabs/pacs): parquet shards `data/train-*.parquet`
+# with columns `image` (image: {bytes, path}), `domain` (string, e.g. 'art_painting') and
+# `label` (class label dog..person); 9,991 rows. flwrlabs/office-home is taken to follow the same
+# schema (image, domain, label; 15,588 rows); its card could not be checked from here.
+HUB_DATASETS = {"PACS": "flwrlabs/pacs", "OfficeHome": "flwrlabs/office-home"}
+
 TERRA_INCOGNITA = register_benchmark(BenchmarkSpec(
     name="TerraIncognita",
     domains=("location_100", "location_38", "location_43", "location_46"),

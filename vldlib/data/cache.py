@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vldlib.data.folder import MultiDomainFolder
+from vldlib.data.folder import MultiDomainFolder, to_rgb
 from vldlib.data.transforms import to_uint8_tensor
 from vldlib.utils import atomic_path, write_json_atomic
 
@@ -43,7 +43,7 @@ def decode_images(samples: list[tuple[str, int]], resolution: int, *, desc: str 
         with Image.open(path) as im:
             if im.format == "JPEG":
                 im.draft("RGB", (resolution, resolution))  # decode at a reduced scale when possible
-            out[i] = to_tensor(im.convert("RGB")).numpy()
+            out[i] = to_tensor(to_rgb(im)).numpy()
     return out
 
 

@@ -13,11 +13,14 @@ examples:
   python -m vldlib data download TerraIncognita --data-dir data       # 6.5 GB of camera-trap images
   python -m vldlib data download OfficeHome --data-dir data --archive ~/Downloads/office_home.zip
   python -m vldlib data verify TerraIncognita --data-dir data         # exit code 1 on any mismatch
+  python -m vldlib data verify path/to/my_benchmark                   # any <domain>/<class>/<image> folder
+  python -m vldlib data download PACS --data-dir data --source hf     # the Hugging Face Hub copy
   python -m vldlib data build emoji --data-dir data                   # offline benchmark, no download
 
 Downloads resume after an interruption (run the same command again). When a source fails (Google
 Drive quotas, moved links) the error says what to fetch by hand and the --archive command that
-imports it. VLDLIB_MIRROR=https://host/dir fetches every file as <mirror>/<file name> instead.
+imports it; PACS and OfficeHome fall back to their Hugging Face Hub copies (--source hf takes
+them directly). VLDLIB_MIRROR=https://host/dir fetches every file as <mirror>/<file name> instead.
 The data dir defaults to $VLDLIB_DATA, else ./data.
 """
 
@@ -29,7 +32,7 @@ def _data_dir(args: argparse.Namespace) -> Path:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from vldlib.data.benchmarks import TOTAL
+    from vldlib.data.benchmarks import HUB_DATASETS, TOTAL
     from vldlib.data.registry import get_spec, list_benchmarks
 
     for name in list_benchmarks():
@@ -47,6 +50,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
             print(f"  domains: {', '.join(spec.domains)}")
         for s in spec.sources:
             print(f"  source: {s.url}  ->  {s.filename}" + (f"  ({s.note})" if s.note else ""))
+        if spec.name in HUB_DATASETS:
+            print(f"  source (--source hf, and the fallback): https://huggingface.co/datasets/"
+                  f"{HUB_DATASETS[spec.name]}")
         if spec.builder is not None:
             print(f"  built offline: python -m vldlib data build {spec.name} --data-dir DIR")
     return 0
@@ -60,7 +66,9 @@ def _cmd_download(args: argparse.Namespace) -> int:
         path = download_benchmark(args.name, _data_dir(args), archive=args.archive or None,
                                   progress=not args.quiet, mirror=args.mirror, force=args.force,
                                   allow_count_mismatch=args.allow_count_mismatch,
-                                  keep_downloads=args.keep_downloads)
+                                  keep_downloads=args.keep_downloads, source=args.source,
+                                  max_extract_bytes=(None if args.max_extract_mb is None
+                                                     else int(args.max_extract_mb * (1 << 20))))
     except (DataError, KeyError) as e:
         print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 1
@@ -69,11 +77,11 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from vldlib.data.download import verify_benchmark
+    from vldlib.data.verify import verify_path
 
     try:
-        report = verify_benchmark(args.name, _data_dir(args), check_images=not args.no_image_check,
-                                  progress=not args.quiet)
+        report = verify_path(args.name, _data_dir(args), check_images=not args.no_image_check,
+                             progress=not args.quiet)
     except KeyError as e:
         print(f"error: {e.args[0]}", file=sys.stderr)
         return 1
@@ -133,12 +141,19 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--allow-count-mismatch", action="store_true",
                    help="install even if the image counts match no accepted version")
     q.add_argument("--keep-downloads", action="store_true", help="keep the archives in DATA/.downloads")
+    q.add_argument("--source", choices=("auto", "primary", "hf"), default="auto",
+                   help="primary: the registered links; hf: the Hugging Face Hub copy (PACS, OfficeHome; "
+                        "$HF_ENDPOINT for a mirror); auto (default): primary, then the Hub copy if a link fails")
+    q.add_argument("--max-extract-mb", type=float, default=None, metavar="MB",
+                   help="refuse an archive that expands past MB megabytes (default: 2 MB per expected "
+                        "image, at least 1 GB: a zip bomb guard)")
     q.set_defaults(func=_cmd_download)
 
     q = sub.add_parser("verify", help="count images per domain and class against the expected counts",
                        epilog="example: python -m vldlib data verify PACS --data-dir data "
                               "(exit code 1 on any mismatch)")
-    q.add_argument("name", help="benchmark name (see `data list`)")
+    q.add_argument("name", help="benchmark name (see `data list`) or a folder path laid out as "
+                                "<domain>/<class>/<image>")
     common(q)
     q.add_argument("--no-image-check", action="store_true", help="count files without decoding them")
     q.set_defaults(func=_cmd_verify)

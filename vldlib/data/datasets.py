@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vldlib.data.folder import DataError
+from vldlib.data.folder import IMAGE_ERRORS, DataError, to_rgb
 
 
 def _seeded(transform: Callable, x, seed: int | None):
@@ -40,8 +40,8 @@ class ImageDataset(Dataset):
         path, label = self.samples[idx]
         try:
             with Image.open(path) as im:
-                img = im.convert("RGB")
-        except (OSError, SyntaxError, ValueError) as e:
+                img = to_rgb(im)
+        except IMAGE_ERRORS as e:
             raise DataError(f"{path}: cannot decode image ({e}); delete or replace it, or load the "
                             f"benchmark with skip_bad=True to skip bad files.") from e
         return _seeded(self.transform, img, seed), label

@@ -68,9 +68,31 @@ def _subdirs(p: Path) -> list[Path]:
     return sorted(c for c in p.iterdir() if c.is_dir() and not _is_hidden(c))
 
 
+# What PIL raises for a file that is not a usable image: truncated or corrupt data, and
+# DecompressionBombError (a header claiming more pixels than Image.MAX_IMAGE_PIXELS allows,
+# which would exhaust memory), which is not an OSError.
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """An RGB copy of `im`, 16-bit grey scaled to 8 bits (PIL's convert clips it at 255).
+
+    PNGs with 16-bit grey open in mode "I;16" (or "I"); `convert("RGB")` maps values above 255
+    to white, which turned 99.7% of a real 16-bit image white. Here 0..65535 becomes 0..255.
+    """
+    if im.mode.startswith("I;16") or (im.mode == "I" and im.getextrema()[1] > 255):
+        import numpy as np
+
+        a = np.asarray(im, dtype=np.uint32)
+        im = Image.fromarray(((a.clip(0, 65535) * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+    return im.convert("RGB")
+
+
 def check_image(path: Path) -> str | None:
     """Return None if the file decodes as an image, else a short reason."""
     try:
+        if os.path.islink(path) and not path.exists():
+            return f"dangling symbolic link (to {os.readlink(path)!r})"
         if path.stat().st_size == 0:
             return "zero-byte file"
         with Image.open(path) as im:
@@ -79,7 +101,9 @@ def check_image(path: Path) -> str | None:
         return None
     except UnidentifiedImageError:
         return "not an image PIL can read"
-    except (OSError, SyntaxError, ValueError) as e:
+    except Image.DecompressionBombError as e:
+        return f"decompression bomb ({e})"
+    except IMAGE_ERRORS as e:
         return f"corrupt image ({e})"
 
 
@@ -100,7 +124,11 @@ def _check_images(files: list[Path], root: Path, progress: bool) -> dict[str, st
     good: dict[str, list[int]] = {}
     todo = []
     for f in files:
-        st = f.stat()
+        try:
+            st = f.stat()
+        except OSError:  # a dangling link: check_image names it
+            todo.append((f, None))
+            continue
         sig = [st.st_size, st.st_mtime_ns]
         if known.get(str(f)) == sig:
             good[str(f)] = sig
@@ -112,9 +140,9 @@ def _check_images(files: list[Path], root: Path, progress: bool) -> dict[str, st
         for f, sig in tqdm(todo, desc=f"checking images of {root.name}", disable=not progress,
                            unit="img", mininterval=1.0):
             reason = check_image(f)
-            if reason is None:
+            if reason is None and sig is not None:
                 good[str(f)] = sig
-            else:
+            elif reason is not None:
                 bad[str(f)] = reason
         try:
             write_json_atomic(manifest_file, good)
@@ -193,6 +221,13 @@ def scan_folder(
             for f in sorted(cdir.rglob("*")):
                 if f.is_dir() or _is_hidden(f) or f.name in IGNORED_NAMES:
                     continue
+                if f.is_symlink() and not f.exists():
+                    reason = f"dangling symbolic link (to {os.readlink(f)!r})"
+                    if skip_bad:
+                        skipped.append((str(f), reason))
+                        continue
+                    raise DataError(f"{f}: {reason} in class folder {d}/{c}; remove it, or load with "
+                                    f"skip_bad=True (--skip-bad) to skip such files with a count.")
                 if f.suffix.lower() not in IMAGE_EXTENSIONS:
                     if skip_bad:
                         skipped.append((str(f), "not an image file"))
