@@ -115,6 +115,8 @@ def test_run_directory_contents_and_records(fake_benchmark, tmp_path, capsys):
     assert set(records[0]["acc"]["model"]) == {f"env{i}_{s}" for i in range(3) for s in ("in", "out")}
     meta = json.loads((run / "meta.json").read_text())
     assert meta["domains"] == ["d0", "d1", "d2"] and meta["train_envs"] == [1, 2]
+    from test_splits import domainbed_out_files  # DomainBed's split, re-implemented from its code
+    assert {d: set(f) for d, f in meta["out_files"].items()} == domainbed_out_files(tmp_path / "fake", cfg.trial_seed)
     # re-running a finished run is a no-op that says so
     capsys.readouterr()
     assert train(cfg) == run
