@@ -20,6 +20,8 @@ from vldlib.models import FineTuneNet, ModelConfigError, create_model
 from vldlib.train import AveragedTrainable, TrainConfig, TrainingDiverged, batch_indices, run_dir_for, train
 from vldlib.utils import read_jsonl
 
+from test_splits import domainbed_out_files  # DomainBed's split, re-implemented from its code
+
 VOLATILE = ("step_time", "peak_mem_mb")
 
 
@@ -177,7 +179,7 @@ def test_weight_average_and_ensemble_accuracies_by_hand(fake_benchmark, tmp_path
 
     @torch.no_grad()
     def logits_with(w: dict) -> dict:
-        net.load_state_dict({**net.state_dict(), **{f"{n}": v for n, v in w.items()}}, strict=True)
+        net.load_state_dict({**net.state_dict(), **w}, strict=True)
         out = {}
         for name, ds in data.evals.items():
             x, y = zip(*(ds[i] for i in range(len(ds))))
@@ -213,7 +215,6 @@ def test_run_directory_contents_and_records(fake_benchmark, tmp_path, capsys):
     assert set(records[0]["acc"]["model"]) == {f"env{i}_{s}" for i in range(3) for s in ("in", "out")}
     meta = json.loads((run / "meta.json").read_text())
     assert meta["domains"] == ["d0", "d1", "d2"] and meta["train_envs"] == [1, 2]
-    from test_splits import domainbed_out_files  # DomainBed's split, re-implemented from its code
     assert {d: set(f) for d, f in meta["out_files"].items()} == domainbed_out_files(tmp_path / "fake", cfg.trial_seed)
     # re-running a finished run is a no-op that says so
     capsys.readouterr()

@@ -91,9 +91,8 @@ def image_sizes(samples: list[tuple[str, int]], *, progress: bool = True, root: 
                                        mininterval=1.0)):
         with Image.open(file) as im:
             sizes[i] = im.height, im.width  # the size convert("RGB") decodes to (no EXIF rotation on either path)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, sizes)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, sizes)
     return sizes
 
 
