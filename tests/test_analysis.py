@@ -149,9 +149,30 @@ def test_checkers_accept_right_answers_and_explain_wrong_ones():
     assert teaching.check_dropout_variance(9.0)
     with pytest.raises(AssertionError):
         teaching.check_dropout_variance(0.9)
-    assert teaching.check_lodo_splits(teaching.lodo_splits)
+    # leave-one-domain-out, written out by hand
+    assert teaching.lodo_splits(["a", "b", "c"]) == [(["b", "c"], "a"), (["a", "c"], "b"), (["a", "b"], "c")]
+    by_hand = [(["cartoon", "photo", "sketch"], "art"), (["art", "photo", "sketch"], "cartoon"),
+               (["art", "cartoon", "sketch"], "photo"), (["art", "cartoon", "photo"], "sketch")]
+    assert teaching.check_lodo_splits(lambda domains: by_hand)
+    with pytest.raises(AssertionError, match="3 experiments"):
+        teaching.check_lodo_splits(lambda domains: by_hand[:3])
+    with pytest.raises(AssertionError, match="every domain but one"):
+        teaching.check_lodo_splits(lambda domains: [(list(domains), t) for _, t in by_hand])
+    # training-domain validation: the highest i.i.d. accuracy, earliest on ties (scanned by hand here)
     t = teaching.selection_exercise()
-    assert teaching.check_selected_step(int(t.step[t.iid_val_acc.idxmax()]))
+    rows = list(zip(t.step.tolist(), t.iid_val_acc.tolist(), t.ood_test_acc.tolist()))
+    best = rows[0]
+    for row in rows[1:]:
+        if row[1] > best[1]:
+            best = row
+    oracle = max(rows, key=lambda r: (r[2], -r[0]))[0]
+    assert teaching.check_selected_step(best[0])
+    if oracle != best[0]:
+        with pytest.raises(AssertionError, match="oracle"):
+            teaching.check_selected_step(oracle)
+    wrong = next(r[0] for r in rows if r[0] not in (best[0], oracle))
+    with pytest.raises(AssertionError, match="highest i.i.d."):
+        teaching.check_selected_step(wrong)
 
 
 # --------------------------------------------------------------------------- on tiny runs
@@ -192,7 +213,32 @@ def test_head_usage_and_taylor_on_runs(tiny_runs):
     st = load_run_data(tiny_runs["stage"])
     net0 = initial_net(st.cfg, len(st.meta["classes"]))
     rep = lin.taylor_report(net0.tail, st.net.tail, *st.inputs("iid"))
-    assert 0 <= rep["agreement"] <= 1 and lin.weight_distance(net0, st.net)["distance"] > 0
+    # the Taylor model by central finite differences in float64, independent of taylor_logits' jvp
+    x, _ = st.inputs("iid")
+    f0, f1, flin = _finite_difference_taylor(net0, st.net, x)
+    assert rep["agreement"] == pytest.approx(float((flin.argmax(1) == f1.argmax(1)).double().mean()), abs=1.01 / len(x))
+    assert rep["rel_logit_error"] == pytest.approx(float((f1 - flin).norm() / (f1 - f0).norm()), rel=1e-3, abs=1e-5)
+    delta = [(p1.detach() - p0.detach()).double() for p0, p1 in zip(net0.parameters(), st.net.parameters())
+             if p0.requires_grad]
+    assert lin.weight_distance(net0, st.net)["distance"] == pytest.approx(float(torch.cat([d.flatten() for d in delta]).norm()))
+
+
+def _finite_difference_taylor(net0, net1, x, eps: float = 1e-4):
+    """(f0, f1, f0 + J delta) on trunk outputs x, J delta = (f(theta0 + eps delta) - f(theta0 - eps delta)) / 2 eps."""
+    base = copy.deepcopy(net0).double().eval()
+    plus, minus = copy.deepcopy(base), copy.deepcopy(base)
+    trained = dict(net1.named_parameters())
+    with torch.no_grad():
+        for (name, p0), pp, pm in zip(base.named_parameters(), plus.parameters(), minus.parameters()):
+            if p0.requires_grad:
+                d = trained[name].detach().double() - p0
+                pp.add_(eps * d)
+                pm.sub_(eps * d)
+        xd = x.double()
+        f0 = base.tail(xd)
+        f1 = copy.deepcopy(net1).double().eval().tail(xd)
+        flin = f0 + (plus.tail(xd) - minus.tail(xd)) / (2 * eps)
+    return f0, f1, flin
 
 
 def test_untrained_run_data_gives_frozen_features(tiny_runs):

@@ -169,8 +169,19 @@ def test_bench_cli_picks_the_quickstart_on_a_cpu_and_refuses_mixed_options(capsy
 def test_steps_scaling_times_real_runs(fake_benchmark, tmp_path):
     res = R.steps_scaling(_tiny_run(fake_benchmark), (2, 4), tmp_path)
     assert [r["steps"] for r in res["runs"]] == [2, 4]
-    assert res["slope_s_per_step"] == pytest.approx((res["runs"][1]["wall_s"] - res["runs"][0]["wall_s"]) / 2)
-    assert all(r["step_time_s"] > 0 for r in res["runs"])
+    assert all(r["step_time_s"] > 0 and r["wall_s"] > r["steps"] * r["step_time_s"] for r in res["runs"])
+    # the fit passes through both runs (whatever their times): fixed + slope x steps == wall
+    for r in res["runs"]:
+        assert res["fixed_s"] + res["slope_s_per_step"] * r["steps"] == pytest.approx(r["wall_s"])
+
+
+def test_linear_fit_on_known_times():
+    """wall = 1 s + 2 s/step: runs of 2 and 6 steps take 5 s and 13 s; the loop's own step time is 2 s."""
+    a = {"steps": 2, "wall_s": 5.0, "step_time_s": 1.5}
+    b = {"steps": 6, "wall_s": 13.0, "step_time_s": 2.0}
+    fit = R.linear_fit(a, b)
+    assert fit["slope_s_per_step"] == pytest.approx(2.0) and fit["fixed_s"] == pytest.approx(1.0)
+    assert fit["slope_over_step_time"] == pytest.approx(1.0) and fit["loop_step_time_s"] == [1.5, 2.0]
 
 
 

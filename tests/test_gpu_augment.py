@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from vldlib.data import gpu_augment as G
@@ -114,3 +115,98 @@ def test_device_batches_resume_and_overlap_are_exact():
     for a, b in zip(full, inline):
         for (xa, ya), (xb, yb) in zip(a, b):
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+# ----------------------------------------------------------------------------- crops in original coordinates
+CACHED = 64  # originals are cached as 64 x 64 squares
+
+
+def _torchvision_boxes(n: int, original: tuple[int, int]) -> np.ndarray:
+    """n independent (top, left, height, width) draws of torchvision's RandomResizedCrop on the original."""
+    torch.manual_seed(12345)
+    img = torch.empty(3, *original, dtype=torch.uint8)
+    return np.array([v2.RandomResizedCrop.get_params(img, scale=list(G.SCALE), ratio=list(G.RATIO)) for _ in range(n)],
+                    dtype=np.float64)
+
+
+def _in_original(crop: torch.Tensor, original: tuple[int, int]) -> np.ndarray:
+    """Cached-image boxes mapped back to the original's pixels (whole pixels: float32 rounding undone)."""
+    sy, sx = original[0] / CACHED, original[1] / CACHED
+    return np.round(crop.double().numpy() * np.array([sy, sx, sy, sx]), 3)
+
+
+def _scale_and_log_aspect(boxes: np.ndarray, original: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    return boxes[:, 2] * boxes[:, 3] / (original[0] * original[1]), np.log(boxes[:, 3] / boxes[:, 2])
+
+
+def crop_statistics(boxes: np.ndarray, original: tuple[int, int]) -> dict:
+    """Mean and 10/50/90% quantiles of crop scale and log-aspect (what the report quotes)."""
+    scale, log_aspect = _scale_and_log_aspect(boxes, original)
+    return {"scale_mean": scale.mean(), "scale_q": np.quantile(scale, [0.1, 0.5, 0.9]),
+            "log_aspect_mean": log_aspect.mean(), "log_aspect_q": np.quantile(log_aspect, [0.1, 0.5, 0.9])}
+
+
+def ks_2samp(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical CDFs."""
+    at = np.concatenate([a, b])
+    cdf = lambda x: np.searchsorted(np.sort(x), at, side="right") / len(x)  # noqa: E731
+    return float(np.abs(cdf(a) - cdf(b)).max())
+
+
+def _ours(n: int, original: tuple[int, int], with_sizes: bool = True) -> np.ndarray:
+    sizes = np.tile(original, (n, 1)) if with_sizes else None
+    return _in_original(G.sample_params(range(n), CACHED, CACHED, sizes).crop, original)
+
+
+@pytest.mark.parametrize("original", [(1000, 1500), (1000, 2000)], ids=["3:2", "2:1"])
+def test_crop_distribution_matches_torchvision_on_the_original(original):
+    """Scale and aspect, in the original image's coordinates, distributed as torchvision's on the
+    original (two-sample KS, 2000 draws each); drawing on the cached square (the old way) fails.
+
+    On a 2:1 image no draw of scale >= 0.7 and aspect <= 4:3 fits, so torchvision always falls back
+    to the central 4:3 crop (scale 2/3): the reference path never crops such images at random."""
+    n = 2000
+    ref = _torchvision_boxes(n, original)
+    ref_scale, ref_aspect = _scale_and_log_aspect(ref, original)
+    ours = _ours(n, original)
+    scale, aspect = _scale_and_log_aspect(ours, original)
+    assert ks_2samp(scale, ref_scale) < 0.06 and ks_2samp(aspect, ref_aspect) < 0.06
+    assert (ours[:, :2] >= 0).all() and (ours[:, 0] + ours[:, 2] <= original[0]).all()
+    assert (ours[:, 1] + ours[:, 3] <= original[1]).all()
+    _, squashed_aspect = _scale_and_log_aspect(_ours(n, original, with_sizes=False), original)
+    assert ks_2samp(squashed_aspect, ref_aspect) > 0.5
+    if original == (1000, 2000):
+        assert (ref == [0, 333, 1000, 1333]).all() and (ours == [0, 333, 1000, 1333]).all()
+
+
+def test_crop_box_is_torchvisions_box_on_the_original_under_the_same_seed():
+    """Not only the same distribution: the same draws, so the same part of the original image."""
+    original = (1000, 1500)
+    seeds = list(range(50, 90))
+    ours = _in_original(G.sample_params(seeds, CACHED, CACHED, np.tile(original, (len(seeds), 1))).crop, original)
+    crop = v2.RandomResizedCrop(32, scale=G.SCALE, ratio=G.RATIO)
+    img = torch.empty(3, *original, dtype=torch.uint8)
+    for k, s in enumerate(seeds):
+        torch.manual_seed(s)
+        p = crop.make_params([img])
+        assert ours[k].tolist() == [p["top"], p["left"], p["height"], p["width"]]
+
+
+def test_device_batches_draw_crops_on_the_original_size():
+    """ArraySource's sizes reach the crop draw: each image's own original size, by batch index."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (10, 3, 20, 20), dtype=np.uint8)
+    sizes = np.stack([np.full(10, 100), 100 + 20 * np.arange(10)], axis=1)
+    src = G.ArraySource(images, np.arange(10) % 3, sizes=sizes)
+    batches = G.DeviceBatches([src], [0], batch_size=4, seed=3, start=0, stop=1, device="cpu", size=16,
+                              mean=MEAN, std=STD, index_fn=batch_indices, overlap=False)
+    _, _, params = batches._host(0)
+    idx = batch_indices(10, 4, 3, 0, 0)
+    g = torch.Generator()
+    for k, (seed, i) in enumerate(zip(G.step_seeds(3, 0, 0, 4), idx)):
+        g.manual_seed(seed)
+        top, left, h, w = G._crop_params(g, int(sizes[i, 0]), int(sizes[i, 1]))  # drawn on image i's original
+        sy, sx = 20 / sizes[i, 0], 20 / sizes[i, 1]
+        assert params.crop[k].tolist() == pytest.approx([top * sy, left * sx, h * sy, w * sx], abs=1e-4)
+    with pytest.raises(ValueError, match="sizes must be"):
+        G.ArraySource(images, np.arange(10), sizes=np.ones((3, 2)))

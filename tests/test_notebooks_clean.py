@@ -13,8 +13,25 @@ import yaml
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
-def test_there_are_notebooks():
-    assert len(NOTEBOOKS) >= 13
+def test_the_notebooks_are_the_readmes():
+    """The README's notebook table and the folder agree: every notebook it names exists, and every
+    notebook is named (a row "`01_x` ... `06_y`" names the range)."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    named, ranges = set(), []
+    for line in readme.splitlines():
+        if not line.startswith("| `"):
+            continue
+        cell = line.split("|")[1]
+        names = re.findall(r"`([^`]+)`", cell)
+        if "..." in cell:
+            ranges.append((names[0], names[-1]))
+        named.update(names)
+    stems = {p.stem for p in NOTEBOOKS}
+    assert named and named <= stems, f"README names missing notebooks: {sorted(named - stems)}"
+    unnamed = [s for s in stems - named if not any(a < s < b for a, b in ranges)]
+    assert not unnamed, f"notebooks missing from the README's table: {unnamed}"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

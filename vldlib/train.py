@@ -41,6 +41,7 @@ from torch.optim.swa_utils import AveragedModel, get_swa_multi_avg_fn
 
 from vldlib import config as config_io
 from vldlib.data import DataError, load_benchmark
+from vldlib.data.splits import out_files
 from vldlib.loop_data import (Data, StepBatches, accuracies, batch_indices, compute_trunk, make_data,  # noqa: F401
                                predict_all, train_batches, trunk_features, validation_score)
 from vldlib.models import (FineTuneNet, build_net, check_head, ModelConfigError, check_backbone, check_dropout, create_model,
@@ -387,6 +388,7 @@ def train(cfg: TrainConfig) -> Path:
                 "benchmark": bench.name, "domains": data.domains, "classes": data.classes, "test_envs": cfg.test_envs,
                 "train_envs": data.train_envs, "ood_split": "out" if bench.group_by_stem else "in",
                 "split_sizes": {k: len(v) for k, v in data.evals.items()},
+                "out_files": out_files(bench, cfg.trial_seed, cfg.holdout),  # check the split against DomainBed's
                 "init_fingerprint": init_fingerprint, "device": str(device), "python": platform.python_version(),
                 "torch": torch.__version__, "num_params": sum(p.numel() for p in net.parameters()),
                 "trainable_params": sum(p.numel() for p in net.parameters() if p.requires_grad)})

@@ -69,6 +69,33 @@ def cached_domain(samples: list[tuple[str, int]], resolution: int, *, name: str 
     return images, labels
 
 
+def image_sizes(samples: list[tuple[str, int]], *, progress: bool = True, root: Path | None = None) -> np.ndarray:
+    """(height, width) of every original image, int64 [N, 2], read from the file headers (no decoding).
+
+    The decoded-image cache squashes images to a square; augmentation needs the original shape to
+    draw RandomResizedCrop as torchvision draws it on the original (`vldlib.data.gpu_augment`).
+    Kept next to the cache (keyed by the files), so later runs read one small array.
+    """
+    from tqdm.auto import tqdm
+
+    path = (root or cache_root()) / "sizes" / f"{_key(samples, 0)}.npy"
+    if path.exists():
+        try:
+            sizes = np.load(path)
+            if sizes.shape == (len(samples), 2):
+                return sizes
+        except (OSError, ValueError):
+            pass  # damaged: read the headers again
+    sizes = np.empty((len(samples), 2), dtype=np.int64)
+    for i, (file, _) in enumerate(tqdm(samples, desc="reading image sizes", disable=not progress, unit="img",
+                                       mininterval=1.0)):
+        with Image.open(file) as im:
+            sizes[i] = im.height, im.width  # the size convert("RGB") decodes to (no EXIF rotation on either path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, sizes)
+    return sizes
+
+
 def cached_benchmark(bench: MultiDomainFolder, resolution: int, progress: bool = True
                      ) -> list[tuple[np.ndarray, np.ndarray]]:
     """The decoded-image cache of every domain of a benchmark."""

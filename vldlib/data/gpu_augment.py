@@ -11,7 +11,9 @@ Same random choices as the worker path: `sample_params` replays the exact sequen
 `vldlib.data.transforms.train_transform` (torchvision v2) makes under `torch.manual_seed(seed)`,
 one private generator per image, seeded by the (run seed, domain, step, position) seed the loop
 already derives. So a resumed run draws the same crops, and a test can check the parameters
-against torchvision's. The pixels differ only by rounding: the crop-and-resize is a bilinear
+against torchvision's. The cache squashes images to squares, so each crop box is drawn on the
+original image's size (the cache keeps it: `vldlib.data.cache.image_sizes`) and mapped into the
+cached square: the crops cover the same part of the original as on the reference path. The pixels differ only by rounding: the crop-and-resize is a bilinear
 `grid_sample` that reproduces `F.interpolate(..., align_corners=False)` on the crop (the cache is
 at the target resolution, so crops are only ever upscaled and antialiasing has nothing to do),
 and the colour operations run in float instead of rounding to uint8 after each one.
@@ -55,7 +57,8 @@ GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 class AugmentParams:
     """Per-image random choices of one batch (CPU tensors; `to(device)` before augmenting).
 
-    crop: [B, 4] int64 (top, left, height, width) in input pixels; flip: [B] bool;
+    crop: [B, 4] float32 (top, left, height, width) in input pixels (whole pixels unless the box was
+    drawn on the original image and mapped into a resized cached one); flip: [B] bool;
     order: [B, 4] int64, the ColorJitter order (0 brightness, 1 contrast, 2 saturation, 3 hue);
     factors: [B, 4] float32 (brightness, contrast, saturation, hue shift); gray: [B] bool.
     """
@@ -100,16 +103,41 @@ def _crop_params(g: torch.Generator, height: int, width: int) -> tuple[int, int,
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def sample_params(seeds: Sequence[int], height: int, width: int) -> AugmentParams:
+def original_crop(g: torch.Generator, height: int, width: int, original: tuple[int, int] | None
+                  ) -> tuple[float, float, float, float]:
+    """The crop box (top, left, height, width) in the pixels of the input image, drawn as
+    torchvision draws it on the *original* image of size `original` = (height, width).
+
+    The decoded-image cache squashes every image to a square; drawing on the square would give
+    a non-square original (VLCS, OfficeHome, TerraIncognita) other crop shapes than the
+    reference path. So the box is drawn in original coordinates (the same draws, hence the same
+    box, as torchvision's on the original under the same seed) and scaled into the input image.
+    `original=None`: the input is the original.
+    """
+    if original is None:
+        return tuple(float(v) for v in _crop_params(g, height, width))  # type: ignore[return-value]
+    oh, ow = int(original[0]), int(original[1])
+    top, left, h, w = _crop_params(g, oh, ow)
+    sy, sx = height / oh, width / ow
+    return top * sy, left * sx, h * sy, w * sx
+
+
+def sample_params(seeds: Sequence[int], height: int, width: int,
+                  original_sizes: Sequence[Sequence[int]] | np.ndarray | None = None) -> AugmentParams:
     """The random choices `train_transform` makes for each image under `torch.manual_seed(seed)`.
 
+    `height, width`: the input images' size; `original_sizes` ([B, 2] (height, width), optional):
+    the sizes of the images they were resized from (the cache keeps them), so that crops are
+    drawn in original coordinates (`original_crop`).
     The draws follow torchvision v2's order exactly (crop; flip `rand(1) < 0.5`; jitter
     `randperm(4)` then brightness, contrast, saturation, hue factors; grayscale `rand(1) < 0.1`),
     each image from its own generator, so the result does not depend on the batch it is in, on the
     process that draws it, or on the global RNG (which the loop re-seeds every step for dropout).
     """
     b = len(seeds)
-    crop = torch.empty(b, 4, dtype=torch.int64)
+    if original_sizes is not None and len(original_sizes) != b:
+        raise ValueError(f"{len(original_sizes)} original sizes for {b} seeds")
+    crop = torch.empty(b, 4, dtype=torch.float32)
     flip = torch.empty(b, dtype=torch.bool)
     order = torch.empty(b, 4, dtype=torch.int64)
     factors = torch.empty(b, 4, dtype=torch.float32)
@@ -118,7 +146,7 @@ def sample_params(seeds: Sequence[int], height: int, width: int) -> AugmentParam
     g = torch.Generator()
     for k, seed in enumerate(seeds):
         g.manual_seed(int(seed))
-        crop[k] = torch.tensor(_crop_params(g, height, width))
+        crop[k] = torch.tensor(original_crop(g, height, width, None if original_sizes is None else original_sizes[k]))
         flip[k] = bool(torch.rand(1, generator=g) < FLIP_P)
         order[k] = torch.randperm(4, generator=g)
         factors[k, 0] = torch.empty(1).uniform_(lo, hi, generator=g).item()
@@ -265,13 +293,21 @@ def step_seeds(seed: int, env: int, step: int, batch_size: int) -> list[int]:
 
 
 class ArraySource:
-    """Batches of one domain from uint8 arrays (the decoded-image cache), indexed in the thread."""
+    """Batches of one domain from uint8 arrays (the decoded-image cache), indexed in the thread.
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray):
+    `sizes` ([N, 2] (height, width), `vldlib.data.cache.image_sizes`): each image's original size,
+    so crops are drawn in original coordinates as on the reference path; None: the arrays are the
+    originals.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, sizes: np.ndarray | None = None):
         if images.ndim != 4 or images.shape[1] != 3 or images.dtype != np.uint8:
             raise ValueError(f"expected uint8 images [N,3,H,W], got {images.dtype} {images.shape}; build "
                              f"them with vldlib.data.cache (cache_images=True)")
+        if sizes is not None and np.shape(sizes) != (len(images), 2):
+            raise ValueError(f"sizes must be [N, 2] (height, width) for {len(images)} images, got {np.shape(sizes)}")
         self.images, self.labels = images, np.asarray(labels, dtype=np.int64)
+        self.sizes = None if sizes is None else np.asarray(sizes, dtype=np.int64)
 
     @property
     def hw(self) -> tuple[int, int]:
@@ -346,7 +382,8 @@ class DeviceBatches:
             idx = self.index_fn(len(src), b, self.seed, env, step)
             ys.append(src.fetch_into(idx, x[k * b:(k + 1) * b]))
             if self.augment:
-                params.append(sample_params(step_seeds(self.seed, env, step, b), h, w))
+                sizes = None if src.sizes is None else src.sizes[idx]
+                params.append(sample_params(step_seeds(self.seed, env, step, b), h, w, sizes))
         return x, torch.cat(ys), AugmentParams.cat(params) if params else None
 
     def _device(self, host) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,33 +1,58 @@
-"""The 80/20 "in"/"out" split of every domain, drawn from the trial seed alone.
+"""The 80/20 "in"/"out" split of every domain, drawn from the trial seed alone: DomainBed's split.
 
-DomainBed seeds each domain's split with `seed_hash(trial_seed, env_index)`, so runs that differ
-only in learning rate, dropout or training seed see exactly the same images. "out" is the held-out
-20% (validation for training domains); "in" is the rest.
+DomainBed (and the paper's code, a DomainBed fork) splits domain `env_i` with
+`misc.split_dataset(env, int(len(env) * holdout_fraction), misc.seed_hash(trial_seed, env_i))`:
+the indices 0..n-1 of the domain's `ImageFolder` (classes sorted, files sorted) are shuffled by
+`np.random.RandomState(seed).shuffle`, the first `int(n * holdout)` are "out" (validation for
+training domains) and the rest "in". `split_domain` does exactly that on our scan, which lists a
+domain's files in the same order, so the same `trial_seed` gives the same images, item for item.
+Runs that differ only in learning rate, dropout or training seed see exactly the same images.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from vldlib.utils import seed_hash
+
+if TYPE_CHECKING:
+    from vldlib.data.folder import MultiDomainFolder
 
 
 def split_domain(n: int, trial_seed: int, domain_index: int, holdout: float = 0.2,
                  groups: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Return sorted (in_indices, out_indices) of one domain of n samples.
 
-    With `groups` (one key per sample), whole groups go to one side, and the side of a group
-    depends on the trial seed and the key only, not on the domain: the same emoji is held out in
-    every domain.
+    Without `groups`: DomainBed's `split_dataset` with its seed, so the sets are DomainBed's.
+    With `groups` (one key per sample; emoji only, not a DomainBed benchmark), whole groups go to
+    one side, and the side of a group depends on the trial seed and the key only, not on the
+    domain: the same emoji is held out in every domain.
     """
     if not 0.0 < holdout < 1.0:
         raise ValueError(f"holdout fraction must be in (0, 1), got {holdout}")
     if groups is None:
-        perm = np.random.RandomState(seed_hash(trial_seed, domain_index)).permutation(n)
+        keys = list(range(n))  # DomainBed shuffles a list, not an array; the draws are the same
+        np.random.RandomState(seed_hash(trial_seed, domain_index)).shuffle(keys)
         n_out = int(n * holdout)
-        return np.sort(perm[n_out:]), np.sort(perm[:n_out])
+        return np.sort(np.array(keys[n_out:], dtype=np.int64)), np.sort(np.array(keys[:n_out], dtype=np.int64))
     if len(groups) != n:
         raise ValueError(f"got {len(groups)} group keys for {n} samples")
     out_mask = np.array([(seed_hash(trial_seed, "group", g) % 10_000) < holdout * 10_000 for g in groups])
     idx = np.arange(n)
     return idx[~out_mask], idx[out_mask]
+
+
+def out_files(bench: MultiDomainFolder, trial_seed: int, holdout: float = 0.2) -> dict[str, list[str]]:
+    """Each domain's "out" files, as paths relative to the domain folder ("dog/pic_001.jpg"), in
+    ImageFolder order: what a run records in meta.json so anyone can check its split (DomainBed's
+    `out` split of the same trial seed holds exactly these files)."""
+    result = {}
+    for env, domain in enumerate(bench.domains):
+        samples = bench.samples[env]
+        _, outs = split_domain(len(samples), trial_seed, env, holdout, bench.groups(env))
+        folder = Path(bench.root) / domain
+        result[domain] = [Path(samples[i][0]).relative_to(folder).as_posix() for i in outs]
+    return result
