@@ -16,8 +16,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from vldlib import sweep
-from vldlib.sweep import SweepLock, expand_grid, job_name, plan_jobs, run_sweep
+from vldlib.tools import sweep
+from vldlib.tools.sweep import SweepLock, expand_grid, job_name, plan_jobs, run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -154,7 +154,7 @@ def test_local_sweep_runs_reports_failure_and_resumes(tmp_path):
     assert sorted(runs(out)) == sorted(df.name[:3])
     assert not list(out.rglob("*.tmp*"))
     csv = (out / "sweep.csv").read_text()
-    assert csv.startswith("name,status,wall_s,error,notebook,log,out_dir,a,b,fail_if_exists")
+    assert csv.startswith("name,status,state,job_id,elapsed_s,wall_s,error,notebook,log,out_dir,a,b,fail_if_exists")
     stamps = {p: p.stat().st_mtime for p in out.glob("*/done")}
 
     flag.unlink()  # "fix" the notebook: the re-run executes only the failed job
@@ -238,4 +238,9 @@ def test_submitit_local_executor(tmp_path):
     assert list(df.status) == ["done", "done"], df.to_string()
     assert sorted(runs(out)) == sorted(df.name)
     assert all("Executing Cell" in (Path(d) / "log.txt").read_text() for d in df.out_dir)
-    assert (out / ".submitit").is_dir()
+    for row in df.itertuples():  # traceability: job id, state, job.json naming the logs, links to them
+        spec = json.loads((Path(row.out_dir) / "job.json").read_text())
+        assert spec["slurm"]["job_id"] == str(row.job_id) and row.state == "FINISHED"
+        assert (Path(row.out_dir) / "slurm.err").resolve() == Path(spec["slurm"]["stderr"]).resolve()
+    assert set(json.loads((out / "slurm_jobs.json").read_text())) == set(df.name)
+    assert (out / "slurm-logs").is_dir()
