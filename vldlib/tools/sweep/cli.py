@@ -81,7 +81,7 @@ def _cmd(args: argparse.Namespace) -> int:
         options = {"partition": args.partition, "time": args.time, "gpus_per_node": args.gpus_per_node,
                    "cpus": args.cpus, "mem": args.mem, "slurm_opt": parse_sets(args.slurm_opt or [], "--slurm-opt"),
                    "setup": args.setup, "cluster": args.slurm_cluster,
-                   "detach": args.detach} if args.launcher == "slurm" else {}
+                   "detach": args.detach, "poll_s": args.poll_s} if args.launcher == "slurm" else {}
         if args.detach and args.launcher != "slurm":
             raise ValueError("--detach needs --launcher slurm: local jobs are this process's children")
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill PID` stops workers cleanly, like Ctrl-C
@@ -132,6 +132,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                    "'module load cuda'; repeatable")
     s.add_argument("--slurm-opt", action="append", metavar="KEY=VALUE", help="raw sbatch option; repeatable")
     s.add_argument("--detach", action="store_true", help="submit and return; the tasks run on, see --status")
+    s.add_argument("--poll-s", type=float, default=None, help="seconds between squeue calls (default 15)")
     s.add_argument("--slurm-cluster", default="slurm", choices=["slurm", "local", "debug"],
                    help="submitit executor; 'local' tries the path without SLURM")
     p.set_defaults(func=_cmd)

@@ -115,7 +115,8 @@ def run_sweep(notebook: str | os.PathLike, grid: Grid | str | os.PathLike | None
 
 def failure_table(df) -> str:
     """The failures of a summary as text: name, error line, notebook that shows the error."""
-    bad = df[df.status.isin(["failed", "interrupted"])][["name", "status", "error", "notebook"]]
+    columns = ["name", "status"] + (["state"] if df.state.fillna("").astype(str).str.len().any() else [])
+    bad = df[df.status.isin(["failed", "interrupted"])][columns + ["error", "notebook"]]
     if bad.empty:
         return ""
     import pandas as pd

@@ -117,7 +117,7 @@ class NotebookTask(submitit.helpers.Checkpointable):
         job_id = os.environ.get("SLURM_JOB_ID", "")
         task = "_".join(filter(None, [os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")]))
         if job_id and shutil.which("scontrol"):  # array tasks share the array's name until they start
-            _query(["scontrol", "update", f"JobId={job_id}", f"JobName={job.out_dir.parent.name}:{job.name}"])
+            _query(["scontrol", "update", f"JobId={task or job_id}", f"JobName={job.out_dir.parent.name}:{job.name}"])
         handler = logging.FileHandler(job.log, mode="a")
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         logger = logging.getLogger("papermill")
@@ -150,6 +150,8 @@ class SlurmLauncher:
     through submitit's local executor. Interrupting the sweep leaves SLURM tasks running (a re-run
     reattaches); tasks of the local executor are cancelled.
     """
+
+    settle_s = 1.0  # grace for a shared file system to show a finished task's last files
 
     def __init__(self, jobs: int | None = None, gpus: Sequence[str] | None = None, kernel_name: str = KERNEL,
                  partition: str | None = None, time: int = 24 * 60, gpus_per_node: int | None = None,
@@ -200,7 +202,7 @@ class SlurmLauncher:
 
     def _submit(self, jobs: Sequence[Job], out_dir: Path, registry: dict[str, Any]) -> list[submitit.Job]:
         executor = submitit.AutoExecutor(folder=out_dir / LOG_FOLDER / "%j", cluster=self.cluster)
-        executor.update_parameters(name=f"{out_dir.name}", slurm_array_parallelism=self.jobs or len(jobs),
+        executor.update_parameters(name=f"sweep:{out_dir.name}", slurm_array_parallelism=self.jobs or len(jobs),
                                    **{k: v for k, v in self.params.items() if v is not None})
         for job in jobs:
             job.error_path.unlink(missing_ok=True)  # an old failure must not pass for this run's
@@ -272,8 +274,10 @@ class SlurmLauncher:
         for attempt in range(3):  # a shared file system may show the task's last file a moment late
             outcome = finished_outcome(job, **scheduler)
             if outcome is not None:
+                if outcome["status"] == "failed" and final.state not in ("COMPLETED", "UNKNOWN"):
+                    outcome["error"] += f" [SLURM {final.state}; see {entry['stderr']}]"  # the kernel died of it
                 return outcome
-            time.sleep(attempt + 1)
+            time.sleep(self.settle_s * (attempt + 1))
         why = f" ({final.reason})" if final.reason else ""
         error = (f"SLURM task {entry['job_id']} ended {final.state}{why} without a result: it was stopped before "
                  f"the notebook finished (out of memory, time limit, node failure, scancel or kill); see "
