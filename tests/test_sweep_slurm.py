@@ -228,7 +228,9 @@ def test_real_slurm_detach_reattach_fail_requeue_skip(cluster, tmp_path):
         array_id = ids[1].split("_")[0]
         assert ids == {1: f"{array_id}_0", 2: f"{array_id}_1"}
         shown = _run("scontrol", "show", "job", "-o", array_id).stdout
-        assert "ArrayTaskThrottle=2" in shown and f"JobName=sweep:{out.name}" in shown, shown  # --jobs 2 -> %2
+        assert "ArrayTaskThrottle=2" in shown, shown  # --jobs 2 -> %2
+        script = (out / "slurm-logs" / array_id / f"{array_id}_submission.sh").read_text()
+        assert "#SBATCH --array=0-1%2" in script and f"#SBATCH --job-name=sweep:{out.name}" in script, script
         csv = pd.read_csv(out / "sweep.csv", dtype=str)
         assert set(csv.status) <= {"pending", "running"} and set(csv.job_id) == set(ids.values()), csv
         for a, d in folders.items():

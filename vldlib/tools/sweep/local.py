@@ -59,8 +59,8 @@ class LocalLauncher:
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
         with open(job.log, "wb") as log:
-            return subprocess.Popen([sys.executable, "-m", "vldlib.tools.sweep.worker", str(job.spec_path)], stdin=subprocess.DEVNULL,
-                                    stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            return subprocess.Popen([sys.executable, "-m", "vldlib.tools.sweep.worker", str(job.spec_path)],
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                     pass_fds=(self.lock_fd,) if self.lock_fd is not None else ())
 
     def launch(self, jobs: Sequence[Job], on_result: OnResult) -> None:

@@ -246,13 +246,13 @@ class SlurmLauncher:
                         on_result(self._ended(job, entry))
                         continue
                     status = "running" if q.state in RUNNING else "pending"
-                    if shown.get(name) != (status, q.state):
-                        shown[name] = (status, q.state)
+                    if shown.get(name) != (status, q.state, q.reason):
+                        shown[name] = (status, q.state, q.reason)
                         on_result(record(job, status, None, q.reason, entry["stderr"], job_id=jid, state=q.state,
                                          elapsed_s=q.elapsed_s))
                     if q.state == "PENDING" and (q.reason in STUCK_REASONS or "WallDuration" in q.reason) \
-                            and jid not in warned:
-                        warned.add(jid)
+                            and (jid, q.reason) not in warned:
+                        warned.add((jid, q.reason))
                         print(f"sweep: warning: SLURM task {jid} ({job.name}) pends with reason {q.reason}: it may "
                               f"never start. If the partition's time limit is below --time {self.time} (see "
                               f"`sinfo -o '%P %l'`), cancel it (scancel {jid.split('_')[0]}) and run again with a "
