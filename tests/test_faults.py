@@ -46,7 +46,7 @@ from conftest import make_fake_benchmark
 from test_download import _png, make_tar, make_zip, small, tree
 from test_offline_weights import _CreatesFile
 from test_sweep import ROOT, make_notebook, runs
-from vldlib.sweep import SweepLock
+from vldlib.tools.sweep import SweepLock
 from test_train import stable, tiny_config
 
 # -------------------------------------------------------------------------------------- helpers

@@ -16,8 +16,10 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from vldlib import sweep
-from vldlib.sweep import SweepLock, expand_grid, job_name, plan_jobs, run_sweep
+from vldlib.tools import sweep
+from vldlib.tools.sweep import SweepLock, expand_grid, job_name, plan_jobs, run_sweep
+from vldlib.tools.sweep import slurm as sweep_slurm
+from vldlib.utils import current_umask, write_json_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -143,6 +145,8 @@ def test_local_sweep_runs_reports_failure_and_resumes(tmp_path):
         executed = nbformat.read(row.notebook, as_version=4)
         assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
         assert "Executing Cell" in (job_dir / "log.txt").read_text()
+        for written in (job_dir / "done", job_dir / "job.json", out / "sweep.csv"):  # atomic writes: umask, not 0600
+            assert written.stat().st_mode & 0o777 == 0o666 & ~current_umask(), written
     assert gpus == {"5", "6"}
     bad = df.iloc[3]
     assert "RuntimeError: asked to fail" in bad.error
@@ -154,7 +158,7 @@ def test_local_sweep_runs_reports_failure_and_resumes(tmp_path):
     assert sorted(runs(out)) == sorted(df.name[:3])
     assert not list(out.rglob("*.tmp*"))
     csv = (out / "sweep.csv").read_text()
-    assert csv.startswith("name,status,wall_s,error,notebook,log,out_dir,a,b,fail_if_exists")
+    assert csv.startswith("name,status,state,job_id,elapsed_s,wall_s,error,notebook,log,out_dir,a,b,fail_if_exists")
     stamps = {p: p.stat().st_mtime for p in out.glob("*/done")}
 
     flag.unlink()  # "fix" the notebook: the re-run executes only the failed job
@@ -238,4 +242,61 @@ def test_submitit_local_executor(tmp_path):
     assert list(df.status) == ["done", "done"], df.to_string()
     assert sorted(runs(out)) == sorted(df.name)
     assert all("Executing Cell" in (Path(d) / "log.txt").read_text() for d in df.out_dir)
-    assert (out / ".submitit").is_dir()
+    for row in df.itertuples():  # traceability: job id, state, job.json naming the logs, links to them
+        spec = json.loads((Path(row.out_dir) / "job.json").read_text())
+        assert spec["slurm"]["job_id"] == str(row.job_id) and row.state == "FINISHED"
+        assert (Path(row.out_dir) / "slurm.err").resolve() == Path(spec["slurm"]["stderr"]).resolve()
+    assert set(json.loads((out / "slurm_jobs.json").read_text())) == set(df.name)
+    assert (out / "slurm-logs").is_dir()
+
+
+# ----------------------------------------------------------------------------------- SLURM logic (no SLURM)
+
+def test_slurm_task_gone_without_result_is_failed_with_its_state(tmp_path, monkeypatch):
+    """squeue first shows both tasks, then neither: the one with `done` is done, the other failed
+    with the state SLURM remembers, an error.json naming it and the log (never a wait forever)."""
+    jobs = plan_jobs(tmp_path / "x.ipynb", [{"a": 1}, {"a": 2}], tmp_path / "out")
+    for j in jobs:
+        j.out_dir.mkdir(parents=True)
+    write_json_atomic(jobs[0].done_path, {"wall_s": 3.0})
+    answers = iter([{"7_0": sweep_slurm.TaskState("RUNNING"), "7_1": sweep_slurm.TaskState("PENDING", "Priority")},
+                    {}])
+    monkeypatch.setattr(sweep_slurm, "queue_states", lambda: next(answers))
+    ended = {"7_0": sweep_slurm.TaskState("COMPLETED", "", 4.0), "7_1": sweep_slurm.TaskState("OUT_OF_MEMORY", "", 9.0)}
+    monkeypatch.setattr(sweep_slurm, "ended_state", ended.__getitem__)
+    launcher = sweep_slurm.SlurmLauncher(poll_s=0)
+    launcher.settle_s = 0
+    seen = []
+    entries = {j.name: (j, {"job_id": f"7_{i}", "stderr": f"/logs/7_{i}.err", "stdout": "/logs/o"})
+               for i, j in enumerate(jobs)}
+    launcher._watch(entries, seen.append)
+    assert [(r["status"], r["state"]) for r in seen] == [("running", "RUNNING"), ("pending", "PENDING"),
+                                                         ("done", "COMPLETED"), ("failed", "OUT_OF_MEMORY")]
+    assert seen[1]["error"] == "Priority" and seen[2]["wall_s"] == 3.0 and seen[3]["elapsed_s"] == 9.0
+    err = json.loads(jobs[1].error_path.read_text())
+    assert err["state"] == "OUT_OF_MEMORY" and err["log"] == "/logs/7_1.err" and "/logs/7_1.err" in seen[3]["error"]
+
+
+def test_slurm_task_that_finds_done_exits_without_touching_files(tmp_path):
+    job = plan_jobs(tmp_path / "x.ipynb", [{"a": 1}], tmp_path / "out")[0]
+    job.out_dir.mkdir(parents=True)
+    write_json_atomic(job.done_path, {"wall_s": 2.0})
+    for f in (job.log, job.executed):
+        f.write_text("old")
+    stamps = {f: f.stat().st_mtime_ns for f in (job.log, job.executed)}
+    assert sweep_slurm.NotebookTask()(job)["status"] == "done"  # the notebook x.ipynb does not even exist
+    assert {f: f.stat().st_mtime_ns for f in stamps} == stamps and job.log.read_text() == "old"
+    again = sweep_slurm.NotebookTask().checkpoint(job)  # submitit's requeue: the same call again
+    assert again.function.__class__ is sweep_slurm.NotebookTask and again.args == (job, sweep.KERNEL)
+
+
+def test_slurm_options_and_elapsed_parsing(capsys):
+    assert [sweep_slurm.parse_elapsed(t) for t in ("0:07", "1:02:03", "2-00:00:01", "INVALID")] == [
+        7, 3723, 172801, None]
+    with pytest.raises(SystemExit):
+        _parse("nb.ipynb", "--out", "o", "--jobs", "0")
+    assert "at least 1" in capsys.readouterr().err
+    launcher = sweep_slurm.SlurmLauncher(jobs=3, setup=["module load cuda"], time=30)
+    assert launcher.params["slurm_setup"] == ["module load cuda"] and launcher.jobs == 3
+    with pytest.raises(ValueError, match="--detach"):
+        sweep_slurm.SlurmLauncher(cluster="local", detach=True)

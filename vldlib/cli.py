@@ -17,7 +17,7 @@ COMMANDS = {
     "train": "vldlib.train",
     "report": "vldlib.results",
     "quickstart": "vldlib.quickstart",
-    "sweep": "vldlib.sweep",
+    "sweep": "vldlib.tools.sweep.cli",
     "bench": "vldlib.bench",
 }
 

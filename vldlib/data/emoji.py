@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from vldlib.data.registry import BenchmarkSpec, register_benchmark
-from vldlib.utils import write_json_atomic, write_text_atomic
+from vldlib.utils import current_umask, write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -407,6 +407,7 @@ def build_emoji(data_dir: str | os.PathLike, *, force: bool = False, resolution:
     _clean_stale(data_dir)
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".emoji.building-{os.getpid()}-", dir=data_dir))
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700: others sharing data/ must read it
     try:
         from tqdm.auto import tqdm
 
