@@ -14,6 +14,7 @@ examples:
   python -m vldlib data download OfficeHome --data-dir data --archive ~/Downloads/office_home.zip
   python -m vldlib data verify TerraIncognita --data-dir data         # exit code 1 on any mismatch
   python -m vldlib data build emoji --data-dir data                   # offline benchmark, no download
+  python -m vldlib data build ObjectStyles --data-dir data            # offline, from apt/npm packages
 
 Downloads resume after an interruption (run the same command again). When a source fails (Google
 Drive quotas, moved links) the error says what to fetch by hand and the --archive command that
