@@ -187,3 +187,28 @@ def test_missing_tool_error_names_the_fix(monkeypatch, tmp_path: Path):
     with pytest.raises(S.PackageError, match="npm.*apt-get install -y npm"):
         S.fetch(S.PACKAGES["fluent3d"], cache=tmp_path)
     assert list(tmp_path.iterdir()) == []  # no half-fetched file left behind
+
+
+def test_cached_package_is_unpacked_once_and_only_its_kept_part(tmp_path: Path, monkeypatch):
+    import io
+    import tarfile
+
+    from vldlib.data import objectstyles_sources as S
+
+    p = S.PACKAGES["fluent3d"]
+    archive = tmp_path / S._archive_name(p)
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, data in [("package/assets/1f408.webp", b"cat"), ("package/package.json", b"{}"),
+                           ("package/README.md", b"not kept"), ("../escape.txt", b"outside")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    monkeypatch.setattr(S.shutil, "which", lambda name: None)  # a cached file needs no tool
+    assert S.fetch(p, cache=tmp_path) == archive
+    root = S.unpack(p, archive, cache=tmp_path)
+    got = sorted(f.relative_to(root).as_posix() for f in root.rglob("*") if f.is_file())
+    assert got == [".complete", "package/assets/1f408.webp", "package/package.json"]
+    assert not (tmp_path / "escape.txt").exists() and not (tmp_path.parent / "escape.txt").exists()
+    (root / "package/assets/1f408.webp").write_bytes(b"changed")
+    assert S.unpack(p, archive, cache=tmp_path) == root  # complete: not unpacked again
+    assert (root / "package/assets/1f408.webp").read_bytes() == b"changed"
