@@ -50,6 +50,7 @@ TUX = [
     ("animals/mammals/cats/lion.png", "photo", "mammal"),
     ("animals/mammals/aquatic/seal.png", "photo", "sea_animal"),  # deeper folder wins
     ("animals/birds/hen.png", "photo", "bird"),
+    ("animals/birds/hen_mirror.png", "photo", None),  # Tux Paint's flipped copy of hen.png
     ("animals/mammals/echidna.png", "drawing", None),  # a drawing among the photographs: left out
     ("animals/mammals/cats/cartoon/lion.png", "photo", None),  # the package labels it cartoon
     ("animals/mammals/bears/toys/teddy.png", "photo", None),  # a toy, not a mammal

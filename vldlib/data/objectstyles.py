@@ -220,6 +220,10 @@ def collect(roots: dict[str, Path], resolution: int) -> tuple[dict[str, dict[str
 
     stamps = roots["tuxpaint"] / "usr/share/tuxpaint/stamps"
     for cls, stem, p in folder_items(stamps, TUXPAINT_FOLDERS, TUXPAINT_EXCLUDED_FOLDERS):
+        if p.stem.endswith("_mirror") and p.with_name(p.stem.removesuffix("_mirror") + p.suffix).exists():
+            # Tux Paint's `X_mirror.png` is its pre-flipped copy of `X.png`: the same photograph
+            skipped.append({"domain": "photo", "item": stem, "reason": "mirrored copy of another stamp"})
+            continue
         if reason := _too_large(p):
             skipped.append({"domain": "photo", "item": stem, "reason": reason})
             continue

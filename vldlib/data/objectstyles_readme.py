@@ -54,6 +54,7 @@ crop-and-fit in every domain).
   {O.PHOTO_MAX_EQUAL_NEIGHBOURS:.0%} of the time are kept. Computed from the pixels: a
   photograph's sensor noise and texture make equal neighbours rare (mostly under 5%), a drawing's
   flat fills make them common (95% of the package's `cartoon` drawings are at 20% or more).
+  `X_mirror.png`, Tux Paint's flipped copy of `X.png`, is left out (the same photograph twice).
 - `clipart`: Debian `{pk['openclipart'].name}` {v[pk['openclipart'].name]}, {pk['openclipart'].license}.
 - `render3d`: npm `{pk['fluent3d'].name}` {v[pk['fluent3d'].name]} (Microsoft Fluent Emoji 3D,
   256 px WebP), licence {pk['fluent3d'].license}.
