@@ -13,6 +13,11 @@ def _table(manifest: dict) -> str:
     return "\n".join([f"| class | {' | '.join(doms)} |", "|---|" + "---|" * len(doms), *rows])
 
 
+def _points(manifest: dict) -> str:
+    """Accuracy points one test image is worth when each domain is held out whole."""
+    return ", ".join(f"{100 / n:.2f} points in {d}" for d, n in manifest["totals"].items())
+
+
 def readme(manifest: dict) -> str:
     from vldlib.data import objectstyles as O
     from vldlib.data.objectstyles_sources import PACKAGES
@@ -40,6 +45,10 @@ domain is scored as DomainBed does (its "in" split, or the whole domain).
 ## Images per domain and class
 
 {_table(manifest)}
+
+One held-out image is worth {_points(manifest)}. The emoji domains are the small ones: every
+emoji appears once in the whole benchmark, so the {sum(manifest['totals'].get(d, 0) for d in O.EMOJI_DOMAINS)}
+emoji of the kept classes are shared between `lineart` and `render3d`.
 
 Every image is RGB on white, {manifest['resolution']}x{manifest['resolution']} px JPEG (quality {O.JPEG_QUALITY}), the object cropped to
 its visible pixels and centred with its longest side at {int(O.FILL * 100)}% of the image (the same
