@@ -305,8 +305,8 @@ class Explorer:
         self.button = w.Button(description="run", button_style="primary", icon="play")
         self.stop_button = w.Button(description="stop", button_style="warning", icon="stop", disabled=True)
         self.progress = w.IntProgress(value=0, min=0, max=d["steps"], description="progress")
-        self.status = w.HTML("")
-        self.image = w.Image(format="png")
+        self.status = w.HTML("").add_class("vldlib-explorer-status")  # classes: found by the browser test
+        self.image = w.Image(format="png").add_class("vldlib-explorer-plot")
         self.benchmark.observe(lambda change: self._set_domains(), names="value")
         self._set_domains()
         self.button.on_click(lambda _b: self.run(wait=False))
