@@ -106,3 +106,31 @@ def test_empty_plot_draws_without_a_legend_warning():
         warnings.simplefilter("error")
         fig = ex.plot_curves(empty, None, total_steps=10)
         assert ex.figure_png(fig)[:4] == b"\x89PNG" and not fig.legends
+
+
+def test_lodo_figure_colours_the_scored_part_of_the_held_out_domain():
+    from vldlib.analysis import teaching
+
+    for ood_split, scored_bar in (("in", 0), ("out", 1)):
+        fig = teaching.plot_lodo_protocol(["a", "b"], ood_split=ood_split)
+        ax = fig.axes[0]
+        test_colour = ax.get_legend().legend_handles[2].get_facecolor()
+        first_row = [b for b in ax.patches if abs(b.get_y() + b.get_height() / 2) < 1e-6]  # hold out "a"
+        held_out = sorted(first_row, key=lambda b: b.get_x())[:2]  # domain "a": its in and out bars
+        assert held_out[scored_bar].get_facecolor() == test_colour
+        assert held_out[1 - scored_bar].get_facecolor() != test_colour
+        assert f"'{ood_split}' of the held-out domain" in ax.get_legend().get_texts()[2].get_text()
+
+
+@pytest.mark.parametrize("scratch_loss,head_loss,word", [(10.0, 2.0, "as the paper"), (2.0, 10.0, "opposite"),
+                                                         (3.0, 3.4, "does not show")])
+def test_dropout_cost_answer_follows_the_numbers(scratch_loss, head_loss, word):
+    from vldlib.analysis import teaching
+
+    rows = []
+    for learner, lost in ((teaching.SCRATCH, scratch_loss), (teaching.PRETRAINED, head_loss)):
+        rows += [dict(step=100, learner=learner, p=0.0, val_acc=0.8, train_loss=0.5),
+                 dict(step=100, learner=learner, p=0.9, val_acc=0.8 - lost / 100, train_loss=0.9)]
+    table, answer = teaching.dropout_cost(pd.DataFrame(rows))
+    assert table.loc[teaching.SCRATCH, "val. points lost"] == pytest.approx(scratch_loss)
+    assert word in answer and f"{scratch_loss:+.1f}" in answer

@@ -67,3 +67,24 @@ def test_notebook_runs_on_tiny_data(name, bench, tmp_path):
                         cwd=str(ROOT), progress_bar=False, kernel_name="python3")
     for f in files:
         assert (out / f).exists(), f"{name} did not write {f}"
+    if name in CONCLUSIONS:
+        CONCLUSIONS[name](out)
+
+
+def _check_30(out: Path) -> None:
+    """The computed answer points the way the printed curves do (recomputed here from the CSV)."""
+    import pandas as pd
+
+    c = pd.read_csv(out / "scratch_vs_pretrained.csv")
+    last = c[c.step == c.step.max()]
+    lost = {learner: 100 * (g[g.p == g.p.min()].val_acc.iloc[0] - g[g.p == g.p.max()].val_acc.iloc[0])
+            for learner, g in last.groupby("learner")}
+    scratch = next(v for k, v in lost.items() if "scratch" in k)
+    head = next(v for k, v in lost.items() if "pretrained" in k)
+    summary = (out / "summary.md").read_text()
+    assert f"{scratch:+.1f} validation points" in summary and f"{head:+.1f} points" in summary
+    expect = "does not show" if abs(scratch - head) < 1 else "as the paper" if scratch > head else "opposite"
+    assert expect in summary, summary
+
+
+CONCLUSIONS = {"30_teaching_dropout": _check_30}
