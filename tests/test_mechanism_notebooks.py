@@ -15,7 +15,7 @@ NOTEBOOKS = ROOT / "notebooks"
 
 TINY = dict(backbone="test_resnet", pretrained=False, resolution=32, device="cpu")
 CASES = {
-    "10_feature_usage": (dict(dropout_rates=[0.0, 0.9], test_envs=[0], seeds=[0], steps=4, eval_every=2, batch_size=4,
+    "10_feature_usage": (dict(dropout_rates=[0.0, 0.9, 0.95], test_envs=[0, 1], seeds=[0], steps=4, eval_every=2, batch_size=4,
                               n_random=2), ["feature_usage.csv", "ablations.csv", "importances.png", "ablations.png",
                                             "summary.md"]),
     "11_linearity": (dict(dropout_rates=[0.0, 0.9], test_env=0, seeds=[0], steps=4, eval_every=2, batch_size=4,
@@ -87,4 +87,17 @@ def _check_30(out: Path) -> None:
     assert expect in summary, summary
 
 
-CONCLUSIONS = {"30_teaching_dropout": _check_30}
+def _check_10(out: Path) -> None:
+    """Every rate is contrasted with rate 0, and each printed paired difference is the one the
+    table gives (recomputed here from feature_usage.csv)."""
+    import pandas as pd
+
+    u = pd.read_csv(out / "feature_usage.csv")
+    summary = (out / "summary.md").read_text()
+    for b in (0.9, 0.95):
+        pairs = u[u.dropout == b].set_index("test_env").ood_acc - u[u.dropout == 0].set_index("test_env").ood_acc
+        line = next(s for s in summary.splitlines() if s.startswith(f"- o.o.d. accuracy at dropout {b:g} vs 0"))
+        assert f"paired difference {100 * pairs.mean():+.3g}" in line and f"(n={len(pairs)})" in line, line
+
+
+CONCLUSIONS = {"30_teaching_dropout": _check_30, "10_feature_usage": _check_10}
