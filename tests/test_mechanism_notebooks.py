@@ -116,4 +116,19 @@ def _check_11(out: Path) -> None:
         assert "(n=" in line, line  # seeds: an n beside every mean
 
 
-CONCLUSIONS = {"30_teaching_dropout": _check_30, "10_feature_usage": _check_10, "11_linearity": _check_11}
+def _check_12(out: Path) -> None:
+    """Each penalty's stated agreement and accuracy are those of the CSV (recomputed here)."""
+    import pandas as pd
+
+    t = pd.read_csv(out / "dropout_vs_penalty.csv")
+    summary = (out / "summary.md").read_text()
+    lo, hi = t.p.min(), t.p.max()
+    for kind, g in t[t["mode"] != "dropout"].groupby("mode"):
+        g = g.set_index("p")
+        line = next(s for s in summary.splitlines() if s.startswith(f"- Trained with the {kind} penalty"))
+        assert f"o.o.d. agreement {100 * g.agree_ood[lo]:.1f}% at p={lo:g}" in line, line
+        assert f"o.o.d. accuracy {100 * g.acc_ood[hi]:.1f}%" in line, line
+
+
+CONCLUSIONS = {"30_teaching_dropout": _check_30, "10_feature_usage": _check_10, "11_linearity": _check_11,
+               "12_dropout_vs_l2": _check_12}

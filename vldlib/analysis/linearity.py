@@ -244,3 +244,49 @@ def conclusion_lines(taylor: pd.DataFrame, paths: pd.DataFrame) -> list[str]:
     lines.append(f"- Interpolation: weights and representations paths differ by at most {100 * gap.max():.1f} points "
                  f"(mean {100 * gap.mean():.1f}) along the path.")
     return lines
+
+
+def interpolation_table(pairs, probe_dirs, alphas, device: str = "auto") -> pd.DataFrame:
+    """Accuracy along the weights and representations paths (`interpolation_path`) from each
+    linear probe (head-only run) to the matching fine-tuned run, on the i.i.d. and o.o.d. splits.
+    `pairs`: (config, run dir) of the fine-tuned runs, in the probes' order."""
+    from vldlib.analysis.runs import initial_net, load_run_data
+
+    paths = []
+    for (cfg, run), probe in zip(pairs, probe_dirs):
+        rd = load_run_data(run, device=device)
+        start = load_run_data(probe, device=device).net
+        a_net = initial_net(rd.cfg, len(rd.meta["classes"]))
+        a_net.model.load_state_dict(start.model.state_dict())  # probe's weights, fine-tuned net's stage split
+        for split in ("iid", "ood"):
+            x, y = rd.inputs(split)
+            t = interpolation_path(a_net, rd.net, "tail", x, y, alphas=alphas)
+            paths.append(t.assign(dropout=cfg.dropout, seed=cfg.seed, split=split))
+    return pd.concat(paths, ignore_index=True)
+
+
+def plot_taylor(taylor: pd.DataFrame):
+    """o.o.d. accuracy of the fine-tuned network, its Taylor model and its start (with the
+    majority-class line), the Taylor model's agreement, and the distance travelled; ± s.e. over runs."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    long = taylor.melt(id_vars=["init", "dropout", "split", "seed"], value_vars=["acc_trained", "acc_taylor", "acc_start"],
+                       var_name="model", value_name="accuracy").assign(accuracy=lambda t: 100 * t.accuracy)
+    long["model"] = long.model.map({"acc_trained": "fine-tuned f(θ1)", "acc_taylor": "Taylor model",
+                                    "acc_start": "start f(θ0)"})
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    sns.barplot(long[long.split == "ood"], x="init", y="accuracy", hue="model", errorbar="se", ax=axes[0])
+    axes[0].axhline(100 * taylor[taylor.split == "ood"].majority_acc.mean(), color="k", ls="--", lw=1,
+                    label="majority class")
+    axes[0].set(title="o.o.d. accuracy (all rates; ± s.e.)", ylim=(0, 100), ylabel="accuracy (%)")
+    axes[0].legend(fontsize=7)
+    rate = taylor.assign(rate=taylor.dropout.map("{:g}".format))
+    sns.barplot(rate, x="init", y="agreement", hue="rate", errorbar="se", palette="colorblind", ax=axes[1])
+    axes[1].set(title="Taylor model agrees with fine-tuned (± s.e.)", ylim=(0, 1), ylabel="agreement (fraction)")
+    sns.barplot(rate, x="init", y="body_relative", hue="rate", errorbar="se", palette="colorblind", ax=axes[2])
+    axes[2].set(title="relative distance of the trained stage", ylabel="||θ1-θ0|| / ||θ0||")
+    for ax in axes[1:]:
+        ax.legend(title="dropout rate", fontsize=7)
+    fig.tight_layout()
+    return fig
