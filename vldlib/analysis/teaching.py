@@ -327,3 +327,21 @@ def dropout_cost(curves: pd.DataFrame) -> tuple[pd.DataFrame, str]:
                    "of the paper's argument, at this budget and scale (a linear head on frozen features, a few "
                    "hundred steps; rerun with more steps and seeds before drawing a conclusion).")
     return table, f"{facts} {verdict}"
+
+
+def learner_data(benchmark: str, data_dir: str, test_env: int, scratch_resolution: int, resolution: int,
+                 backbone: str, pretrained: bool, device: str = "auto") -> tuple[dict, dict]:
+    """The two learners' data, training and i.i.d. validation splits: images at
+    `scratch_resolution` for the CNN trained from scratch, and the frozen penultimate features of
+    the (pre)trained `backbone` at `resolution` for the linear head."""
+    from vldlib.analysis.runs import untrained_run_data
+    from vldlib.train import TrainConfig
+
+    cfg = TrainConfig(benchmark=benchmark, data_dir=data_dir, test_envs=[test_env], resolution=scratch_resolution,
+                      augment=False, backbone=backbone)
+    images = split_tensors(cfg, splits=("train", "iid"))
+    feat_cfg = TrainConfig(benchmark=benchmark, data_dir=data_dir, test_envs=[test_env], resolution=resolution,
+                           backbone=backbone, pretrained=pretrained, train_stages=0, cache_trunk=True, augment=False,
+                           device=device)
+    rd = untrained_run_data(feat_cfg, device=device)
+    return images, {s: rd.features(s) for s in ("train", "iid")}
