@@ -238,11 +238,11 @@ def conclusion_lines(fixed: pd.DataFrame, table: pd.DataFrame, kinds, n_mc: int)
     lo, hi = fixed.p.min(), fixed.p.max()
     ce = fixed[fixed.loss == "ce"].set_index("p")
     sq = fixed[fixed.loss == "squared"].set_index("p")
-    lines = [f"- Squared loss, fixed weights: analytic / Monte-Carlo excess loss between {sq.ratio.min():.2f} and "
-             f"{sq.ratio.max():.2f} over p in [{lo:g}, {hi:g}] (1 = exact; the gap is Monte-Carlo error with {n_mc} "
-             f"masks).",
-             f"- Cross-entropy, fixed weights: the quadratic penalty is {ce.ratio[lo]:.2f} x the true excess loss at "
-             f"p={lo:g} and {ce.ratio[hi]:.2f} x at p={hi:g}."]
+    lines = [(f"- Squared loss, fixed weights: analytic / Monte-Carlo excess loss between {sq.ratio.min():.2f} and "
+              f"{sq.ratio.max():.2f} over p in [{lo:g}, {hi:g}] (1 = exact; the gap is Monte-Carlo error with {n_mc} "
+              f"masks)."),
+             (f"- Cross-entropy, fixed weights: the quadratic penalty is {ce.ratio[lo]:.2f} x the true excess loss at "
+              f"p={lo:g} and {ce.ratio[hi]:.2f} x at p={hi:g}.")]
     drop = table[table["mode"] == "dropout"].set_index("p")
     for k in kinds:
         t = table[table["mode"] == k].set_index("p")

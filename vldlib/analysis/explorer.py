@@ -14,7 +14,6 @@ wires these to ipywidgets; its `run()` is the button's callback and can be calle
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -375,10 +374,11 @@ class Explorer:
         self.status.value = f"training {live.run_dir.name} ..."
         self.button.disabled, self.stop_button.disabled = True, False
         t0 = time.perf_counter()
+        live.start()  # before returning: a stop pressed right after run finds it running
 
         def watch() -> Path:
             try:
-                self.last_run = live.start().watch(lambda curve: self._draw(curve, earlier, title, cfg.steps))
+                self.last_run = live.watch(lambda curve: self._draw(curve, earlier, title, cfg.steps))
             except Exception as e:
                 self.status.value = f"<b>failed</b>: {type(e).__name__}: {e}"
                 raise
