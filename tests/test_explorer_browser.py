@@ -22,7 +22,6 @@ from pathlib import Path
 
 import nbformat
 import pytest
-
 from conftest import make_fake_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,6 +133,15 @@ def _eval_steps(runs: Path, steps: int) -> list[int]:
 
 
 def test_explorer_in_jupyterlab_runs_updates_and_stops(lab, browser):
+    try:
+        _drive(lab, browser)
+    except Exception:
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(SHOTS / "failure.png"))  # what the browser showed when it failed
+        raise
+
+
+def _drive(lab, browser) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
@@ -172,7 +180,7 @@ def test_explorer_in_jupyterlab_runs_updates_and_stops(lab, browser):
     button("run").click()
     _wait(lambda: button("run").get_attribute("disabled") and button("stop").get_attribute("disabled") is None, 30,
           "pressing run did not start a run")
-    status = lambda: browser.find_element(By.CSS_SELECTOR, ".vldlib-explorer-status").text  # noqa: E731
+    status = lambda: browser.find_element(By.CSS_SELECTOR, ".vldlib-explorer-status").text
     _wait(lambda: image.get_attribute("src") != before and "training" in status(), 180,
           "the plot did not update while training")
     _wait(lambda: _eval_steps(tmp / "runs", 5000), 120, "the run recorded no evaluation")

@@ -187,7 +187,8 @@ def plot_importances(spectra: pd.DataFrame, usage: pd.DataFrame):
     axes[0].legend(title="dropout rate", fontsize=8)
     sns.pointplot(usage, x="dropout", y="participation_ratio", errorbar="se", ax=axes[1], color="C0", capsize=0.1)
     n = usage.groupby("dropout").size()
-    axes[1].set(title=f"effective number of features (mean ± s.e., n={n.min()}–{n.max()} runs per rate)",
+    runs = f"n={n.min()}" if n.min() == n.max() else f"n={n.min()}-{n.max()}"
+    axes[1].set(title=f"effective number of features (mean ± s.e., {runs} runs per rate)",
                 xlabel="dropout rate", ylabel="participation ratio")
     fig.tight_layout()
     return fig
