@@ -15,10 +15,10 @@ NOTEBOOKS = ROOT / "notebooks"
 
 TINY = dict(backbone="test_resnet", pretrained=False, resolution=32, device="cpu")
 CASES = {
-    "10_feature_usage": (dict(dropout_rates=[0.0, 0.9], test_envs=[0], seeds=[0], steps=4, eval_every=2, batch_size=4,
+    "10_feature_usage": (dict(dropout_rates=[0.0, 0.9, 0.95], test_envs=[0, 1], seeds=[0], steps=4, eval_every=2, batch_size=4,
                               n_random=2), ["feature_usage.csv", "ablations.csv", "importances.png", "ablations.png",
                                             "summary.md"]),
-    "11_linearity": (dict(dropout_rates=[0.0, 0.9], test_env=0, seeds=[0], steps=4, eval_every=2, batch_size=4,
+    "11_linearity": (dict(dropout_rates=[0.0, 0.9], test_env=0, seeds=[0, 1], steps=4, eval_every=2, batch_size=4,
                           n_alphas=3), ["linearity.csv", "interpolation.csv", "taylor.png", "interpolation.png",
                                         "summary.md"]),
     "12_dropout_vs_l2": (dict(test_env=0, rates=[0.1, 0.9], steps=20, n_mc=5),
@@ -67,3 +67,68 @@ def test_notebook_runs_on_tiny_data(name, bench, tmp_path):
                         cwd=str(ROOT), progress_bar=False, kernel_name="python3")
     for f in files:
         assert (out / f).exists(), f"{name} did not write {f}"
+    if name in CONCLUSIONS:
+        CONCLUSIONS[name](out)
+
+
+def _check_30(out: Path) -> None:
+    """The computed answer points the way the printed curves do (recomputed here from the CSV)."""
+    import pandas as pd
+
+    c = pd.read_csv(out / "scratch_vs_pretrained.csv")
+    last = c[c.step == c.step.max()]
+    lost = {learner: 100 * (g[g.p == g.p.min()].val_acc.iloc[0] - g[g.p == g.p.max()].val_acc.iloc[0])
+            for learner, g in last.groupby("learner")}
+    scratch = next(v for k, v in lost.items() if "scratch" in k)
+    head = next(v for k, v in lost.items() if "pretrained" in k)
+    summary = (out / "summary.md").read_text()
+    assert f"{scratch:+.1f} validation points" in summary and f"{head:+.1f} points" in summary
+    expect = "does not show" if abs(scratch - head) < 1 else "as the paper" if scratch > head else "opposite"
+    assert expect in summary, summary
+
+
+def _check_10(out: Path) -> None:
+    """Every rate is contrasted with rate 0, and each printed paired difference is the one the
+    table gives (recomputed here from feature_usage.csv)."""
+    import pandas as pd
+
+    u = pd.read_csv(out / "feature_usage.csv")
+    summary = (out / "summary.md").read_text()
+    for b in (0.9, 0.95):
+        pairs = u[u.dropout == b].set_index("test_env").ood_acc - u[u.dropout == 0].set_index("test_env").ood_acc
+        line = next(s for s in summary.splitlines() if s.startswith(f"- o.o.d. accuracy at dropout {b:g} vs 0"))
+        assert f"paired difference {100 * pairs.mean():+.3g}" in line and f"(n={len(pairs)})" in line, line
+
+
+def _check_11(out: Path) -> None:
+    """Whether each init beats the majority class, and whether its relative logit error reaches 1,
+    are stated as the CSV says (recomputed here)."""
+    import pandas as pd
+
+    t = pd.read_csv(out / "linearity.csv")
+    summary = (out / "summary.md").read_text()
+    for init, g in t.groupby("init"):
+        line = next(s for s in summary.splitlines() if s.startswith(f"- **{init}**"))
+        beats = (g.acc_trained > g.majority_acc + 1e-9).mean() > 0.5
+        assert ("does NOT beat the majority class" in line) == (not beats), line
+        if g.rel_logit_error.min() >= 1:
+            assert "the linear term does not describe the change" in line, line
+        assert "(n=" in line, line  # seeds: an n beside every mean
+
+
+def _check_12(out: Path) -> None:
+    """Each penalty's stated agreement and accuracy are those of the CSV (recomputed here)."""
+    import pandas as pd
+
+    t = pd.read_csv(out / "dropout_vs_penalty.csv")
+    summary = (out / "summary.md").read_text()
+    lo, hi = t.p.min(), t.p.max()
+    for kind, g in t[t["mode"] != "dropout"].groupby("mode"):
+        g = g.set_index("p")
+        line = next(s for s in summary.splitlines() if s.startswith(f"- Trained with the {kind} penalty"))
+        assert f"o.o.d. agreement {100 * g.agree_ood[lo]:.1f}% at p={lo:g}" in line, line
+        assert f"o.o.d. accuracy {100 * g.acc_ood[hi]:.1f}%" in line, line
+
+
+CONCLUSIONS = {"30_teaching_dropout": _check_30, "10_feature_usage": _check_10, "11_linearity": _check_11,
+               "12_dropout_vs_l2": _check_12}

@@ -32,7 +32,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -308,8 +308,11 @@ def build_run_net(cfg: TrainConfig, num_classes: int, device: torch.device) -> t
     return net, data_config(model), init_fingerprint
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Run (or resume, or skip if finished) one fine-tuning run; returns its directory."""
+def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> Path:
+    """Run (or resume, or skip if finished) one fine-tuning run; returns its directory.
+
+    `should_stop` (e.g. a threading.Event's is_set) is asked before each step; when it says yes the
+    run returns unfinished, resumable from its last checkpoint (the explorer's stop button)."""
     cfg.validate()
     run_dir = run_dir_for(cfg)
     if (run_dir / "done").exists():
@@ -405,6 +408,9 @@ def train(cfg: TrainConfig) -> Path:
         t_interval, last_eval = time.perf_counter(), start
         net.train()
         for step, batch in enumerate(train_batches(data, cfg, start, device, features), start=start):
+            if should_stop is not None and should_stop():  # stopped by the caller: resumes from last.pt
+                bar.close()
+                return run_dir
             # one SGD step on the concatenated per-domain batches; every random draw seeded by the step
             torch.manual_seed(seed_hash(cfg.seed, "step", step))
             x = torch.cat([b[0] for b in batch])

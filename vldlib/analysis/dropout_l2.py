@@ -194,3 +194,60 @@ def penalty_vs_mc(W: torch.Tensor, b: torch.Tensor, X: torch.Tensor, y: torch.Te
             mc = expected_dropout_loss(W, b, X, y, p, loss, n_samples=n_mc, seed=seed) - float(clean_loss(W, b, X, y, loss))
             rows.append({"p": float(p), "loss": loss, "mc_excess": mc, "penalty": float(penalty(W, b, X, p, kind))})
     return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- the notebook's figures and conclusion
+def plot_penalty_vs_mc(fixed: pd.DataFrame):
+    """Monte Carlo excess loss of dropout at fixed weights vs the analytic penalty, per loss, log scale."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for i, (loss, g) in enumerate(fixed.groupby("loss")):
+        ax.plot(g.p, g.mc_excess, "o-", color=f"C{i}", label=f"{loss}: Monte Carlo excess loss")
+        ax.plot(g.p, g.penalty, "s--", color=f"C{i}", label=f"{loss}: analytic penalty")
+    ax.set(yscale="log", xlabel="dropout rate p", ylabel="excess loss", title="dropout's excess loss at fixed weights")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_dropout_vs_penalty(table: pd.DataFrame):
+    """Per rate: agreement of each penalty head with the dropout head (o.o.d.), their relative
+    weight difference, and every head's accuracy (%)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    pen = table[table["mode"] != "dropout"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    sns.lineplot(pen, x="p", y="agree_ood", hue="mode", marker="o", ax=axes[0])
+    axes[0].set(title="agreement with the dropout head (o.o.d.)", ylabel="same prediction (fraction)",
+                xlabel="dropout rate p")
+    sns.lineplot(pen, x="p", y="rel_weight_diff", hue="mode", marker="o", ax=axes[1])
+    axes[1].set(title="||W - W_dropout|| / ||W_dropout||", ylabel="relative difference", xlabel="dropout rate p")
+    acc = table.melt(id_vars=["p", "mode"], value_vars=["acc_iid", "acc_ood"], var_name="split", value_name="accuracy")
+    acc = acc.assign(accuracy=100 * acc.accuracy, split=acc.split.map({"acc_iid": "i.i.d.", "acc_ood": "o.o.d."}))
+    sns.lineplot(acc, x="p", y="accuracy", hue="mode", style="split", marker="o", ax=axes[2])
+    axes[2].set(title="accuracy", ylabel="accuracy (%)", xlabel="dropout rate p")
+    sns.move_legend(axes[2], "upper left", bbox_to_anchor=(1, 1), fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def conclusion_lines(fixed: pd.DataFrame, table: pd.DataFrame, kinds, n_mc: int) -> list[str]:
+    """The summary, computed from the fixed-weight comparison and the trained heads."""
+    lo, hi = fixed.p.min(), fixed.p.max()
+    ce = fixed[fixed.loss == "ce"].set_index("p")
+    sq = fixed[fixed.loss == "squared"].set_index("p")
+    lines = [(f"- Squared loss, fixed weights: analytic / Monte-Carlo excess loss between {sq.ratio.min():.2f} and "
+              f"{sq.ratio.max():.2f} over p in [{lo:g}, {hi:g}] (1 = exact; the gap is Monte-Carlo error with {n_mc} "
+              f"masks)."),
+             (f"- Cross-entropy, fixed weights: the quadratic penalty is {ce.ratio[lo]:.2f} x the true excess loss at "
+              f"p={lo:g} and {ce.ratio[hi]:.2f} x at p={hi:g}.")]
+    drop = table[table["mode"] == "dropout"].set_index("p")
+    for k in kinds:
+        t = table[table["mode"] == k].set_index("p")
+        lines.append(f"- Trained with the {k} penalty instead of dropout: o.o.d. agreement {100 * t.agree_ood[lo]:.1f}% "
+                     f"at p={lo:g} and {100 * t.agree_ood[hi]:.1f}% at p={hi:g}; relative weight difference "
+                     f"{t.rel_weight_diff[lo]:.2f} -> {t.rel_weight_diff[hi]:.2f}; o.o.d. accuracy "
+                     f"{100 * t.acc_ood[hi]:.1f}% vs dropout's {100 * drop.acc_ood[hi]:.1f}% at p={hi:g}.")
+    return lines

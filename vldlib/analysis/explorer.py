@@ -14,7 +14,6 @@ wires these to ipywidgets; its `run()` is the button's callback and can be calle
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -32,6 +31,8 @@ DEFAULTS: dict[str, Any] = dict(benchmark="emoji", test_env=0, dropout=0.9, step
                                 pretrained=True, resolution=96, train_stages=1, lr=0.01, weight_decay=1e-4,
                                 batch_size=32, seed=0, device="auto")
 
+EVALS_PER_RUN = 30  # points on the live curve; evaluating the cached-trunk tail is cheap next to a step
+
 
 def explorer_config(data_dir: str, runs_dir: str, **values: Any) -> TrainConfig:
     """The `TrainConfig` of one explorer run (unknown keys are an error, missing ones from DEFAULTS)."""
@@ -40,7 +41,7 @@ def explorer_config(data_dir: str, runs_dir: str, **values: Any) -> TrainConfig:
         raise ValueError(f"unknown explorer setting(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
     v = {**DEFAULTS, **values}
     steps = int(v["steps"])
-    every = max(1, steps // 10)  # ten points on the live curve
+    every = max(1, steps // EVALS_PER_RUN)
     cache = v["train_stages"] is not None
     from vldlib.experiments import with_paths
     cfg = TrainConfig(benchmark=str(v["benchmark"]), data_dir=data_dir, test_envs=[int(v["test_env"])],
@@ -69,40 +70,104 @@ def curve_of(run_dir: str | Path) -> pd.DataFrame:
     return s[s.method == "model"].sort_values("step")[["step", "loss", "iid_acc", "ood_acc"]].reset_index(drop=True)
 
 
+class LiveRun:
+    """One explorer run trained in a background thread, stoppable between steps.
+
+    `stop()` (the stop button) or a KeyboardInterrupt while `watch` waits (Kernel > Interrupt) asks
+    `train` to return before its next step; the run then stays unfinished and resumable from its
+    last checkpoint (evaluation), so pressing run again with the same settings continues it.
+    """
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg, self.run_dir = cfg, run_dir_for(cfg)
+        self.stop_event = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, daemon=True, name="vldlib-explorer")
+
+    def _work(self) -> None:
+        from vldlib.train import train
+
+        try:
+            train(self.cfg, should_stop=self.stop_event.is_set)
+        except BaseException as e:  # re-raised by watch() in the caller's thread
+            self.error = e
+
+    def start(self) -> LiveRun:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def finished(self) -> bool:
+        return (self.run_dir / "done").exists()
+
+    def watch(self, on_update: Callable[[pd.DataFrame], None] | None = None, poll: float = 0.5) -> Path:
+        """Wait for the run, calling `on_update(curve)` each time a new evaluation is recorded (and
+        once at the end); an interrupt stops the run cleanly. Returns the run dir."""
+        seen = -1
+        try:
+            while True:
+                alive = self._thread.is_alive()
+                curve = curve_of(self.run_dir)
+                if on_update is not None and len(curve) != seen:
+                    seen = len(curve)
+                    on_update(curve)
+                if not alive:
+                    break
+                time.sleep(poll)
+        except KeyboardInterrupt:
+            self.stop()
+            self._thread.join()
+            if on_update is not None:
+                on_update(curve_of(self.run_dir))
+            print(f"[vldlib] interrupted: {self.run_dir} stopped before its next step (resumable)")
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.run_dir
+
+
 def run_live(cfg: TrainConfig, on_update: Callable[[pd.DataFrame], None] | None = None, poll: float = 0.5) -> Path:
     """Train `cfg` (resuming or skipping as `train` does) in a background thread; call
     `on_update(curve)` from this thread each time a new evaluation is recorded. Returns the run dir.
 
-    Training runs in a thread so that the caller (a widget callback in the kernel's main thread)
-    keeps control and can push progress to the front-end; errors in the thread are re-raised here.
+    Training runs in a thread so that the caller keeps control (progress, Kernel > Interrupt, which
+    stops the run cleanly); errors in the thread are re-raised here.
     """
-    from vldlib.train import train
+    return LiveRun(cfg).start().watch(on_update, poll)
 
-    run_dir = run_dir_for(cfg)
-    error: list[BaseException] = []
 
-    def work() -> None:
-        try:
-            train(cfg)
-        except BaseException as e:  # re-raised in the caller's thread
-            error.append(e)
+def progress_bar(total: int, desc: str = "training") -> Callable[[pd.DataFrame], None]:
+    """An `on_update` for `run_live` that advances a tqdm bar to the last evaluated step."""
+    from tqdm.auto import tqdm
 
-    t = threading.Thread(target=work, daemon=True, name="vldlib-explorer")
-    t.start()
-    seen = -1
-    while True:
-        alive = t.is_alive()
-        curve = curve_of(run_dir)
-        if on_update is not None and len(curve) != seen:
-            seen = len(curve)
-            on_update(curve)
-        if not alive:
-            break
-        time.sleep(poll)
-    t.join()
-    if error:
-        raise error[0]
-    return run_dir
+    bar = tqdm(total=total, desc=desc)
+
+    def update(curve: pd.DataFrame) -> None:
+        if len(curve):
+            bar.update(int(curve.step.max()) - bar.n)
+        if bar.n >= total:
+            bar.close()
+    return update
+
+
+def describe_run(curve: pd.DataFrame, earlier: pd.DataFrame) -> str:
+    """One sentence on the run's last evaluation, computed from its curve, and how many earlier
+    runs (and rates) it is drawn against."""
+    if not len(curve):
+        return "the run recorded no evaluation yet."
+    last = curve.iloc[-1]
+    n = earlier.run.nunique() if len(earlier) else 0
+    rates = ", ".join(f"{r:g}" for r in sorted(earlier.dropout.unique())) if n else "none"
+    return (f"last evaluation, step {int(last.step)}: training loss {last.loss:.3f}, i.i.d. {100 * last.iid_acc:.1f}%, "
+            f"o.o.d. {100 * last.ood_acc:.1f}%; compared with {n} earlier run(s) on this benchmark and held-out "
+            f"domain (dropout rates: {rates}).")
 
 
 def earlier_curves(paths: Iterable[str | Path], benchmark: str, test_env: int, match: dict[str, Any] | None = None
@@ -143,30 +208,49 @@ def comparable(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def plot_curves(curve: pd.DataFrame, earlier: pd.DataFrame | None = None, title: str = "", total_steps: int | None = None):
-    """i.i.d. validation and o.o.d. test accuracy against step: this run bold, earlier runs faint
-    (coloured by dropout rate), so a new rate can be judged against what was already tried."""
-    import matplotlib.pyplot as plt
+    """Training loss, i.i.d. validation and o.o.d. test accuracy against step: this run bold,
+    earlier runs thinner, one colour per dropout rate, each over its own full range of steps, so a
+    new rate can be judged against what was already tried.
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
-    for ax, metric, name in zip(axes, ("iid_acc", "ood_acc"), ("i.i.d. validation", "o.o.d. test")):
-        if earlier is not None and len(earlier):
-            rates = sorted(earlier.dropout.unique())
-            cmap = plt.get_cmap("viridis")
-            for run, g in earlier.groupby("run"):
-                r = g.dropout.iloc[0]
-                c = cmap(rates.index(r) / max(1, len(rates) - 1))
-                ax.plot(g.step, 100 * g[metric], color=c, alpha=0.35, lw=1)
-            for i, r in enumerate(rates):
-                ax.plot([], [], color=cmap(i / max(1, len(rates) - 1)), alpha=0.5, label=f"earlier, p={r:g}")
-        if len(curve):
-            ax.plot(curve.step, 100 * curve[metric], "o-", color="crimson", lw=2.5, label="this run")
-        if total_steps:
-            ax.set_xlim(0, total_steps * 1.02)
-        ax.set(title=name, xlabel="step", ylabel="accuracy (%)")
-    axes[1].legend(fontsize=7, loc="lower right")
+    Built on `matplotlib.figure.Figure` (not pyplot), so the explorer's watcher thread can draw
+    without touching the notebook's figure manager; show it with `display(fig)`."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 3.6))
+    axes = fig.subplots(1, 3)
+    rates = sorted(earlier.dropout.unique()) if earlier is not None and len(earlier) else []
+    colour = {r: f"C{i % 10}" for i, r in enumerate(rates)}
+    panels = (("loss", "training loss", "cross-entropy"), ("iid_acc", "i.i.d. validation", "accuracy (%)"),
+              ("ood_acc", "o.o.d. test", "accuracy (%)"))
+    for ax, (metric, name, unit) in zip(axes, panels):
+        scale = 1 if metric == "loss" else 100
+        for run, g in (earlier.groupby("run") if rates else ()):
+            if metric in g:
+                ax.plot(g.step, scale * g[metric], color=colour[g.dropout.iloc[0]], alpha=0.8, lw=1.2)
+        if len(curve) and metric in curve:
+            ax.plot(curve.step, scale * curve[metric], "o-", color="black", ms=3, lw=2.2, label="this run")
+        right = max(total_steps or 0, int(earlier.step.max()) if rates else 0)
+        if right:
+            ax.set_xlim(0, right * 1.02)
+        ax.set(title=name, xlabel="step", ylabel=unit)
+        ax.grid(alpha=0.3)
+    for r in rates:
+        axes[-1].plot([], [], color=colour[r], lw=1.2, label=f"earlier, dropout rate {r:g}")
+    handles, labels = axes[-1].get_legend_handles_labels()
+    if handles:  # no legend (and no matplotlib warning) before anything is drawn
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def figure_png(fig) -> bytes:
+    """PNG bytes of a figure (for an ipywidgets.Image and the static copy left in the output)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    return buf.getvalue()
 
 
 def available_benchmarks(data_dir: str, extra: Iterable[str] = ()) -> list[str]:
@@ -196,7 +280,13 @@ def benchmark_domains(benchmark: str, data_dir: str) -> list[str]:
 
 
 class Explorer:
-    """The widget panel. `widget` is what to display; `run()` is the run button's callback."""
+    """The widget panel. `widget` is what to display; the run button calls `run(wait=False)`, the
+    stop button `stop()`.
+
+    A button's callback must return at once: the kernel handles widget messages (the stop button's
+    click among them) only between cell executions and callbacks, so the run trains in a thread
+    and a second thread draws its curve into an Image widget (safe from a thread, unlike capturing
+    into an Output widget)."""
 
     def __init__(self, data_dir: str = "data", runs_dir: str = "outputs/runs", compare: Iterable[str] = ("outputs",),
                  defaults: dict[str, Any] | None = None):
@@ -210,19 +300,22 @@ class Explorer:
         self.test_env = w.Dropdown(description="held out")
         self.dropout = w.FloatSlider(value=d["dropout"], min=0.0, max=0.95, step=0.05, description="dropout",
                                      continuous_update=False)
-        self.steps = w.IntSlider(value=d["steps"], min=min(20, d["steps"]), max=max(2000, d["steps"]), step=10,
-                                 description="steps", continuous_update=False)
+        self.steps = w.BoundedIntText(value=d["steps"], min=1, max=100_000, step=10, description="steps")
         self.button = w.Button(description="run", button_style="primary", icon="play")
+        self.stop_button = w.Button(description="stop", button_style="warning", icon="stop", disabled=True)
         self.progress = w.IntProgress(value=0, min=0, max=d["steps"], description="progress")
-        self.status = w.HTML("")
-        self.plot = w.Output()
+        self.status = w.HTML("").add_class("vldlib-explorer-status")  # classes: found by the browser test
+        self.image = w.Image(format="png").add_class("vldlib-explorer-plot")
         self.benchmark.observe(lambda change: self._set_domains(), names="value")
         self._set_domains()
-        self.button.on_click(self.run)
+        self.button.on_click(lambda _b: self.run(wait=False))
+        self.stop_button.on_click(lambda _b: self.stop())
         self.widget = w.VBox([w.HBox([self.benchmark, self.test_env]), w.HBox([self.dropout, self.steps]),
-                              w.HBox([self.button, self.progress]), self.status, self.plot])
+                              w.HBox([self.button, self.stop_button, self.progress]), self.status, self.image])
+        self.live: LiveRun | None = None
         self.last_run: Path | None = None
         self.last_curve: pd.DataFrame | None = None
+        self.png: bytes = b""
 
     def _set_domains(self) -> None:
         domains = benchmark_domains(self.benchmark.value, self.data_dir)
@@ -235,41 +328,70 @@ class Explorer:
                 "dropout": round(float(self.dropout.value), 4), "steps": int(self.steps.value)}
 
     def _draw(self, curve: pd.DataFrame, earlier: pd.DataFrame, title: str, steps: int) -> None:
-        import matplotlib.pyplot as plt
-        from IPython.display import clear_output, display
-
+        self.last_curve = curve
         self.progress.value = int(curve.step.max()) if len(curve) else 0
-        fig = plot_curves(curve, earlier, title=title, total_steps=steps)
-        with self.plot:
-            clear_output(wait=True)
-            display(fig)
-        plt.close(fig)
+        self.png = figure_png(plot_curves(curve, earlier, title=title, total_steps=steps))
+        self.image.value = self.png
 
-    def run(self, _button: Any = None) -> Path:
-        """Train the configuration the widgets show (or reuse it if finished), live."""
+    def show(self, run_dir: str | Path) -> None:
+        """Draw an existing run (e.g. the notebook's default run) into the panel."""
+        run_dir = Path(run_dir)
+        cfg = explorer_config(self.data_dir, self.runs_dir, **self.settings())
+        earlier = earlier_curves(self.compare, cfg.benchmark, int(self.test_env.value), match=comparable(cfg))
+        earlier = earlier[earlier.run != str(run_dir)] if len(earlier) else earlier
+        self.progress.max = cfg.steps
+        self._draw(curve_of(run_dir), earlier, f"dropout rate {cfg.dropout:g}, held out {self.test_env.label}, "
+                   f"{cfg.steps} steps", cfg.steps)
+        self.last_run = run_dir
+        self.status.value = f"showing {run_dir.name}"
+
+    def snapshot(self):
+        """The panel's current plot as a static image, for viewers without widgets."""
+        from IPython.display import Image
+
+        return Image(data=self.png, format="png")
+
+    def stop(self) -> None:
+        """Ask the current run to stop before its next step (it stays resumable)."""
+        if self.live is not None:
+            self.live.stop()
+            self.status.value = f"stopping {self.live.run_dir.name} ..."
+
+    def run(self, _button: Any = None, wait: bool = True) -> Path | None:
+        """Train the configuration the widgets show (or reuse it if finished), live. With
+        `wait=False` (the button) it returns at once; otherwise it returns the run dir when the
+        run ends (an interrupt stops it cleanly)."""
+        if self.live is not None and self.live.running:
+            self.status.value = "a run is in progress: stop it first"
+            return None
         s = self.settings()
         cfg = explorer_config(self.data_dir, self.runs_dir, **s)
-        this = run_dir_for(cfg)
+        live = self.live = LiveRun(cfg)
         earlier = earlier_curves(self.compare, cfg.benchmark, s["test_env"], match=comparable(cfg))
-        earlier = earlier[earlier.run != str(this)] if len(earlier) else earlier
+        earlier = earlier[earlier.run != str(live.run_dir)] if len(earlier) else earlier
         self.progress.max, self.progress.value = cfg.steps, 0
-        title = f"p={cfg.dropout:g}, held out {self.test_env.label}, {cfg.steps} steps"
-        self.status.value = f"training {this.name} ..."
-        self.button.disabled = True
+        title = f"dropout rate {cfg.dropout:g}, held out {self.test_env.label}, {cfg.steps} steps"
+        self.status.value = f"training {live.run_dir.name} ..."
+        self.button.disabled, self.stop_button.disabled = True, False
         t0 = time.perf_counter()
-        try:
-            def update(curve: pd.DataFrame) -> None:
-                self.last_curve = curve
-                self._draw(curve, earlier, title, cfg.steps)
-            self.last_run = run_live(cfg, update)
-        except Exception as e:
-            self.status.value = f"<b>failed</b>: {type(e).__name__}: {e}"
-            raise
-        finally:
-            self.button.disabled = False
-        self.last_curve = curve_of(self.last_run)
-        end = self.last_curve.iloc[-1] if len(self.last_curve) else None
-        self.status.value = (f"done in {time.perf_counter() - t0:.0f} s: {self.last_run.name}" +
-                             (f"; last step i.i.d. {100 * end.iid_acc:.1f}%, o.o.d. {100 * end.ood_acc:.1f}%"
-                              if end is not None else ""))
-        return self.last_run
+        live.start()  # before returning: a stop pressed right after run finds it running
+
+        def watch() -> Path:
+            try:
+                self.last_run = live.watch(lambda curve: self._draw(curve, earlier, title, cfg.steps))
+            except Exception as e:
+                self.status.value = f"<b>failed</b>: {type(e).__name__}: {e}"
+                raise
+            finally:
+                self.button.disabled, self.stop_button.disabled = False, True
+            end = self.last_curve.iloc[-1] if self.last_curve is not None and len(self.last_curve) else None
+            state = "done" if live.finished else "stopped (press run to continue it)"
+            self.status.value = (f"{state} after {time.perf_counter() - t0:.0f} s: {live.run_dir.name}" +
+                                 (f"; step {int(end.step)}: i.i.d. {100 * end.iid_acc:.1f}%, "
+                                  f"o.o.d. {100 * end.ood_acc:.1f}%" if end is not None else ""))
+            return live.run_dir
+
+        if wait:
+            return watch()
+        threading.Thread(target=watch, daemon=True, name="vldlib-explorer-watch").start()
+        return None

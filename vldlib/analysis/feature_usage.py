@@ -129,3 +129,108 @@ def head_usage(run_data, ks: Iterable[int] | None = None, n_random: int = 5, spl
         tables.append(t)
         summary[f"{split}_acc"] = masked_accuracy(w, b, phi, y, torch.arange(phi.shape[1]), mean)
     return summary, pd.concat(tables, ignore_index=True), np.sort(s.numpy())[::-1]
+
+
+# --------------------------------------------------------------------------- the notebook's tables, figures, text
+def rate_palette(rates: Iterable[float]) -> dict[str, tuple]:
+    """One clearly distinct colour per dropout rate (label "{rate:g}"), the same in every figure."""
+    import seaborn as sns
+
+    rates = sorted(set(rates))
+    return dict(zip([f"{r:g}" for r in rates], sns.color_palette("colorblind", len(rates))))
+
+
+def usage_tables(configs: Sequence, run_dirs: Sequence, domains: Sequence[str], n_random: int = 5,
+                 device: str = "auto") -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """For every run: its `head_usage` summary (one row), its ablation table, and its sorted
+    normalised importances (rank, importance), each tagged with dropout, test_env, test_domain, seed."""
+    from vldlib.analysis.runs import load_run_data
+
+    usage, ablations, spectra = [], [], []
+    for cfg, run in zip(configs, run_dirs):
+        rd = load_run_data(run, device=device)
+        s_summary, table, s_sorted = head_usage(rd, n_random=n_random)
+        keys = {"dropout": cfg.dropout, "test_env": cfg.test_envs[0], "test_domain": domains[cfg.test_envs[0]],
+                "seed": cfg.seed}
+        usage.append({**keys, **s_summary})
+        ablations.append(table.assign(**keys))
+        spectra.append(pd.DataFrame({"rank": np.arange(1, len(s_sorted) + 1),
+                                     "importance": s_sorted / s_sorted.sum(), **keys}))
+    return pd.DataFrame(usage), pd.concat(ablations, ignore_index=True), pd.concat(spectra, ignore_index=True)
+
+
+def importance_ratios(spectra: pd.DataFrame, base: float = 0.0) -> pd.DataFrame:
+    """Each rate's sorted importance share divided by rate `base`'s at the same rank, paired on
+    (test_env, seed): above 1 where the rate spreads more weight onto that rank. Sorted shares of
+    all rates look alike on a log-log plot; their ratio shows where they differ."""
+    ref = spectra[spectra.dropout == base].set_index(["test_env", "seed", "rank"]).importance.rename("base")
+    out = spectra[spectra.dropout != base].join(ref, on=["test_env", "seed", "rank"])
+    return out.assign(ratio=out.importance / out.base).dropna(subset=["ratio"])
+
+
+def plot_importances(spectra: pd.DataFrame, usage: pd.DataFrame):
+    """Left: sorted importance shares relative to rate 0 (ratio per rank, log scale, one line per
+    rate, mean over runs). Right: effective number of features per rate, mean ± standard error."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    palette = rate_palette(spectra.dropout)
+    base = float(spectra.dropout.min())
+    ratios = importance_ratios(spectra, base).assign(rate=lambda t: t.dropout.map("{:g}".format))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    sns.lineplot(ratios, x="rank", y="ratio", hue="rate", palette={k: v for k, v in palette.items()
+                                                                    if k in set(ratios.rate)},
+                 errorbar=None, ax=axes[0])
+    axes[0].axhline(1, color="grey", lw=1, ls=":", label=f"rate {base:g} (reference)")
+    axes[0].set(xscale="log", yscale="log", title=f"importance share relative to dropout rate {base:g}",
+                xlabel="feature rank (by importance)", ylabel=f"share / share at rate {base:g}")
+    axes[0].legend(title="dropout rate", fontsize=8)
+    sns.pointplot(usage, x="dropout", y="participation_ratio", errorbar="se", ax=axes[1], color="C0", capsize=0.1)
+    n = usage.groupby("dropout").size()
+    runs = f"n={n.min()}" if n.min() == n.max() else f"n={n.min()}-{n.max()}"
+    axes[1].set(title=f"effective number of features (mean ± s.e., {runs} runs per rate)",
+                xlabel="dropout rate", ylabel="participation ratio")
+    fig.tight_layout()
+    return fig
+
+
+def plot_ablations(ablations: pd.DataFrame):
+    """Accuracy (%) with only the k most important (solid) or k random (dashed) features kept, one
+    colour per rate, i.i.d. and o.o.d. side by side."""
+    import seaborn as sns
+
+    curves = ablations.groupby(["split", "order", "dropout", "k"], as_index=False).acc.mean()
+    curves = curves.assign(rate=curves.dropout.map("{:g}".format), acc_pct=100 * curves.acc)
+    g = sns.relplot(curves, x="k", y="acc_pct", hue="rate", style="order", col="split", kind="line",
+                    palette=rate_palette(ablations.dropout), height=3.6, aspect=1.2, markers=True,
+                    dashes={"top": "", "random": (3, 2)})
+    g.set(xscale="log")
+    g.set_axis_labels("features kept (k)", "accuracy (%)")
+    g.legend.set_title("dropout rate / kept")
+    return g
+
+
+def conclusion(usage: pd.DataFrame, ablations: pd.DataFrame, rates: Sequence[float]) -> tuple[pd.DataFrame, list[str]]:
+    """Adds each run's o.o.d. accuracy with a random tenth of the features kept (as a share of its
+    full o.o.d. accuracy), then one sentence per (metric, rate) for every rate against the lowest:
+    paired difference ± standard error and n (from `summary.paired_effect`)."""
+    from vldlib import summary
+    from vldlib.analysis.effects import effect_text
+
+    d = int(usage.n_features.iloc[0])
+    k10 = min(ablations.k.unique(), key=lambda k: abs(k - d / 10))
+    rand = (ablations[(ablations.order == "random") & (ablations.split == "ood") & (ablations.k == k10)]
+            .groupby(["dropout", "test_env", "seed"]).acc.mean().rename("acc_random10").reset_index())
+    usage = usage.drop(columns=["acc_random10", "retained_random10"], errors="ignore").merge(
+        rand, on=["dropout", "test_env", "seed"])
+    usage["retained_random10"] = usage.acc_random10 / usage.ood_acc
+    a = min(rates)
+    lines = []
+    for metric, what, pct in [("participation_ratio", "effective number of features", False),
+                              ("n90", "features holding 90% of the importance", False),
+                              ("retained_random10", f"share of o.o.d. accuracy kept with {k10} random features", False),
+                              ("ood_acc", "o.o.d. accuracy", True), ("iid_acc", "i.i.d. accuracy", True)]:
+        for b in sorted(r for r in rates if r != a):
+            eff = summary.paired_effect(usage.assign(method="model"), a=a, b=b, metric=metric)
+            lines.append("- " + effect_text(eff, what, percent=pct))
+    return usage, lines

@@ -174,3 +174,119 @@ def finetune_distances(net0: nn.Module, net1: nn.Module) -> dict[str, float]:
     head = float(torch.sqrt(sum(((p1[n].detach() - p0[n].detach()) ** 2).sum() for n in head_names)))
     return {"body_distance": body["distance"], "body_relative": body["relative"], "body_params": body["n_params"],
             "head_distance": head}
+
+
+# --------------------------------------------------------------------------- the notebook's table and conclusion
+def taylor_table(configs, run_dirs, device: str = "auto") -> pd.DataFrame:
+    """One row per (fine-tuned run, split): `taylor_report`, `finetune_distances`, and the
+    majority-class rate (always predicting the training split's most frequent class), the floor a
+    trained model must beat before its agreement with a Taylor model means anything."""
+    from vldlib.analysis.runs import initial_net, load_run_data
+
+    rows = []
+    for cfg, run in zip(configs, run_dirs):
+        rd = load_run_data(run, device=device)
+        net0 = initial_net(rd.cfg, len(rd.meta["classes"]))
+        dist = finetune_distances(net0, rd.net)
+        majority = int(torch.bincount(rd.inputs("train")[1]).argmax())
+        for split in ("iid", "ood"):
+            x, y = rd.inputs(split)
+            rep = taylor_report(net0.tail, rd.net.tail, x, y)
+            rows.append({"init": "pretrained" if cfg.pretrained else "scratch", "dropout": cfg.dropout,
+                         "seed": cfg.seed, "split": split, **rep, **dist,
+                         "majority_acc": float((y == majority).float().mean())})
+    return pd.DataFrame(rows)
+
+
+def _mean_se(values: pd.Series) -> str:
+    """'m ± se (n=k)' in percent; with one value, 'm (n=1, no error bar)'."""
+    m, n = 100 * values.mean(), len(values)
+    return f"{m:.1f}% (n=1, no error bar)" if n < 2 else f"{m:.1f}% ± {100 * values.sem():.1f} (n={n})"
+
+
+def conclusion_lines(taylor: pd.DataFrame, paths: pd.DataFrame) -> list[str]:
+    """The summary, computed: per init, whether the trained network beats the majority class (if
+    not, its linearity says nothing), agreement with the Taylor model (mean ± s.e. over seeds,
+    rates and splits), whether the relative logit error reaches 1 (then, by its definition, the
+    linear term does not describe the change), and the interpolation gap."""
+    lines, beats = [], {}
+    for init, g in taylor.groupby("init"):
+        per_seed = g.groupby(["dropout", "seed"])  # one value per run: mean over its splits
+        er = g.rel_logit_error
+        beats[init] = bool((g.acc_trained > g.majority_acc + 1e-9).mean() > 0.5)
+        floor = (f"it beats the majority class ({_mean_se(per_seed.acc_trained.mean())} vs "
+                 f"{100 * g.majority_acc.mean():.1f}%)" if beats[init] else
+                 f"it does NOT beat the majority class ({_mean_se(per_seed.acc_trained.mean())} vs "
+                 f"{100 * g.majority_acc.mean():.1f}%): a near-constant predictor, so its agreement with a "
+                 f"Taylor model says nothing about linearity")
+        if er.min() >= 1:
+            linear = (f"its relative logit error is at least 1 in every run and split (min {er.min():.2f}, "
+                      f"mean {er.mean():.2f}): the linear term does not describe the change of its outputs")
+        elif er.max() < 1:
+            linear = f"its relative logit error stays below 1 (max {er.max():.2f}): the linear term describes most of the change"
+        else:
+            linear = (f"its relative logit error is at least 1 in {int((er >= 1).sum())} of {len(er)} run-splits "
+                      f"(range {er.min():.2f}-{er.max():.2f})")
+        lines.append(f"- **{init}**: {floor}; the Taylor model agrees with it on {_mean_se(per_seed.agreement.mean())} "
+                     f"of the predictions; {linear}; the trained stage moved "
+                     f"{100 * g.drop_duplicates(['dropout', 'seed']).body_relative.mean():.1f}% of its initial norm.")
+    if set(beats) == {"pretrained", "scratch"}:
+        p, s = (taylor[taylor.init == k].agreement.mean() for k in ("pretrained", "scratch"))
+        if not beats["scratch"]:
+            lines.append("- No pretrained-vs-scratch comparison of linearity: the from-scratch baseline did not beat "
+                         "the majority class (train it longer, or with another learning rate).")
+        else:
+            verdict = "closer to linear when pretrained" if p > s else "not closer to linear when pretrained"
+            lines.append(f"- Fine-tuning from pretrained weights is {verdict} (agreement {100 * p:.1f}% vs "
+                         f"{100 * s:.1f}% from scratch, by this measure).")
+    wide = paths.pivot_table(index=["dropout", "seed", "split", "alpha"], columns="path", values="acc").reset_index()
+    gap = (wide.weights - wide.representations).abs()
+    lines.append(f"- Interpolation: weights and representations paths differ by at most {100 * gap.max():.1f} points "
+                 f"(mean {100 * gap.mean():.1f}) along the path.")
+    return lines
+
+
+def interpolation_table(pairs, probe_dirs, alphas, device: str = "auto") -> pd.DataFrame:
+    """Accuracy along the weights and representations paths (`interpolation_path`) from each
+    linear probe (head-only run) to the matching fine-tuned run, on the i.i.d. and o.o.d. splits.
+    `pairs`: (config, run dir) of the fine-tuned runs, in the probes' order."""
+    from vldlib.analysis.runs import initial_net, load_run_data
+
+    paths = []
+    for (cfg, run), probe in zip(pairs, probe_dirs):
+        rd = load_run_data(run, device=device)
+        start = load_run_data(probe, device=device).net
+        a_net = initial_net(rd.cfg, len(rd.meta["classes"]))
+        a_net.model.load_state_dict(start.model.state_dict())  # probe's weights, fine-tuned net's stage split
+        for split in ("iid", "ood"):
+            x, y = rd.inputs(split)
+            t = interpolation_path(a_net, rd.net, "tail", x, y, alphas=alphas)
+            paths.append(t.assign(dropout=cfg.dropout, seed=cfg.seed, split=split))
+    return pd.concat(paths, ignore_index=True)
+
+
+def plot_taylor(taylor: pd.DataFrame):
+    """o.o.d. accuracy of the fine-tuned network, its Taylor model and its start (with the
+    majority-class line), the Taylor model's agreement, and the distance travelled; ± s.e. over runs."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    long = taylor.melt(id_vars=["init", "dropout", "split", "seed"], value_vars=["acc_trained", "acc_taylor", "acc_start"],
+                       var_name="model", value_name="accuracy").assign(accuracy=lambda t: 100 * t.accuracy)
+    long["model"] = long.model.map({"acc_trained": "fine-tuned f(θ1)", "acc_taylor": "Taylor model",
+                                    "acc_start": "start f(θ0)"})
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    sns.barplot(long[long.split == "ood"], x="init", y="accuracy", hue="model", errorbar="se", ax=axes[0])
+    axes[0].axhline(100 * taylor[taylor.split == "ood"].majority_acc.mean(), color="k", ls="--", lw=1,
+                    label="majority class")
+    axes[0].set(title="o.o.d. accuracy (all rates; ± s.e.)", ylim=(0, 100), ylabel="accuracy (%)")
+    axes[0].legend(fontsize=7)
+    rate = taylor.assign(rate=taylor.dropout.map("{:g}".format))
+    sns.barplot(rate, x="init", y="agreement", hue="rate", errorbar="se", palette="colorblind", ax=axes[1])
+    axes[1].set(title="Taylor model agrees with fine-tuned (± s.e.)", ylim=(0, 1), ylabel="agreement (fraction)")
+    sns.barplot(rate, x="init", y="body_relative", hue="rate", errorbar="se", palette="colorblind", ax=axes[2])
+    axes[2].set(title="relative distance of the trained stage", ylabel="||θ1-θ0|| / ||θ0||")
+    for ax in axes[1:]:
+        ax.legend(title="dropout rate", fontsize=7)
+    fig.tight_layout()
+    return fig

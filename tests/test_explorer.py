@@ -1,0 +1,136 @@
+"""The explorer's stop (button and interrupt), resume, and what its plot shows, without a browser
+(the browser itself: tests/test_explorer_browser.py)."""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import pandas as pd
+import pytest
+
+from conftest import make_fake_benchmark
+from vldlib.analysis import explorer as ex
+from vldlib.utils import read_jsonl
+
+TINY = dict(backbone="test_resnet", pretrained=False, resolution=32, train_stages=1, batch_size=4, lr=0.05,
+            device="cpu")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("explorer")
+    make_fake_benchmark(root / "fake", per_class=6)
+    return root
+
+
+def _cfg(root, **kw):
+    return ex.explorer_config(str(root), str(root / "runs"), **{**TINY, "benchmark": str(root / "fake"), **kw})
+
+
+def _evals(run_dir):
+    return [r["step"] for r in read_jsonl(run_dir / "records.jsonl") if r.get("type") == "eval"]
+
+
+def test_stop_leaves_a_resumable_run_and_run_again_finishes_it(root):
+    cfg = _cfg(root, steps=300, dropout=0.5)
+    assert cfg.eval_every == 300 // ex.EVALS_PER_RUN
+    live = ex.LiveRun(cfg)
+
+    def stop_after_first(curve):
+        if len(curve):
+            live.stop()
+    run_dir = live.start().watch(stop_after_first, poll=0.05)
+    assert not live.finished and not (run_dir / "done").exists()
+    assert (run_dir / "last.pt").exists() and 0 < max(_evals(run_dir)) < 300
+    stopped_at = max(_evals(run_dir))
+    again = ex.LiveRun(cfg)
+    again.start().watch(poll=0.05)
+    steps = _evals(run_dir)
+    assert again.finished and steps[-1] == 300 and steps == sorted(set(steps)) and stopped_at in steps
+
+
+def test_interrupt_while_watching_stops_cleanly(root, capsys):
+    cfg = _cfg(root, steps=300, dropout=0.7)
+    live = ex.LiveRun(cfg)
+
+    raised = []
+
+    def interrupt(curve):  # Kernel > Interrupt raises KeyboardInterrupt where the caller waits
+        if len(curve) and not raised:
+            raised.append(True)
+            raise KeyboardInterrupt
+    run_dir = live.start().watch(interrupt, poll=0.05)
+    assert not live.running and not live.finished and (run_dir / "last.pt").exists()
+    assert "interrupted" in capsys.readouterr().out
+
+
+def test_panel_button_run_returns_at_once_and_stop_button_stops_it(root):
+    panel = ex.Explorer(data_dir=str(root), runs_dir=str(root / "runs"), compare=[str(root / "runs")],
+                        defaults={**TINY, "benchmark": str(root / "fake"), "steps": 3000, "dropout": 0.3})
+    panel.button.click()  # what the browser's click does: returns while the run trains
+    assert panel.button.disabled and not panel.stop_button.disabled and panel.live.running
+    deadline = time.time() + 120
+    while panel.progress.value == 0 and time.time() < deadline:
+        time.sleep(0.05)
+    assert panel.progress.value > 0 and panel.png[:4] == b"\x89PNG"
+    panel.stop_button.click()
+    while panel.button.disabled and time.time() < deadline:
+        time.sleep(0.05)
+    assert not panel.live.running and not panel.live.finished
+    assert panel.status.value.startswith("stopped") and panel.progress.value < 3000
+    assert panel.image.value == panel.png and panel.snapshot().data == panel.png
+
+
+def test_plot_shows_loss_both_accuracies_and_earlier_runs_over_their_full_range():
+    curve = pd.DataFrame({"step": [10, 20], "loss": [1.0, 0.8], "iid_acc": [0.5, 0.6], "ood_acc": [0.4, 0.45]})
+    earlier = pd.DataFrame({"run": ["a"] * 3 + ["b"] * 3, "step": [100, 200, 500] * 2, "loss": [1, 0.5, 0.2] * 2,
+                            "iid_acc": [0.5, 0.7, 0.9] * 2, "ood_acc": [0.3, 0.4, 0.5] * 2,
+                            "dropout": [0.0] * 3 + [0.9] * 3})
+    fig = ex.plot_curves(curve, earlier, title="t", total_steps=20)
+    loss, iid, ood = fig.axes[:3]
+    assert [a.get_title() for a in (loss, iid, ood)] == ["training loss", "i.i.d. validation", "o.o.d. test"]
+    assert iid.get_ylabel() == "accuracy (%)" and loss.get_ylabel() == "cross-entropy"
+    assert all(a.get_xlim()[1] >= 500 for a in (loss, iid, ood))  # earlier runs not clipped to this run's 20 steps
+    assert max(iid.lines[0].get_ydata()) == pytest.approx(90)  # percent, not fraction
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == ["this run", "earlier, dropout rate 0", "earlier, dropout rate 0.9"]
+    colours = {tuple(line.get_color()) if not isinstance(line.get_color(), str) else line.get_color()
+               for line in ood.lines[:2]}
+    assert len(colours) == 2  # one colour per rate
+
+
+def test_empty_plot_draws_without_a_legend_warning():
+    empty = pd.DataFrame(columns=["step", "loss", "iid_acc", "ood_acc"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = ex.plot_curves(empty, None, total_steps=10)
+        assert ex.figure_png(fig)[:4] == b"\x89PNG" and not fig.legends
+
+
+def test_lodo_figure_colours_the_scored_part_of_the_held_out_domain():
+    from vldlib.analysis import teaching
+
+    for ood_split, scored_bar in (("in", 0), ("out", 1)):
+        fig = teaching.plot_lodo_protocol(["a", "b"], ood_split=ood_split)
+        ax = fig.axes[0]
+        test_colour = ax.get_legend().legend_handles[2].get_facecolor()
+        first_row = [b for b in ax.patches if abs(b.get_y() + b.get_height() / 2) < 1e-6]  # hold out "a"
+        held_out = sorted(first_row, key=lambda b: b.get_x())[:2]  # domain "a": its in and out bars
+        assert held_out[scored_bar].get_facecolor() == test_colour
+        assert held_out[1 - scored_bar].get_facecolor() != test_colour
+        assert f"'{ood_split}' of the held-out domain" in ax.get_legend().get_texts()[2].get_text()
+
+
+@pytest.mark.parametrize("scratch_loss,head_loss,word", [(10.0, 2.0, "as the paper"), (2.0, 10.0, "opposite"),
+                                                         (3.0, 3.4, "does not show")])
+def test_dropout_cost_answer_follows_the_numbers(scratch_loss, head_loss, word):
+    from vldlib.analysis import teaching
+
+    rows = []
+    for learner, lost in ((teaching.SCRATCH, scratch_loss), (teaching.PRETRAINED, head_loss)):
+        rows += [dict(step=100, learner=learner, p=0.0, val_acc=0.8, train_loss=0.5),
+                 dict(step=100, learner=learner, p=0.9, val_acc=0.8 - lost / 100, train_loss=0.9)]
+    table, answer = teaching.dropout_cost(pd.DataFrame(rows))
+    assert table.loc[teaching.SCRATCH, "val. points lost"] == pytest.approx(scratch_loss)
+    assert word in answer and f"{scratch_loss:+.1f}" in answer
