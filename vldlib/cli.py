@@ -14,11 +14,11 @@ import sys
 # command -> module providing register_cli(subparsers)
 COMMANDS = {
     "data": "vldlib.data.cli",
-    "train": "vldlib.train",
-    "report": "vldlib.results",
-    "quickstart": "vldlib.quickstart",
-    "sweep": "vldlib.sweep",
-    "bench": "vldlib.bench",
+    "train": "vldlib.loop.cli",
+    "report": "vldlib.evaluate.report",
+    "quickstart": "vldlib.experiments.quickstart",
+    "sweep": "vldlib.sweep",  # moving to vldlib.tools.sweep
+    "bench": "vldlib.tools.bench.cli",
 }
 
 

@@ -22,8 +22,9 @@ from typing import Any, Callable, Iterable
 
 import pandas as pd
 
+from vldlib.config import TrainConfig
+from vldlib.loop import run_dir_for
 from vldlib.paths import resolve
-from vldlib.train import TrainConfig, run_dir_for
 from vldlib.utils import read_jsonl
 
 # A short CPU fine-tune: the last stage and the head of the offline EfficientNet, on cached outputs
@@ -42,7 +43,7 @@ def explorer_config(data_dir: str, runs_dir: str, **values: Any) -> TrainConfig:
     steps = int(v["steps"])
     every = max(1, steps // 10)  # ten points on the live curve
     cache = v["train_stages"] is not None
-    from vldlib.experiments import with_paths
+    from vldlib.experiments.grid import with_paths
     cfg = TrainConfig(benchmark=str(v["benchmark"]), data_dir=data_dir, test_envs=[int(v["test_env"])],
                       backbone=v["backbone"], pretrained=bool(v["pretrained"]), resolution=int(v["resolution"]),
                       train_stages=v["train_stages"], cache_trunk=cache, augment=False, dropout=float(v["dropout"]),
@@ -56,7 +57,7 @@ def explorer_config(data_dir: str, runs_dir: str, **values: Any) -> TrainConfig:
 
 def curve_of(run_dir: str | Path) -> pd.DataFrame:
     """Learning curve of a run so far: step, loss, iid_acc, ood_acc (current weights)."""
-    from vldlib.results import load_runs, per_step_scores
+    from vldlib.evaluate.scores import load_runs, per_step_scores
 
     run_dir = Path(run_dir)
     if not (run_dir / "records.jsonl").exists() or not any(r.get("type") == "eval" for r in read_jsonl(run_dir / "records.jsonl")):
@@ -76,7 +77,7 @@ def run_live(cfg: TrainConfig, on_update: Callable[[pd.DataFrame], None] | None 
     Training runs in a thread so that the caller (a widget callback in the kernel's main thread)
     keeps control and can push progress to the front-end; errors in the thread are re-raised here.
     """
-    from vldlib.train import train
+    from vldlib.loop.train import train
 
     run_dir = run_dir_for(cfg)
     error: list[BaseException] = []
@@ -111,9 +112,9 @@ def earlier_curves(paths: Iterable[str | Path], benchmark: str, test_env: int, m
     (columns: run, step, iid_acc, ood_acc, dropout, ...); empty if none. `match` keeps only runs
     whose config has these values (e.g. the same backbone and resolution), so the comparison
     differs in the dropout rate, not in everything else."""
-    from vldlib.results import load_runs, per_step_scores
-
     import warnings
+
+    from vldlib.evaluate.scores import load_runs, per_step_scores
     dirs = [resolve(p) for p in paths if resolve(p).exists()]
     cols = ["run", "step", "iid_acc", "ood_acc", "dropout"]
     if not dirs:

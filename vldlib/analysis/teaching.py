@@ -132,8 +132,8 @@ def split_tensors(cfg, splits: Sequence[str] = ("train", "iid", "ood")) -> dict[
     """Normalised images of each split of a `TrainConfig`'s data (eval transform) as tensors, for
     loops that train on a small benchmark held in memory. Splits as in `vldlib.analysis.runs`."""
     from vldlib.data import load_benchmark
-    from vldlib.experiments import with_paths
-    from vldlib.train import make_data
+    from vldlib.experiments.grid import with_paths
+    from vldlib.loop.batches import make_data
 
     cfg = with_paths(cfg)
     bench = load_benchmark(cfg.benchmark, cfg.data_dir, progress=False)

@@ -89,12 +89,3 @@ def get_spec(name: str) -> BenchmarkSpec:
         raise KeyError(f"unknown benchmark {name!r}.{hint} Registered: {', '.join(sorted(BENCHMARKS))}; "
                        f"or pass a path to a folder laid out as ROOT/<domain>/<class>/<image>.")
     return BENCHMARKS[key]
-
-
-def ood_split_for(benchmark: str) -> str:
-    """Which split of a held-out domain measures o.o.d. accuracy: "in" (DomainBed), or "out" for
-    benchmarks whose domains show the same objects (their "in" part was trained on in other styles)."""
-    try:
-        return "out" if get_spec(benchmark).group_by_stem else "in"
-    except KeyError:
-        return "in"  # a folder path: nothing known about shared objects

@@ -1,0 +1,1 @@
+"""Tools around the study: notebook batches (`sweep`) and speed measurements (`bench`)."""
