@@ -114,6 +114,9 @@ def test_report_notebook_on_hand_made_runs(tmp_path):
                 _run(results_dir / "04_from_scratch" / "runs", f"scratch-t{t}-p{p}-s{s}", t, p, s, 0.5 - 0.1 * p,
                      pretrained=False)
     _run(results_dir / "06_linear_finetuning" / "runs", "mb-t0", 0, 0.9, 0, 0.6, train_stages=0, head="multiblock3")
+    # two heads in one experiment: "head" varies within its table (once crashed the report:
+    # "cannot insert head, already exists")
+    _run(results_dir / "06_linear_finetuning" / "runs", "mb1-t0", 0, 0.9, 0, 0.55, train_stages=0, head="multiblock1")
     soups = pd.DataFrame([{"run": "soup_uniform of 2 runs", "method": "soup_uniform", "iid_acc": 0.8, "ood_acc": 0.71,
                            "benchmark": "PACS", "test_env": 0, "test_domain": "art_painting", "dropout": 0.0,
                            "pretrained": True, "head_lr_mult": 1.0}])
@@ -130,7 +133,7 @@ def test_report_notebook_on_hand_made_runs(tmp_path):
         assert (out / f).exists(), f
     sel = pd.read_csv(out / "selected.csv")
     assert set(sel.experiment) == {"02_dropout_sweep", "04_from_scratch", "06_linear_finetuning"}
-    assert set(sel["head"]) == {"linear", "multiblock3"}
+    assert set(sel["head"]) == {"linear", "multiblock1", "multiblock3"}
 
 
 # --------------------------------------------------------------------------- library units

@@ -322,3 +322,24 @@ def test_half_written_files_of_a_killed_process_are_removed_on_resume(fake_bench
     orphan.write_bytes(b"\0" * 1000)
     train(cfg)
     assert not orphan.exists() and (run / "done").exists()
+
+
+def test_the_dropout_is_one_visible_module_applied_once():
+    """vldlib.model.head: one nn.Dropout(p) in front of the classifier, timm's drop_rate 0."""
+    from vldlib.model.head import dropout_rate
+
+    x = torch.randn(16, 3, 32, 32)
+    nets = {p: FineTuneNet(create_model("test_resnet", 3, pretrained=False, dropout=p)) for p in (0.0, 0.5)}
+    nets[0.5].load_state_dict(nets[0.0].state_dict())  # same weights: only the rate differs
+    drops = [m for m in nets[0.5].modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    assert len(drops) == 1 and drops[0].p == 0.5 and dropout_rate(nets[0.5].model) == 0.5
+    assert nets[0.5].model.drop_rate == 0.0  # timm applies none of its own
+    for net in nets.values():
+        net.eval()
+    assert torch.equal(nets[0.5](x), nets[0.0](x))  # eval: identity
+    nets[0.5].train()
+    nets[0.0].train()
+    torch.manual_seed(1)
+    dropped = nets[0.5](x)
+    torch.manual_seed(1)
+    assert not torch.allclose(dropped, nets[0.0](x))  # train: different outputs

@@ -96,14 +96,38 @@ def load_file(cls: type[T], path: str | Path, **overrides: Any) -> T:
     return from_dict(cls, {**(data or {}), **overrides}, source=str(path))
 
 
+def parse_bool(text: str | bool) -> bool:
+    """true/false, yes/no, on/off, 1/0 (any case); anything else is an argparse error."""
+    try:
+        return text if isinstance(text, bool) else _parse_scalar(bool, text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_flag(parser: argparse.ArgumentParser | Any, flag: str, *, dest: str | None = None, default: Any = False,
+             help: str = "") -> None:
+    """A boolean option in vldlib's one style: `--flag` (true), `--no-flag` (false), and `--flag true|false`
+    still accepted."""
+    dest = dest or flag.lstrip("-").replace("-", "_")
+    parser.add_argument(flag, dest=dest, nargs="?", const=True, default=default, type=parse_bool,
+                        metavar="true|false", help=help)
+    parser.add_argument("--no-" + flag.lstrip("-"), dest=dest, action="store_false", help=argparse.SUPPRESS)
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type, docs: dict[str, str] | None = None) -> None:
-    """One `--flag` per field, defaulting to None so only flags actually given override."""
+    """One `--flag` per field, defaulting to None so only flags actually given override; booleans
+    as `--flag/--no-flag` (`--flag true|false` works too)."""
     docs = docs or {}
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
-                            help=f"{docs.get(f.name, '')} (default: {default})")
+        text = f"{docs.get(f.name, '')} (default: {default})"
+        tp, is_list, _ = _base_type(hints[f.name])
+        if tp is bool and not is_list:
+            add_flag(parser, flag, dest=f.name, default=None, help=text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=text)
 
 
 def from_args(cls: type[T], args: argparse.Namespace, base: dict[str, Any] | None = None) -> T:
@@ -201,7 +225,7 @@ class TrainConfig:
         if any(not 0 < f < 1 for f in self.lr_decay_at):
             raise ValueError(f"lr_decay_at are fractions of the run in (0, 1), got {self.lr_decay_at}")
         if self.eval_every <= 0 or self.average_from < 0:
-            raise ValueError(f"eval_every must be > 0 and average_from >= 0")
+            raise ValueError("eval_every must be > 0 and average_from >= 0")
         if self.augment_on not in ("workers", "device"):
             raise ValueError(f"augment_on must be 'workers' or 'device', got {self.augment_on!r}")
         if self.resolution < 16:

@@ -14,7 +14,6 @@ wires these to ipywidgets; its `run()` is the button's callback and can be calle
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from pathlib import Path

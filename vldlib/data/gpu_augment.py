@@ -261,7 +261,7 @@ def normalisation_of(transform) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 # ----------------------------------------------------------------------------- the loader
 def step_seeds(seed: int, env: int, step: int, batch_size: int) -> list[int]:
-    """Augmentation seeds of one domain's batch: the same as `vldlib.train.StepBatches` gives."""
+    """Augmentation seeds of one domain's batch: the same as `vldlib.loop.batches.StepBatches` gives."""
     return [seed_hash(seed, "aug", env, step, k) for k in range(batch_size)]
 
 

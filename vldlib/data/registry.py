@@ -69,19 +69,11 @@ def register_benchmark(spec: BenchmarkSpec) -> BenchmarkSpec:
     return spec
 
 
-def _ensure_loaded() -> None:
-    # Registration happens on import of these modules; import lazily to avoid cycles.
-    from vldlib.data import benchmarks  # noqa: F401
-    from vldlib.data import emoji  # noqa: F401
-
-
 def list_benchmarks() -> list[str]:
-    _ensure_loaded()
     return sorted(BENCHMARKS)
 
 
 def get_spec(name: str) -> BenchmarkSpec:
-    _ensure_loaded()
     key = {k.lower(): k for k in BENCHMARKS}.get(name.lower())
     if key is None:
         close = difflib.get_close_matches(name, list(BENCHMARKS), n=3, cutoff=0.4)

@@ -71,7 +71,7 @@ def check_compatible(run_dirs: Sequence[str | Path], keys: Sequence[str] = SOUP_
         missing = [str(r) for r in runs if key not in facts[r]]
         if missing:
             problems.append(f"no {key!r} in config.json/meta.json of: {', '.join(missing)} "
-                            f"(incomplete run directory? retrain it with vldlib.train)")
+                            f"(incomplete run directory? retrain it with vldlib.loop.train)")
             continue
         groups: dict[str, list[str]] = {}
         for r in runs:
@@ -286,7 +286,7 @@ def logit_ensemble(run_dirs: Iterable[str | Path], which: str = "best", *, load_
 
 
 def soup_frame(results: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    """Soup/ensemble results as rows shaped like `vldlib.results.select`'s, to concatenate with it.
+    """Soup/ensemble results as rows shaped like `vldlib.evaluate.selection.select`'s, to concatenate with it.
 
     Each row: run ("<method> of N runs"), method, iid_acc, ood_acc, oracle_acc, n_members, and
     the config values shared by the members (benchmark, dropout, test_envs, ...; test_env when

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from vldlib.config import add_flag
 from vldlib.evaluate.plots import plot_conditions, plot_iid_vs_ood, plot_rate_curve, plot_training_curves
 from vldlib.evaluate.reference import READ_OFF_NOTE
 from vldlib.evaluate.scores import find_run_dirs, load_runs, per_step_scores, run_status, split_scores
@@ -28,7 +29,7 @@ from vldlib.evaluate.tables import (
 )
 from vldlib.utils import atomic_path, write_text_atomic
 
-__all__ = ["SELECTIONS", "benchmark_table", "default_rows", "domainbed_table", "enrich", "experiment_of", "find_files",
+__all__ = ["EXTRA_ROW_KEYS", "SELECTIONS", "benchmark_table", "default_rows", "domainbed_table", "enrich", "experiment_of", "find_files",
            "find_run_dirs", "format_cell", "load_runs", "paper_setting", "per_step_scores", "plot_conditions",
            "plot_iid_vs_ood", "plot_rate_curve", "plot_training_curves", "reference_comparison", "report",
            "run_status", "select", "split_scores", "start_of", "summarize", "to_latex", "to_markdown"]
@@ -40,11 +41,13 @@ EXTRA_ROW_KEYS = ("backbone", "pretrained", "weights_file", "head", "head_lr_mul
 
 
 
-def default_rows(selected: pd.DataFrame, base: Sequence[str] = ("method", "dropout")) -> list[str]:
-    """`base` plus the EXTRA_ROW_KEYS that take several values, so that e.g. pretrained and
-    from-scratch runs are never pooled into one table row by accident."""
+def default_rows(selected: pd.DataFrame, base: Sequence[str] = ("method", "dropout"),
+                 extra: Sequence[str] = EXTRA_ROW_KEYS) -> list[str]:
+    """`base` plus the columns of `extra` that take several values, each once, so that e.g.
+    pretrained and from-scratch runs are never pooled into one table row by accident (and a column
+    named twice never breaks the table: "cannot insert head, already exists")."""
     rows = [c for c in base if c in selected.columns]
-    for c in EXTRA_ROW_KEYS:
+    for c in extra:
         if c in selected.columns and c not in rows and selected[c].nunique(dropna=False) > 1:
             rows.append(c)
     return rows
@@ -129,7 +132,7 @@ def register_cli(subparsers: Any) -> None:
                    help="comma-separated columns that make table rows (default: method,dropout plus "
                         "backbone/pretrained/head_lr_mult/... when they vary)")
     p.add_argument("--over", default="seed", help="replicate column for standard errors (default: seed)")
-    p.add_argument("--include-unfinished", action="store_true", help="also report runs still training")
+    add_flag(p, "--include-unfinished", help="also report runs still training")
 
     def run(args: Any) -> int:
         try:
@@ -137,8 +140,8 @@ def register_cli(subparsers: Any) -> None:
                           rows=args.rows.split(",") if args.rows else None,
                           include_unfinished=args.include_unfinished, over=args.over)
         except (ValueError, KeyError, FileNotFoundError) as e:
-            print(f"report: {e}", file=sys.stderr)
-            return 2
+            print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+            return 2  # the paths or columns given: bad usage
         print(text)
         print(f"\nwritten to {args.out}/", file=sys.stderr)
         return 0

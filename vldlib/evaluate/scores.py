@@ -1,6 +1,6 @@
 """Collect run directories into one tidy table, select checkpoints, tabulate, plot, report.
 
-A run directory (written by `vldlib.train`) holds config.json, meta.json, records.jsonl (one
+A run directory (written by `vldlib.loop.train`) holds config.json, meta.json, records.jsonl (one
 "eval" record every 300 steps and at the last step, maybe a "failure" record) and `done`.
 Everything downstream (`select`, `tables`, `plots`, `report`) is a pure function of the tidy
 table that `load_runs` builds, so model selection is tested with records written by hand, the

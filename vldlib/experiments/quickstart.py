@@ -17,6 +17,7 @@ from pathlib import Path
 import papermill as pm
 import yaml
 
+from vldlib.config import add_flag
 from vldlib.config import TrainConfig
 from vldlib.experiments.grid import steps_for, with_paths
 from vldlib.paths import project_root, resolve
@@ -129,7 +130,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                               "  python -m vldlib quickstart --paper --data-dir /datasets   # GPU, real PACS")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="override a parameter of the notebook (value read as YAML); repeatable")
-    p.add_argument("--paper", action="store_true", help=f"use the paper's configuration ({PAPER_PARAMS})")
+    add_flag(p, "--paper", help=f"use the paper's configuration ({PAPER_PARAMS})")
     p.add_argument("--data-dir", help="where benchmarks live (default: data/)")
     p.add_argument("--out", help="output folder (default: outputs/quickstart)")
     p.set_defaults(func=_cli)

@@ -63,7 +63,7 @@ def first_non_finite(losses: list[torch.Tensor]) -> int | None:
 def build_run_net(cfg: TrainConfig, num_classes: int, device: torch.device) -> tuple[FineTuneNet, dict, str]:
     """The network a run starts from, its input normalisation, and the fingerprint of its start.
 
-    Seeded, so every run (and `vldlib.bench`, which times this same network) starts alike.
+    Seeded, so every run (and `vldlib.tools.bench`, which times this same network) starts alike.
     """
     torch.manual_seed(seed_hash(cfg.seed, "init"))
     model = create_model(cfg.backbone, num_classes, pretrained=cfg.pretrained, dropout=cfg.dropout,

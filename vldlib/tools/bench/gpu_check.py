@@ -2,11 +2,11 @@
 
 Prepared on a CPU (`--gpu-check-smoke` runs every stage with tiny models in a minute) so the one
 GPU session is not where its bugs are found. No network: random init, synthetic JPEGs. It benches
-ResNet50 and EfficientNet-Lite0 at 224 px (vldlib.bench), times the real training loop for 500
+ResNet50 and EfficientNet-Lite0 at 224 px (vldlib.tools.bench.bench), times the real training loop for 500
 steps in fp32/TF32 and bf16, checks that a run's time grows linearly with its steps, turns the
 per-run time into a sweep's wall time by number of GPUs (the local launcher runs one job per GPU),
 and compares bf16's accuracy with fp32's on the quickstart's runs fully fine-tuned (offline
-EfficientNet-Lite0 weights and the emoji benchmark, both from pip packages: `vldlib.precision`).
+EfficientNet-Lite0 weights and the emoji benchmark, both from pip packages: `vldlib.tools.bench.precision`).
 
 A GPU machine that cannot reach the package registry lacks those two packages; a failed stage
 does not stop the others. To run that stage there, bring the built benchmark and the weights

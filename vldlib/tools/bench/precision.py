@@ -7,7 +7,7 @@ arithmetic differs and the paired difference has a small error bar.
 
     python -m vldlib bench --bf16-accuracy          # the quickstart's runs, 3 seeds (CPU: a few minutes)
 
-The GPU check (`vldlib.gpu_check`) runs it on full fine-tuning, where bf16 would be used.
+The GPU check (`vldlib.tools.bench.gpu_check`) runs it on full fine-tuning, where bf16 would be used.
 """
 
 from __future__ import annotations

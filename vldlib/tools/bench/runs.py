@@ -44,7 +44,7 @@ def run_config_bench(tcfg: TrainConfig, timing: BenchConfig, *, name: str = "con
 
     compute: the loop's step on one batch already in memory; with `cache_trunk`, a batch of the
         frozen trunk's outputs through the trained tail, which is all the loop computes per step.
-    fast: the loop's own batches (`vldlib.train.train_batches`: cached trunk outputs gathered per
+    fast: the loop's own batches (`vldlib.loop.batches.train_batches`: cached trunk outputs gathered per
         step, or whichever image path the config names), timed interleaved with compute.
     plain: DomainBed's path for the same network and transform: PIL decoding in DataLoader
         workers, the whole network every step (no cache), fp32, NCHW, torch's default threads.
