@@ -7,15 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_fake_benchmark
 from torch import nn
 
-from conftest import make_fake_benchmark
 from vldlib.analysis import dropout_l2 as dl2
 from vldlib.analysis import feature_usage as fu
 from vldlib.analysis import linearity as lin
 from vldlib.analysis import teaching
 from vldlib.analysis.runs import initial_net, load_run_data, untrained_run_data
-from vldlib.train import TrainConfig, train
+from vldlib.config import TrainConfig
+from vldlib.loop.train import train
 
 torch.set_num_threads(1)
 

@@ -8,10 +8,10 @@ from dataclasses import replace
 
 import pytest
 
-from vldlib import bench as B
-from vldlib import bench_runs as R
-from vldlib import gpu_check as G
-from vldlib import train as T
+import vldlib.loop.train as T
+from vldlib.tools.bench import cli as B
+from vldlib.tools.bench import gpu_check as G
+from vldlib.tools.bench import runs as R
 from vldlib.utils import read_jsonl
 
 
@@ -142,10 +142,10 @@ def test_quickstart_config_follows_the_notebook():
 
     import papermill as pm
 
-    from vldlib.quickstart import notebook_path
+    from vldlib.experiments.quickstart import notebook_path, quickstart_config
 
     p = {k: ast.literal_eval(v["default"]) for k, v in pm.inspect_notebook(str(notebook_path())).items()}
-    cfg = R.quickstart_config("cpu")
+    cfg = quickstart_config("cpu")
     assert (cfg.backbone, cfg.resolution, cfg.train_stages, cfg.cache_trunk, cfg.augment, cfg.batch_size,
             cfg.num_threads, cfg.lr, cfg.dropout) == (p["backbone"], p["resolution"], p["train_stages"],
                                                       p["cache_trunk"], p["augment"], p["batch_size"],
@@ -186,7 +186,7 @@ def test_linear_fit_on_known_times():
 
 
 def test_steps_per_dropout_rate():
-    from vldlib.experiments import steps_for
+    from vldlib.experiments.grid import steps_for
 
     assert steps_for(600, 0.9) == 600
     assert steps_for({0.0: 600, 0.9: 1200}, 0.9) == 1200 and steps_for({"0.9": 1200}, 0.9) == 1200

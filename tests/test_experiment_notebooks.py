@@ -4,7 +4,7 @@ Each experiment notebook gets a tiny fake benchmark (3 domains x 3 classes x 6 i
 `test_resnet` with random weights at 32 px and a few steps, and must write its results files.
 The report runs on hand-made run directories (records written by hand, as in test_results.py),
 including PACS runs so that the comparison with the paper's numbers is exercised too.
-Also unit tests of vldlib.figures and vldlib.multiblock that need no notebook.
+Also unit tests of vldlib.experiments, vldlib.evaluate.effects and vldlib.model.multiblock that need no notebook.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-
 from conftest import make_fake_benchmark
-from vldlib import figures
-from vldlib.models import create_model
-from vldlib.multiblock import MultiBlockNet, residual_units
+
+from vldlib.evaluate import effects, report
+from vldlib.experiments import notebook as figures
+from vldlib.experiments import starts
+from vldlib.model import MultiBlockNet, create_model, residual_units
 
 ROOT = Path(__file__).resolve().parents[1]
 NB = ROOT / "notebooks"
@@ -132,6 +133,9 @@ def test_report_notebook_on_hand_made_runs(tmp_path):
                 _run(results_dir / "04_from_scratch" / "runs", f"scratch-t{t}-p{p}-s{s}", t, p, s, 0.5 - 0.1 * p,
                      pretrained=False)
     _run(results_dir / "06_linear_finetuning" / "runs", "mb-t0", 0, 0.9, 0, 0.6, train_stages=0, head="multiblock3")
+    # two heads in one experiment: "head" varies within its table (once crashed the report:
+    # "cannot insert head, already exists")
+    _run(results_dir / "06_linear_finetuning" / "runs", "mb1-t0", 0, 0.9, 0, 0.55, train_stages=0, head="multiblock1")
     soups = pd.DataFrame([{"run": "soup_uniform of 2 runs", "method": "soup_uniform", "iid_acc": 0.8, "ood_acc": 0.71,
                            "benchmark": "PACS", "test_env": 0, "test_domain": "art_painting", "dropout": 0.0,
                            "pretrained": True, "head_lr_mult": 1.0}])
@@ -143,12 +147,12 @@ def test_report_notebook_on_hand_made_runs(tmp_path):
     assert "02_dropout_sweep / PACS" in text and "Beside the paper" in text
     ref = pd.read_csv(out / "reference_comparison.csv")
     assert set(ref.dropout) == {0.0, 0.5, 0.9} and "soup_uniform" in set(ref.method)
-    assert (out / "paper_setting" / "table.md").exists()  # vldlib.results.report's bundle
+    assert (out / "paper_setting" / "table.md").exists()  # vldlib.evaluate.report bundle
     for f in ("ood_vs_iid.png", "rate_curves.png", "tables.csv", "selected.csv"):
         assert (out / f).exists(), f
     sel = pd.read_csv(out / "selected.csv")
     assert set(sel.experiment) == {"02_dropout_sweep", "04_from_scratch", "06_linear_finetuning"}
-    assert set(sel["head"]) == {"linear", "multiblock3"}
+    assert set(sel["head"]) == {"linear", "multiblock1", "multiblock3"}
 
 
 # --------------------------------------------------------------------------- library units
@@ -165,22 +169,22 @@ def test_as_list_accepts_scalars_lists_and_sweep_style_nesting():
 def test_contrast_pairs_and_says_when_within_noise():
     sel = pd.DataFrame({"method": "model", "dropout": [0.0, 0.9] * 3, "test_env": [0, 0, 1, 1, 2, 2],
                         "seed": 0, "ood_acc": [0.5, 0.6, 0.5, 0.62, 0.5, 0.58]})
-    eff = figures.contrast(sel, {"dropout": 0.0}, {"dropout": 0.9})
+    eff = effects.contrast(sel, {"dropout": 0.0}, {"dropout": 0.9})
     assert eff["n"] == 3 and abs(eff["mean"] - 0.1) < 1e-9
-    assert "detectable gain" in figures.contrast_sentence(eff)
-    same = figures.contrast(sel, {"dropout": 0.0}, {"dropout": 0.0})
-    assert "no detectable difference" in figures.contrast_sentence(same)
+    assert "detectable improvement" in effects.effect_sentence(eff)  # the one effect sentence's words
+    same = effects.contrast(sel, {"dropout": 0.0}, {"dropout": 0.0})
+    assert "no detectable effect" in effects.effect_sentence(same)
 
 
 def test_starting_points(tmp_path):
-    assert figures.starting_point("resnet50.tv_in1k", tmp_path)["weights_file"] is None
-    assert figures.starting_point("test_resnet@random", tmp_path)["pretrained"] is False
-    sp = figures.starting_point("test_resnet@noise0.5", tmp_path, pretrained=False)
+    assert starts.starting_point("resnet50.tv_in1k", tmp_path)["weights_file"] is None
+    assert starts.starting_point("test_resnet@random", tmp_path)["pretrained"] is False
+    sp = starts.starting_point("test_resnet@noise0.5", tmp_path, pretrained=False)
     assert Path(sp["weights_file"]).exists()
-    assert figures.start_of({"backbone": "test_resnet", "pretrained": True, "weights_file": sp["weights_file"]}) \
+    assert report.start_of({"backbone": "test_resnet", "pretrained": True, "weights_file": sp["weights_file"]}) \
         .startswith("test_resnet@noise0.5")
     with pytest.raises(ValueError, match="unknown modifier"):
-        figures.starting_point("test_resnet@blur", tmp_path)
+        starts.starting_point("test_resnet@blur", tmp_path)
 
 
 def test_multiblock_net_is_linear_in_the_frozen_features():

@@ -31,23 +31,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-import vldlib.train as T
-import vldlib.utils as U
-from vldlib.cli import main as cli_main
-from vldlib.data import DataError, load_benchmark
-from vldlib.data.archives import ArchiveError, safe_extract
-from vldlib.data.download import download_benchmark
-from vldlib.train import TrainConfig, TrainingDiverged, load_run_model, run_dir_for, train, validation_score
-from vldlib.utils import read_jsonl
-
 from conftest import make_fake_benchmark
+from PIL import Image
 from test_download import _png, make_tar, make_zip, small, tree
 from test_offline_weights import _CreatesFile
 from test_sweep import ROOT, make_notebook, runs
 from vldlib.tools.sweep import SweepLock
 from test_train import stable, tiny_config
+
+import vldlib.loop.train as T
+import vldlib.utils as U
+from vldlib.cli import main as cli_main
+from vldlib.config import TrainConfig
+from vldlib.data import DataError, load_benchmark
+from vldlib.data.archives import ArchiveError, safe_extract
+from vldlib.data.download import download_benchmark
+from vldlib.evaluate.scores import validation_score
+from vldlib.loop import TrainingDiverged, load_run_model, run_dir_for
+from vldlib.loop.train import train
+from vldlib.tools.sweep import SweepLock
+from vldlib.utils import read_jsonl
 
 # -------------------------------------------------------------------------------------- helpers
 
@@ -101,7 +104,7 @@ KILL_DRIVER = r"""
 import io, json, os, signal, sys
 from pathlib import Path
 import torch
-import vldlib.train as T
+import vldlib.loop.train as T
 
 base, scenarios, nth_best = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
 

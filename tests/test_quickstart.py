@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from vldlib.quickstart import run_quickstart
+from vldlib.experiments.quickstart import run_quickstart
 
 
 def test_quickstart_notebook_writes_tables_figures_and_a_computed_summary(fake_benchmark, tmp_path):
@@ -19,3 +19,16 @@ def test_quickstart_notebook_writes_tables_figures_and_a_computed_summary(fake_b
     assert list(selected.groupby("dropout").last_step.max()) == [4, 6]  # each rate its own steps
     summary = (out / "summary.md").read_text()
     assert "paired difference" in summary and "n=2 pairs" in summary
+
+
+def test_notebook_parameters_mirror_the_quickstart_defaults():
+    """The quickstart's defaults live in vldlib (what the bench times); the notebook's parameters
+    cell repeats them as literals for papermill. Both must say the same."""
+    import ast
+
+    import papermill as pm
+
+    from vldlib.experiments.quickstart import DEFAULTS, notebook_path
+
+    declared = {k: ast.literal_eval(v["default"]) for k, v in pm.inspect_notebook(str(notebook_path())).items()}
+    assert declared == DEFAULTS

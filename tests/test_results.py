@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from vldlib import results as R
-from vldlib.reference import MEAN_OOD, paper_reference
+from vldlib.evaluate import report as R
+from vldlib.evaluate.reference import MEAN_OOD, paper_reference
 
 DOMAINS = ["art_painting", "cartoon", "photo", "sketch"]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from vldlib.convergence import plateau_check
-from vldlib.summary import effect_sentence, paired_effect
+from vldlib.evaluate.convergence import plateau_check
+from vldlib.evaluate.effects import effect_sentence, paired_effect
 
 
 def selected(diffs: list[float]) -> pd.DataFrame:

@@ -1,4 +1,4 @@
-"""vldlib.sweep: grid expansion and naming (pure), then real papermill runs of a tiny notebook.
+"""vldlib.tools.sweep: grid expansion and naming (pure), then real papermill runs of a tiny notebook.
 
 Each kernel start costs ~2-3 s, so the notebook runs are few and share what they can.
 """

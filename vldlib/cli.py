@@ -14,11 +14,11 @@ import sys
 # command -> module providing register_cli(subparsers)
 COMMANDS = {
     "data": "vldlib.data.cli",
-    "train": "vldlib.train",
-    "report": "vldlib.results",
-    "quickstart": "vldlib.quickstart",
+    "train": "vldlib.loop.cli",
+    "report": "vldlib.evaluate.report",
+    "quickstart": "vldlib.experiments.quickstart",
     "sweep": "vldlib.tools.sweep.cli",
-    "bench": "vldlib.bench",
+    "bench": "vldlib.tools.bench.cli",
 }
 
 

@@ -1,7 +1,7 @@
-"""Dataclass configs <-> command-line flags, dicts and YAML files, with strict checking.
+"""`TrainConfig`, every knob of a run, and dataclass configs <-> flags, dicts and YAML files.
 
-Every field becomes `--field-name`; unknown keys are errors with a suggestion, so a typo never
-silently runs the default.
+Every field becomes `--field-name` (booleans also `--no-field-name`); unknown keys are errors with
+a suggestion, so a typo never silently runs the default.
 """
 
 from __future__ import annotations
@@ -9,10 +9,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import inspect
 import json
+import math
+import re
+import types
 import typing
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+import yaml
+
+from vldlib.model import check_backbone, check_dropout, check_head
 
 T = TypeVar("T")
 
@@ -22,7 +31,7 @@ def _base_type(tp: Any) -> tuple[Any, bool, bool]:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     optional = False
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         non_none = [a for a in args if a is not type(None)]
         optional = len(non_none) < len(args)
         tp = non_none[0]
@@ -82,21 +91,43 @@ def from_dict(cls: type[T], d: dict[str, Any], *, source: str = "config") -> T:
 
 def load_file(cls: type[T], path: str | Path, **overrides: Any) -> T:
     """A config from a YAML or JSON file (e.g. a saved run's config.json), plus overrides."""
-    import yaml
-
     path = Path(path)
     data = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
     return from_dict(cls, {**(data or {}), **overrides}, source=str(path))
 
 
+def parse_bool(text: str | bool) -> bool:
+    """true/false, yes/no, on/off, 1/0 (any case); anything else is an argparse error."""
+    try:
+        return text if isinstance(text, bool) else _parse_scalar(bool, text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_flag(parser: argparse.ArgumentParser | Any, flag: str, *, dest: str | None = None, default: Any = False,
+             help: str = "") -> None:
+    """A boolean option in vldlib's one style: `--flag` (true), `--no-flag` (false), and `--flag true|false`
+    still accepted."""
+    dest = dest or flag.lstrip("-").replace("-", "_")
+    parser.add_argument(flag, dest=dest, nargs="?", const=True, default=default, type=parse_bool,
+                        metavar="true|false", help=help)
+    parser.add_argument("--no-" + flag.lstrip("-"), dest=dest, action="store_false", help=argparse.SUPPRESS)
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type, docs: dict[str, str] | None = None) -> None:
-    """One `--flag` per field, defaulting to None so only flags actually given override."""
+    """One `--flag` per field, defaulting to None so only flags actually given override; booleans
+    as `--flag/--no-flag` (`--flag true|false` works too)."""
     docs = docs or {}
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
-                            help=f"{docs.get(f.name, '')} (default: {default})")
+        text = f"{docs.get(f.name, '')} (default: {default})"
+        tp, is_list, _ = _base_type(hints[f.name])
+        if tp is bool and not is_list:
+            add_flag(parser, flag, dest=f.name, default=None, help=text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=text)
 
 
 def from_args(cls: type[T], args: argparse.Namespace, base: dict[str, Any] | None = None) -> T:
@@ -106,9 +137,6 @@ def from_args(cls: type[T], args: argparse.Namespace, base: dict[str, Any] | Non
 
 def field_docs(cls: type) -> dict[str, str]:
     """The `# comment` after each field in the class source: the flag's help text."""
-    import inspect
-    import re
-
     docs = {}
     try:
         src = inspect.getsource(cls)
@@ -117,3 +145,96 @@ def field_docs(cls: type) -> dict[str, str]:
     for m in re.finditer(r"^\s+(\w+):[^=\n]+=[^#\n]*#\s*(.+)$", src, re.M):
         docs[m.group(1)] = m.group(2).strip()
     return docs
+
+
+# ----------------------------------------------------------------------------- the run's config
+@dataclass
+class TrainConfig:
+    """Every knob of a run. Defaults are the paper's protocol (ResNet #2, 10k steps, 90% dropout)."""
+
+    # --- data
+    benchmark: str = "PACS"  # registered name (under data_dir) or path to ROOT/<domain>/<class>/<img>
+    data_dir: str = "data"  # where registered benchmarks live
+    test_envs: list[int] = field(default_factory=lambda: [0])  # held-out domain index(es)
+    trial_seed: int = 0  # seeds the 80/20 in/out split of every domain, nothing else
+    holdout: float = 0.2  # fraction of every domain held out ("out" split)
+    resolution: int = 224  # input size in pixels
+    augment: bool = True  # DomainBed's training augmentation (off: eval resize only)
+    augment_on: str = "workers"  # where augmentation runs: "workers" (PIL/tensors per image) or "device" (batched)
+    cache_images: bool = False  # decode every image once into a memory-mapped uint8 cache
+    skip_bad: bool = False  # skip unreadable images (counted and printed) instead of failing
+    # --- model
+    backbone: str = "resnet50.tv2_in1k"  # any timm name, or an offline backbone (efficientnet_lite0.offline)
+    pretrained: bool = True  # ImageNet weights (False: random init, training from scratch)
+    weights_file: str | None = None  # local weights instead of the hub (loaded with weights_only=True)
+    dropout: float = 0.9  # rate on the pooled penultimate features (0 = plain fine-tuning)
+    freeze_bn: bool = True  # BatchNorm running statistics fixed (affine parameters still trained)
+    train_stages: int | None = None  # None: fine-tune all; k: only the last k stages + head; 0: head only
+    head: str = "linear"  # "linear" (Dropout + Linear), or "multiblock<k>" (paper Figs 9-10, needs train_stages 0)
+    cache_trunk: bool = False  # compute the frozen stages once and train on their outputs (needs augment off)
+    # --- optimisation
+    steps: int = 10_000  # SGD steps
+    batch_size: int = 32  # per training domain (3 domains: 96 images a step)
+    lr: float = 1e-3  # learning rate
+    head_lr_mult: float = 1.0  # classifier lr = lr x this (paper Fig 6: 10)
+    weight_decay: float = 1e-4  # on every parameter
+    momentum: float = 0.9  # SGD momentum
+    lr_decay_at: list[float] = field(default_factory=lambda: [0.5])  # fractions of steps where lr *= lr_decay
+    lr_decay: float = 0.1  # lr multiplier at each of lr_decay_at
+    # --- evaluation and averaging
+    eval_every: int = 300  # evaluate (and checkpoint) every this many steps, and at the last step
+    average_from: int = 300  # weight average and logit ensemble start at this step
+    eval_batch_size: int = 256  # batch size for evaluation
+    keep_last: bool = True  # keep last.pt after the run finished (needed only to extend it)
+    # --- system
+    seed: int = 0  # training seed: head init, batch order, augmentation, dropout masks
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
+    num_workers: int = -1  # data-loading processes (-1: auto, 0: main process)
+    num_threads: int = 0  # CPU threads for torch (0: torch's default; 1 is fastest for tiny heads)
+    channels_last: bool = False  # NHWC memory format (faster convolutions on GPUs)
+    bf16: bool = False  # bfloat16 autocast (off until a short run shows accuracy within noise)
+    compile: bool = False  # torch.compile the training forward (GPU speed; the first step compiles for a minute)
+    tf32: bool = True  # TensorFloat-32 matmuls/convolutions on Ampere+ GPUs
+    out: str = "outputs/runs"  # parent folder of run directories
+    run_name: str | None = None  # run folder name (default: readable summary + config hash)
+    progress: bool = True  # show a progress bar
+
+    # Fields that do not change results: left out of the run's identity hash.
+    NON_IDENTITY = ("data_dir", "device", "num_workers", "out", "run_name", "progress", "keep_last",
+                    "eval_batch_size", "cache_images", "cache_trunk", "num_threads", "compile")
+
+    def validate(self) -> None:
+        """Errors before any work starts, each naming the value and the fix."""
+        check_dropout(self.dropout)
+        check_backbone(self.backbone)
+        check_head(self.head, self.train_stages)
+        if not (self.lr > 0 and math.isfinite(self.lr)):  # `not >`: NaN fails too
+            raise ValueError(f"lr must be > 0 and finite, got {self.lr}; e.g. --lr 1e-3 (the paper's grid: 1e-3, 5e-4)")
+        if self.steps <= 0:
+            raise ValueError(f"steps must be > 0, got {self.steps}")
+        if self.batch_size <= 0 or self.eval_batch_size <= 0:
+            raise ValueError(f"batch sizes must be > 0, got batch_size={self.batch_size}")
+        if not (0 <= self.weight_decay < math.inf) or not 0 <= self.momentum < 1:
+            raise ValueError(f"need weight_decay >= 0 and 0 <= momentum < 1, got {self.weight_decay}, {self.momentum}")
+        if not (0 < self.head_lr_mult < math.inf):
+            raise ValueError(f"head_lr_mult must be > 0, got {self.head_lr_mult}")
+        if not 0 < self.holdout < 1:
+            raise ValueError(f"holdout fraction must be in (0, 1), got {self.holdout}; e.g. --holdout 0.2 (the paper's)")
+        if not self.test_envs:
+            raise ValueError("test_envs is empty: name at least one held-out domain index")
+        if any(not 0 < f < 1 for f in self.lr_decay_at):
+            raise ValueError(f"lr_decay_at are fractions of the run in (0, 1), got {self.lr_decay_at}")
+        if self.eval_every <= 0 or self.average_from < 0:
+            raise ValueError("eval_every must be > 0 and average_from >= 0")
+        if self.augment_on not in ("workers", "device"):
+            raise ValueError(f"augment_on must be 'workers' or 'device', got {self.augment_on!r}")
+        if self.resolution < 16:
+            raise ValueError(f"resolution {self.resolution} is too small (>= 16 px)")
+        if self.cache_trunk and self.augment:
+            raise ValueError("cache_trunk computes the frozen stages once per image, so it cannot "
+                             "augment: set augment=False (--augment false) or cache_trunk=False.")
+        if self.cache_trunk and self.train_stages is None:
+            raise ValueError("cache_trunk needs a frozen trunk: set train_stages (e.g. 1, or 0 for the head only).")
+
+    def identity(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in self.NON_IDENTITY}

@@ -21,9 +21,15 @@ from typing import Any, Callable, Iterable
 
 import pandas as pd
 
+from vldlib.config import TrainConfig
+from vldlib.loop import run_dir_for
 from vldlib.paths import resolve
-from vldlib.train import TrainConfig, run_dir_for
 from vldlib.utils import read_jsonl
+from vldlib.experiments.grid import with_paths
+from vldlib.evaluate.scores import load_runs, per_step_scores
+from vldlib.loop.train import train
+from vldlib.data import get_spec, list_benchmarks
+from vldlib.data import load_benchmark
 
 # A short CPU fine-tune: the last stage and the head of the offline EfficientNet, on cached outputs
 # of the frozen stages, at 96 px, without augmentation.
@@ -43,7 +49,6 @@ def explorer_config(data_dir: str, runs_dir: str, **values: Any) -> TrainConfig:
     steps = int(v["steps"])
     every = max(1, steps // EVALS_PER_RUN)
     cache = v["train_stages"] is not None
-    from vldlib.experiments import with_paths
     cfg = TrainConfig(benchmark=str(v["benchmark"]), data_dir=data_dir, test_envs=[int(v["test_env"])],
                       backbone=v["backbone"], pretrained=bool(v["pretrained"]), resolution=int(v["resolution"]),
                       train_stages=v["train_stages"], cache_trunk=cache, augment=False, dropout=float(v["dropout"]),
@@ -57,7 +62,6 @@ def explorer_config(data_dir: str, runs_dir: str, **values: Any) -> TrainConfig:
 
 def curve_of(run_dir: str | Path) -> pd.DataFrame:
     """Learning curve of a run so far: step, loss, iid_acc, ood_acc (current weights)."""
-    from vldlib.results import load_runs, per_step_scores
 
     run_dir = Path(run_dir)
     if not (run_dir / "records.jsonl").exists() or not any(r.get("type") == "eval" for r in read_jsonl(run_dir / "records.jsonl")):
@@ -85,7 +89,6 @@ class LiveRun:
         self._thread = threading.Thread(target=self._work, daemon=True, name="vldlib-explorer")
 
     def _work(self) -> None:
-        from vldlib.train import train
 
         try:
             train(self.cfg, should_stop=self.stop_event.is_set)
@@ -176,9 +179,8 @@ def earlier_curves(paths: Iterable[str | Path], benchmark: str, test_env: int, m
     (columns: run, step, iid_acc, ood_acc, dropout, ...); empty if none. `match` keeps only runs
     whose config has these values (e.g. the same backbone and resolution), so the comparison
     differs in the dropout rate, not in everything else."""
-    from vldlib.results import load_runs, per_step_scores
-
     import warnings
+
     dirs = [resolve(p) for p in paths if resolve(p).exists()]
     cols = ["run", "step", "iid_acc", "ood_acc", "dropout"]
     if not dirs:
@@ -255,7 +257,6 @@ def figure_png(fig) -> bytes:
 
 def available_benchmarks(data_dir: str, extra: Iterable[str] = ()) -> list[str]:
     """Registered benchmarks present under data_dir (or buildable offline), plus `extra` names/paths."""
-    from vldlib.data import get_spec, list_benchmarks
 
     out = []
     for name in list_benchmarks():
@@ -267,7 +268,6 @@ def available_benchmarks(data_dir: str, extra: Iterable[str] = ()) -> list[str]:
 
 def benchmark_domains(benchmark: str, data_dir: str) -> list[str]:
     """Domain names of a benchmark (building the offline one on first use)."""
-    from vldlib.data import get_spec, load_benchmark
 
     try:
         spec = get_spec(benchmark)

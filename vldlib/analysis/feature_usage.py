@@ -26,6 +26,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from vldlib.analysis.runs import load_run_data
+from vldlib.evaluate.effects import effect_sentence, paired_effect
 
 
 def feature_importance(weight: torch.Tensor, feature_std: torch.Tensor) -> torch.Tensor:
@@ -144,7 +146,6 @@ def usage_tables(configs: Sequence, run_dirs: Sequence, domains: Sequence[str], 
                  device: str = "auto") -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """For every run: its `head_usage` summary (one row), its ablation table, and its sorted
     normalised importances (rank, importance), each tagged with dropout, test_env, test_domain, seed."""
-    from vldlib.analysis.runs import load_run_data
 
     usage, ablations, spectra = [], [], []
     for cfg, run in zip(configs, run_dirs):
@@ -213,9 +214,7 @@ def plot_ablations(ablations: pd.DataFrame):
 def conclusion(usage: pd.DataFrame, ablations: pd.DataFrame, rates: Sequence[float]) -> tuple[pd.DataFrame, list[str]]:
     """Adds each run's o.o.d. accuracy with a random tenth of the features kept (as a share of its
     full o.o.d. accuracy), then one sentence per (metric, rate) for every rate against the lowest:
-    paired difference ± standard error and n (from `summary.paired_effect`)."""
-    from vldlib import summary
-    from vldlib.analysis.effects import effect_text
+    paired difference ± standard error and n (from `evaluate.effects.paired_effect`)."""
 
     d = int(usage.n_features.iloc[0])
     k10 = min(ablations.k.unique(), key=lambda k: abs(k - d / 10))
@@ -231,6 +230,6 @@ def conclusion(usage: pd.DataFrame, ablations: pd.DataFrame, rates: Sequence[flo
                               ("retained_random10", f"share of o.o.d. accuracy kept with {k10} random features", False),
                               ("ood_acc", "o.o.d. accuracy", True), ("iid_acc", "i.i.d. accuracy", True)]:
         for b in sorted(r for r in rates if r != a):
-            eff = summary.paired_effect(usage.assign(method="model"), a=a, b=b, metric=metric)
-            lines.append("- " + effect_text(eff, what, percent=pct))
+            eff = paired_effect(usage.assign(method="model"), a=a, b=b, metric=metric)
+            lines.append("- " + effect_sentence(eff, what, percent=pct))
     return usage, lines

@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.func import functional_call, jvp
+from vldlib.analysis.runs import initial_net, load_run_data
 
 
 class _Method(nn.Module):
@@ -181,7 +182,6 @@ def taylor_table(configs, run_dirs, device: str = "auto") -> pd.DataFrame:
     """One row per (fine-tuned run, split): `taylor_report`, `finetune_distances`, and the
     majority-class rate (always predicting the training split's most frequent class), the floor a
     trained model must beat before its agreement with a Taylor model means anything."""
-    from vldlib.analysis.runs import initial_net, load_run_data
 
     rows = []
     for cfg, run in zip(configs, run_dirs):
@@ -250,7 +250,6 @@ def interpolation_table(pairs, probe_dirs, alphas, device: str = "auto") -> pd.D
     """Accuracy along the weights and representations paths (`interpolation_path`) from each
     linear probe (head-only run) to the matching fine-tuned run, on the i.i.d. and o.o.d. splits.
     `pairs`: (config, run dir) of the fine-tuned runs, in the probes' order."""
-    from vldlib.analysis.runs import initial_net, load_run_data
 
     paths = []
     for (cfg, run), probe in zip(pairs, probe_dirs):

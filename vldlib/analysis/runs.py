@@ -8,7 +8,7 @@ so the expensive frozen stages run once per image (and are reused from the train
 
 Split names: "train" = the "in" part of the training domains (what the head was fitted on),
 "iid" = their held-out "out" part (the i.i.d. validation set), "ood" = the held-out domain's
-part that `vldlib.results` reports: its "in" part (DomainBed), or its "out" part for benchmarks
+part that `vldlib.evaluate.scores.ood_split` names: its "in" part (DomainBed), or its "out" part for benchmarks
 whose domains show the same objects (emoji), as the run's meta.json says (`ood_split`).
 
 >>> rd = load_run_data("outputs/runs/emoji-te0-p0.9-...")     # doctest: +SKIP
@@ -26,37 +26,24 @@ from pathlib import Path
 import torch
 
 from vldlib import config as config_io
+from vldlib.config import TrainConfig
 from vldlib.data import load_benchmark
-from vldlib.data import prepare_benchmark  # noqa: F401  (notebooks import it from here)
-from vldlib.models import FineTuneNet, build_net, create_model, data_config
-from vldlib.train import TrainConfig, load_run_model, make_data, resolve_device, trunk_features
-from vldlib.utils import seed_hash
+from vldlib.evaluate.scores import ood_split
+from vldlib.experiments.grid import with_paths
+from vldlib.loop import build_run_net, load_run_model, resolve_device
+from vldlib.loop.batches import make_data, trunk_features
+from vldlib.model import FineTuneNet, data_config
 
 SPLITS = ("train", "iid", "ood")
 
 
 def initial_net(cfg: TrainConfig | dict, num_classes: int) -> FineTuneNet:
-    """The network a run started from: the same seeded head initialisation as `vldlib.train.train`,
-    the pretrained (or random, `pretrained=False`) body. Eval mode.
-
-    `train` seeds torch with `seed_hash(seed, "init")` right before `create_model`, so doing the
-    same here rebuilds the exact starting weights (a test checks it against a 1-step run).
-    """
+    """The network a run started from (the Taylor expansion point), in eval mode: the loop's own
+    `build_run_net`, seeded, so it rebuilds the exact starting weights (a test checks it against
+    a 1-step run)."""
     if isinstance(cfg, dict):
         cfg = config_io.from_dict(TrainConfig, cfg)
-    torch.manual_seed(seed_hash(cfg.seed, "init"))
-    model = create_model(cfg.backbone, num_classes, pretrained=cfg.pretrained, dropout=cfg.dropout,
-                         weights_file=cfg.weights_file)
-    return build_net(model, cfg.head, cfg.train_stages, cfg.freeze_bn).eval()
-
-
-def tail_features(net: FineTuneNet, x: torch.Tensor) -> torch.Tensor:
-    """Penultimate features from trunk outputs `x` (the tail's stages, then pooling; no dropout)."""
-    if net._tail_stages is None:  # no trunk: x are images
-        return net.features(x)
-    for s in net._tail_stages:
-        x = s(x)
-    return net.model.forward_head(x, pre_logits=True)
+    return build_run_net(cfg, num_classes, torch.device("cpu"))[0].eval()
 
 
 @dataclass
@@ -67,7 +54,7 @@ class RunData:
     net: FineTuneNet
     cfg: TrainConfig
     meta: dict
-    trunk: dict  # vldlib.train.trunk_features: {"evals": {"env0_in": (x, y), ...}, "train": [...]}
+    trunk: dict  # vldlib.loop.batches.trunk_features: {"evals": {"env0_in": (x, y), ...}, "train": [...]}
 
     @property
     def train_envs(self) -> list[int]:
@@ -98,7 +85,7 @@ class RunData:
         """Penultimate features [N, D] and labels of a split, through `net` (default: the run's)."""
         net = (net or self.net).eval()
         x, y = self.inputs(split)
-        return torch.cat([tail_features(net, x[i:i + batch]) for i in range(0, len(y), batch)]), y
+        return torch.cat([net.tail_features(x[i:i + batch]) for i in range(0, len(y), batch)]), y
 
 
 def load_run_data(run_dir: str | Path, which: str = "best", device: str = "cpu") -> RunData:
@@ -131,8 +118,6 @@ def untrained_run_data(cfg: TrainConfig, device: str = "cpu") -> RunData:
     >>> rd = untrained_run_data(TrainConfig(benchmark="emoji", backbone="efficientnet_lite0.offline",
     ...                                     train_stages=0, resolution=96, augment=False))   # doctest: +SKIP
     """
-    from vldlib.experiments import with_paths
-
     cfg = with_paths(cfg)
     cfg.validate()
     bench = load_benchmark(cfg.benchmark, cfg.data_dir, skip_bad=cfg.skip_bad, progress=False)
@@ -144,5 +129,5 @@ def untrained_run_data(cfg: TrainConfig, device: str = "cpu") -> RunData:
     trunk = trunk_features(net.to(dev), data, cfg, dev)
     meta = {"classes": data.classes, "domains": data.domains, "train_envs": data.train_envs,
             "test_envs": list(cfg.test_envs), "benchmark": bench.name,
-            "ood_split": "out" if bench.group_by_stem else "in"}
+            "ood_split": ood_split(bench)}
     return RunData(Path(""), net.cpu(), cfg, meta, trunk)

@@ -23,6 +23,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
+from vldlib.data import load_benchmark
+from vldlib.experiments.grid import with_paths
+from vldlib.loop.batches import make_data
+from vldlib.analysis.runs import untrained_run_data
+from vldlib.config import TrainConfig
 
 
 # --------------------------------------------------------------------------- exercise checkers
@@ -110,7 +115,7 @@ TIE_RULE = "on a tie, the earliest of the tied steps is selected"
 def selection_exercise(seed: int = 0) -> pd.DataFrame:
     """A made-up training trajectory: step, i.i.d. validation accuracy, o.o.d. test accuracy. The
     best i.i.d. accuracy may be tied (values are rounded); `TIE_RULE` settles it, as in
-    `vldlib.results.select`."""
+    `vldlib.evaluate.selection.select`."""
     rng = np.random.default_rng(seed)
     steps = np.arange(300, 3301, 300)
     iid = np.round(0.80 + 0.1 * (1 - np.exp(-steps / 900)) + rng.normal(0, 0.01, len(steps)), 3)
@@ -136,9 +141,6 @@ def check_selected_step(answer: int, seed: int = 0) -> None:
 def split_tensors(cfg, splits: Sequence[str] = ("train", "iid", "ood")) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Normalised images of each split of a `TrainConfig`'s data (eval transform) as tensors, for
     loops that train on a small benchmark held in memory. Splits as in `vldlib.analysis.runs`."""
-    from vldlib.data import load_benchmark
-    from vldlib.experiments import with_paths
-    from vldlib.train import make_data
 
     cfg = with_paths(cfg)
     bench = load_benchmark(cfg.benchmark, cfg.data_dir, progress=False)
@@ -334,8 +336,6 @@ def learner_data(benchmark: str, data_dir: str, test_env: int, scratch_resolutio
     """The two learners' data, training and i.i.d. validation splits: images at
     `scratch_resolution` for the CNN trained from scratch, and the frozen penultimate features of
     the (pre)trained `backbone` at `resolution` for the linear head."""
-    from vldlib.analysis.runs import untrained_run_data
-    from vldlib.train import TrainConfig
 
     cfg = TrainConfig(benchmark=benchmark, data_dir=data_dir, test_envs=[test_env], resolution=scratch_resolution,
                       augment=False, backbone=backbone)

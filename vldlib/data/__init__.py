@@ -11,6 +11,11 @@ from vldlib.data.registry import BENCHMARKS, BenchmarkSpec, Source, get_spec, li
 from vldlib.data.splits import split_domain
 from vldlib.data.transforms import eval_transform, train_transform
 
+# The benchmarks register themselves when their module is imported; importing them here (any
+# `vldlib.data.*` import runs this file first) fills the registry without a circular import.
+# A new benchmark module is added to this line.
+from vldlib.data import benchmarks, emoji  # noqa: E402,F401  isort: skip
+
 __all__ = [
     "BENCHMARKS", "BenchmarkSpec", "DataError", "MultiDomainFolder", "Source", "eval_transform",
     "get_spec", "list_benchmarks", "load_benchmark", "prepare_benchmark", "register_benchmark", "resolve_benchmark",

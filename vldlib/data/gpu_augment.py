@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vldlib.data.order import batch_indices
 from vldlib.utils import seed_hash
 
 # DomainBed's augmentation (vldlib.data.transforms.train_transform); fixed, like the paper's.
@@ -288,7 +289,7 @@ def normalisation_of(transform) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 # ----------------------------------------------------------------------------- the loader
 def step_seeds(seed: int, env: int, step: int, batch_size: int) -> list[int]:
-    """Augmentation seeds of one domain's batch: the same as `vldlib.train.StepBatches` gives."""
+    """Augmentation seeds of one domain's batch: the same as `vldlib.loop.batches.StepBatches` gives."""
     return [seed_hash(seed, "aug", env, step, k) for k in range(batch_size)]
 
 
@@ -356,7 +357,7 @@ class DeviceBatches:
         if len(sources) != len(envs):
             raise ValueError(f"{len(sources)} sources but {len(envs)} domain indices")
         if index_fn is None:
-            from vldlib.train import batch_indices as index_fn
+            index_fn = batch_indices
         self.sources, self.envs = list(sources), list(envs)
         self.batch_size, self.seed, self.start, self.stop = batch_size, seed, start, stop
         self.device = torch.device(device)

@@ -69,19 +69,11 @@ def register_benchmark(spec: BenchmarkSpec) -> BenchmarkSpec:
     return spec
 
 
-def _ensure_loaded() -> None:
-    # Registration happens on import of these modules; import lazily to avoid cycles.
-    from vldlib.data import benchmarks  # noqa: F401
-    from vldlib.data import emoji  # noqa: F401
-
-
 def list_benchmarks() -> list[str]:
-    _ensure_loaded()
     return sorted(BENCHMARKS)
 
 
 def get_spec(name: str) -> BenchmarkSpec:
-    _ensure_loaded()
     key = {k.lower(): k for k in BENCHMARKS}.get(name.lower())
     if key is None:
         close = difflib.get_close_matches(name, list(BENCHMARKS), n=3, cutoff=0.4)
@@ -89,12 +81,3 @@ def get_spec(name: str) -> BenchmarkSpec:
         raise KeyError(f"unknown benchmark {name!r}.{hint} Registered: {', '.join(sorted(BENCHMARKS))}; "
                        f"or pass a path to a folder laid out as ROOT/<domain>/<class>/<image>.")
     return BENCHMARKS[key]
-
-
-def ood_split_for(benchmark: str) -> str:
-    """Which split of a held-out domain measures o.o.d. accuracy: "in" (DomainBed), or "out" for
-    benchmarks whose domains show the same objects (their "in" part was trained on in other styles)."""
-    try:
-        return "out" if get_spec(benchmark).group_by_stem else "in"
-    except KeyError:
-        return "in"  # a folder path: nothing known about shared objects

@@ -1,1 +1,1 @@
-"""Tools that drive vldlib from outside a notebook: batches of notebooks (sweep), benchmarks (bench)."""
+"""Tools around the study: notebook batches (`sweep`) and speed measurements (`bench`)."""

@@ -18,8 +18,12 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from tqdm.auto import tqdm
+
+from vldlib.config import TrainConfig
+from vldlib.loop import TrainingDiverged, run_dir_for
+from vldlib.loop.train import train
 from vldlib.paths import resolve
-from vldlib.train import TrainConfig, TrainingDiverged, run_dir_for, train
 
 
 def grid(base: TrainConfig, **axes: Iterable[Any]) -> list[TrainConfig]:
@@ -58,8 +62,6 @@ def run_grid(configs: list[TrainConfig], *, progress: bool = True, quiet_runs: b
     One bar for the whole grid; each run's own bar is hidden when `quiet_runs`. A run that
     diverges is reported and left with its failure record; the others go on.
     """
-    from tqdm.auto import tqdm
-
     configs = [with_paths(c) for c in configs]
     run_dirs, failures = [], []
     t0 = time.perf_counter()

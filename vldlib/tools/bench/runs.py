@@ -2,8 +2,8 @@
 default on a CPU (the quickstart's own runs), a run's time against its number of steps, and a
 sweep's wall time by number of GPUs.
 
-`vldlib.bench` times data paths against the compute limit on raw images; this module times a
-`TrainConfig` exactly as `vldlib.train.train` runs it (same network, optimiser, batches).
+`vldlib.tools.bench.bench` times data paths against the compute limit on raw images; this module times a
+`TrainConfig` exactly as `vldlib.loop.train` runs it (same network, optimiser, batches).
 """
 
 from __future__ import annotations
@@ -18,56 +18,39 @@ from typing import Callable
 
 import torch
 
-from vldlib.bench import (OUT, BenchConfig, Contender, LoopStep, backend_flags, check_paths, report_rates, time_plain,
-                          time_rates, total_steps)
-from vldlib.train import TrainConfig
-
-
-# ----------------------------------------------------------------------------- a run's own configuration
-def quickstart_config(device: str = "auto") -> TrainConfig:
-    """The run configuration of `python -m vldlib quickstart`, read from the notebook's papermill
-    parameters cell (so the bench follows the notebook when its defaults change): its largest
-    dropout rate, its first held-out domain."""
-    import ast
-
-    import papermill as pm
-
-    from vldlib.experiments import steps_for, with_paths
-    from vldlib.quickstart import notebook_path
-
-    nb = notebook_path()
-    try:
-        p = {k: ast.literal_eval(v["default"]) for k, v in pm.inspect_notebook(str(nb)).items()}
-    except (ValueError, SyntaxError) as e:
-        raise ValueError(f"{nb}: a parameters-cell default is not a Python literal ({e}); "
-                         f"the bench reads them to time the quickstart's configuration") from e
-    rate = max(p["dropout_rates"])
-    return with_paths(TrainConfig(
-        benchmark=p["benchmark"], data_dir=p["data_dir"], backbone=p["backbone"], pretrained=p["pretrained"],
-        resolution=p["resolution"], train_stages=p["train_stages"], cache_trunk=p["cache_trunk"],
-        augment=p["augment"], dropout=rate, steps=steps_for(p["steps"], rate), lr=p["lr"],
-        weight_decay=p["weight_decay"], batch_size=p["batch_size"], eval_every=p["eval_every"], average_from=p["eval_every"],
-        test_envs=[0] if p["test_envs"] is None else [p["test_envs"][0]],
-        device=p["device"] if device == "auto" else device, num_threads=p["num_threads"], keep_last=False,
-        progress=False))
+from vldlib.config import TrainConfig
+from vldlib.data import load_benchmark, prepare_benchmark
+from vldlib.data.transforms import eval_transform, train_transform
+from vldlib.loop.batches import make_data, train_batches, trunk_features
+from vldlib.loop.train import train
+from vldlib.tools.bench.bench import (
+    OUT,
+    BenchConfig,
+    Contender,
+    LoopStep,
+    backend_flags,
+    check_paths,
+    report_rates,
+    time_plain,
+    time_rates,
+    total_steps,
+)
+from vldlib.utils import read_jsonl
 
 
 def run_config_bench(tcfg: TrainConfig, timing: BenchConfig, *, name: str = "config",
                      json_path: str | os.PathLike | None = None, log: Callable = print) -> dict:
-    """Time one training configuration the way `vldlib.train.train` runs it.
+    """Time one training configuration the way `vldlib.loop.train` runs it.
 
     compute: the loop's step on one batch already in memory; with `cache_trunk`, a batch of the
         frozen trunk's outputs through the trained tail, which is all the loop computes per step.
-    fast: the loop's own batches (`vldlib.train.train_batches`: cached trunk outputs gathered per
+    fast: the loop's own batches (`vldlib.loop.batches.train_batches`: cached trunk outputs gathered per
         step, or whichever image path the config names), timed interleaved with compute.
     plain: DomainBed's path for the same network and transform: PIL decoding in DataLoader
         workers, the whole network every step (no cache), fp32, NCHW, torch's default threads.
     The run's `num_threads` applies to compute and fast, as in the loop. Only `steps`, `warmup`,
     `repeats`, `workers`, `paths` and `seed` are read from `timing`.
     """
-    from vldlib.data import prepare_benchmark
-    from vldlib.data.transforms import eval_transform, train_transform
-    from vldlib.train import make_data, train_batches, trunk_features
 
     check_paths(timing.paths)
     timing = replace(timing, batch_size=tcfg.batch_size,
@@ -121,7 +104,6 @@ def image_run_config(root: str | os.PathLike, *, backbone: str, resolution: int,
                      batch_size: int = 32, **overrides) -> TrainConfig:
     """A run on image folders the fast way (augment_on="device", cache_images, channels_last),
     random init: what the GPU check times."""
-    from vldlib.data import load_benchmark
 
     n_dom = len(load_benchmark(root, check_images=False, progress=False).domains)
     return TrainConfig(**{**dict(benchmark=str(root), test_envs=[test_env % n_dom], backbone=backbone,
@@ -131,10 +113,8 @@ def image_run_config(root: str | os.PathLike, *, backbone: str, resolution: int,
 
 
 def time_run(tcfg: TrainConfig, steps: int, out: str | os.PathLike) -> dict:
-    """Wall time of one `vldlib.train.train` run of `tcfg` for `steps` steps, evaluated once at the
+    """Wall time of one `vldlib.loop.train` run of `tcfg` for `steps` steps, evaluated once at the
     end, in a fresh folder under `out`; the record's step_time is the loop's own mean time per step."""
-    from vldlib.train import train
-    from vldlib.utils import read_jsonl
 
     # compiled: evaluate halfway too, so the last record's step time excludes the compilation
     tcfg = replace(tcfg, steps=steps, eval_every=max(1, steps // 2) if tcfg.compile else steps,

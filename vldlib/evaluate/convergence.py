@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
-from vldlib.results import per_step_scores
+from vldlib.evaluate.scores import per_step_scores
 
 
 def validation_curves(df: pd.DataFrame, method: str = "model") -> pd.DataFrame:
@@ -65,3 +65,25 @@ def plot_validation_curves(curves: pd.DataFrame, hue: str = "dropout") -> plt.Fi
     g.set_titles("{col_name}")
     g.set_axis_labels("step", "accuracy")
     return g.figure
+
+
+def fit_note(curves: pd.DataFrame, by: Sequence[str] = ("dropout",), threshold: float = 0.95) -> str:
+    """A sentence on whether each setting fitted its training data by the last step.
+
+    The plateau check looks at i.i.d. validation only, and after the lr decay every curve looks
+    flat; with 90% dropout the head may still be far from fitting the training domains (in eval
+    mode), and then the rates are compared before convergence, not at it.
+    """
+    if curves.empty or "train_in_acc" not in curves:
+        return "No training-domain accuracy recorded: cannot say whether the runs fitted their training data."
+    last = curves[curves.step == curves.groupby("run").step.transform("max")]
+    acc = last.groupby(list(by)).train_in_acc.mean()
+    low = acc[acc < threshold]
+    if low.empty:
+        return f"Every setting fitted its training data (training-domain accuracy >= {100 * threshold:.0f}% at the last step)."
+    def name(k):
+        k = k if isinstance(k, tuple) else (k,)
+        return ", ".join(f"{c}={v}" for c, v in zip(by, k))
+    return (f"Not fitted by the last step (training-domain accuracy below {100 * threshold:.0f}%): "
+            + "; ".join(f"{name(k)}: {100 * v:.0f}%" for k, v in low.items())
+            + ". Those rows compare under-trained runs; raise `steps` (or `lr`) before concluding about them.")

@@ -11,7 +11,7 @@ Three rates, in images per second, for one training configuration:
    ahead in a background thread (pinned memory and a side CUDA stream on a GPU), channels_last,
    TF32, and bf16 autocast with --bf16.
 
-Every step is the training loop's own step (vldlib.train): the run's network with dropout and
+Every step is the training loop's own step (`vldlib.loop.step.TrainStep`): the run's network with dropout and
 frozen BatchNorm, SGD with momentum and weight decay, the running weight average, and the loop's
 per-step host syncs (finite-loss check, loss and accuracy read back). A ratio fast/compute near 1
 therefore means that data loading costs nothing in the real loop. Each rate is the median of
@@ -19,27 +19,24 @@ therefore means that data loading costs nothing in the real loop. Each rate is t
 and fast/compute is the median of the per-block ratios, so a slow spell of a shared machine hits
 both alike and cancels out.
 
-    python -m vldlib bench                         # CPU: the quickstart's runs (vldlib.bench_runs)
+    python -m vldlib bench                         # CPU: the quickstart's runs (vldlib.tools.bench.runs)
     python -m vldlib bench --resolution 64 --domains 3 --train-stages 2   # CPU: Lite0 on images
     python -m vldlib bench --device cuda --bf16    # GPU: resnet50 (random init), 224 px
     python -m vldlib bench --steps-scaling         # time per run grows linearly with steps
-    python -m vldlib bench --bf16-accuracy         # bf16 vs fp32 accuracy (vldlib.precision)
-    python -m vldlib bench --gpu-check             # the self-contained GPU report (vldlib.gpu_check)
+    python -m vldlib bench --bf16-accuracy         # bf16 vs fp32 accuracy (vldlib.tools.bench.precision)
+    python -m vldlib bench --gpu-check             # the self-contained GPU report (vldlib.tools.bench.gpu_check)
 
 Results are written as JSON under outputs/bench/.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import multiprocessing as mp
 import os
 import platform
 import statistics
-import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -47,10 +44,17 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from vldlib.train import TrainConfig
-from vldlib.utils import atomic_path, seed_hash, write_json_atomic, write_text_atomic
+from vldlib.config import TrainConfig
+from vldlib.data import load_benchmark
+from vldlib.data.cache import cached_domain
+from vldlib.data.datasets import ArrayDataset, ImageDataset
+from vldlib.data.gpu_augment import ArraySource, DeviceBatches
+from vldlib.data.transforms import train_transform
+from vldlib.loop import build_run_net, resolve_device
+from vldlib.loop.batches import StepBatches
+from vldlib.loop.step import TrainStep
+from vldlib.utils import seed_hash, write_json_atomic
 
 OUT = Path("outputs/bench")
 
@@ -85,7 +89,6 @@ class BenchConfig:
                            seed=self.seed, channels_last=channels_last, bf16=bf16, compile=self.compile)
 
     def resolved(self) -> "BenchConfig":
-        from vldlib.train import resolve_device
 
         dev = resolve_device(self.device)
         gpu = dev.type == "cuda"
@@ -143,7 +146,6 @@ def write_synthetic_domains(root: str | os.PathLike, domains: int = 4, classes: 
 
 def load_data(cfg: BenchConfig):
     """The benchmark to read (its first `domains` domains are trained on)."""
-    from vldlib.data import load_benchmark
 
     if cfg.data == "synthetic":
         root = write_synthetic_domains(OUT / "data" / "synthetic", domains=max(4, cfg.domains))
@@ -174,27 +176,21 @@ def backend_flags(*, tf32: bool, benchmark: bool, deterministic: bool = False) -
 
 
 class LoopStep:
-    """One step of vldlib.train's loop on a list of per-domain (x, y) batches (data excluded).
-
-    Built from a TrainConfig by `vldlib.train.build_run_net`, so it is the run's own network
-    (dropout, frozen BatchNorm, trunk/tail split), optimiser and running weight average.
+    """The training loop's own step (`vldlib.loop.step.TrainStep`, the object `vldlib.loop.train`
+    steps with) on a run's own network (`vldlib.loop.build_run_net`: dropout, frozen BatchNorm,
+    trunk/tail split), plus the loop's per-step host syncs (finite-loss check, loss and accuracy
+    read back); data excluded. `host_syncs=False` leaves the read-backs out: what the hardware
+    could do without them.
     """
 
     def __init__(self, tcfg: TrainConfig, num_classes: int, *, tail: bool = False, host_syncs: bool = True):
-        from torch.optim.swa_utils import get_swa_multi_avg_fn
-
-        from vldlib.models import param_groups
-        from vldlib.train import AveragedTrainable, build_run_net, resolve_device
-
         self.device = resolve_device(tcfg.device)
         self.net, self.norm, _ = build_run_net(tcfg, num_classes, self.device)
-        self.forward = self.net.tail if tail else self.net  # cache_trunk: the loop runs the tail only
+        forward = self.net.tail if tail else self.net  # cache_trunk: the loop runs the tail only
         if tcfg.compile:  # as the loop does; the first (warmup) step compiles
-            self.forward = torch.compile(self.forward, dynamic=False)
-        self.opt = torch.optim.SGD(param_groups(self.net, tcfg.lr, tcfg.head_lr_mult), lr=tcfg.lr,
-                                   momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
-        self.averaged = AveragedTrainable(self.net, multi_avg_fn=get_swa_multi_avg_fn(), use_buffers=False)
-        self.channels_last, self.bf16, self.seed, self.host_syncs = tcfg.channels_last, tcfg.bf16, tcfg.seed, host_syncs
+            forward = torch.compile(forward, dynamic=False)
+        self.sgd = TrainStep(self.net, tcfg, forward)
+        self.host_syncs = host_syncs
         self.net.train()
 
     @classmethod
@@ -203,25 +199,12 @@ class LoopStep:
         return cls(cfg.train_config(channels_last=channels_last, bf16=bf16), num_classes, host_syncs=host_syncs)
 
     def __call__(self, step: int, batch: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        torch.manual_seed(seed_hash(self.seed, "step", step))
-        x = torch.cat([b[0] for b in batch])
-        y = torch.cat([b[1] for b in batch])
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            logits = self.forward(x)
-        loss = F.cross_entropy(logits.float(), y)
-        if not self.host_syncs:  # what the hardware could do without the loop's read-backs
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            self.averaged.update_parameters(self.net)
+        loss, logits, y = self.sgd.loss(step, batch)
+        if not self.host_syncs:
+            self.sgd.update(loss, step + 1)
             return 0.0
         finite = bool(torch.isfinite(loss))  # the loop's divergence check (a host sync, as there)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        self.averaged.update_parameters(self.net)
+        self.sgd.update(loss, step + 1)
         value = loss.item()
         (logits.argmax(1) == y).sum().item()
         return value if finite else float("nan")
@@ -325,7 +308,6 @@ def _infinite(loader) -> Iterator:
 
 def measure_plain(cfg: BenchConfig, bench) -> dict:
     """Path 2 (DomainBed) for an image-level bench: the first `domains` domains, augmented."""
-    from vldlib.data.transforms import train_transform
 
     with backend_flags(tf32=False, benchmark=False, deterministic=True):
         step = LoopStep.for_bench(replace(cfg, compile=False), len(bench.classes), channels_last=False, bf16=False)
@@ -338,7 +320,6 @@ def time_plain(step: LoopStep, samples: list[list], transform, cfg: BenchConfig)
     plain `.to(device)`, fp32, NCHW, cuDNN deterministic and not autotuned (the caller sets the
     flags and builds `step` that way). Timed on its own: its workers prefetch while other paths
     run, which would flatter it if interleaved."""
-    from vldlib.data.datasets import ImageDataset
 
     per = max(1, cfg.workers // len(samples)) if cfg.workers > 0 else 0
     loaders = [torch.utils.data.DataLoader(
@@ -350,7 +331,7 @@ def time_plain(step: LoopStep, samples: list[list], transform, cfg: BenchConfig)
 
     def batches():
         while True:
-            yield [(x.to(step.device), y.to(step.device)) for x, y in (next(it) for it in iters)]
+            yield [(x.to(step.device), y.to(step.device)) for x, y in (next(it) for it in iters)]  # noqa: F821
 
     out = time_rates({"plain": Contender(batches(), step, {"workers_per_domain": per})},
                      len(samples) * cfg.batch_size, cfg)["plain"]
@@ -360,8 +341,6 @@ def time_plain(step: LoopStep, samples: list[list], transform, cfg: BenchConfig)
 
 def cached_sources(cfg: BenchConfig, bench) -> tuple[list, float]:
     """Decoded-image cache of the first `domains` domains (built once, timed) as ArraySources."""
-    from vldlib.data.cache import cached_domain
-    from vldlib.data.gpu_augment import ArraySource
 
     t0 = time.perf_counter()
     sources = [ArraySource(*cached_domain(bench.samples[e], cfg.resolution,
@@ -374,7 +353,6 @@ def fast_contender(cfg: BenchConfig, bench, sources: list, *, overlap: bool = Tr
                    bf16: bool | None = None) -> Contender:
     """Path 3: cached uint8 images, batched augmentation on the device, prepared ahead, channels_last,
     TF32, optional bf16: the loop's augment_on="device" path (vldlib.data.gpu_augment.DeviceBatches)."""
-    from vldlib.data.gpu_augment import DeviceBatches
 
     step = LoopStep.for_bench(cfg, len(bench.classes), channels_last=True, bf16=cfg.bf16 if bf16 is None else bf16)
     loader = DeviceBatches(sources, list(range(cfg.domains)), batch_size=cfg.batch_size, seed=cfg.seed, start=0,
@@ -387,9 +365,6 @@ def fast_contender(cfg: BenchConfig, bench, sources: list, *, overlap: bool = Tr
 def measure_cached_workers(cfg: BenchConfig, bench, sources: list) -> dict:
     """A fast-path variant: cached uint8 arrays, torchvision transforms per image in the loop's
     DataLoader (augment_on="workers", cache_images=True). Timed on its own (workers prefetch)."""
-    from vldlib.data.datasets import ArrayDataset
-    from vldlib.data.transforms import train_transform
-    from vldlib.train import StepBatches
 
     with backend_flags(tf32=True, benchmark=True):
         step = LoopStep.for_bench(cfg, len(bench.classes), channels_last=True, bf16=cfg.bf16)
@@ -473,173 +448,3 @@ def report_rates(details: dict[str, dict], config: dict, images_per_step: int, d
     write_json_atomic(path, result)
     result["json"] = str(path)
     return result
-
-
-# ----------------------------------------------------------------------------- command line
-IMAGE_OPTIONS = ("backbone", "resolution", "domains", "train_stages", "data", "batch_size")
-
-
-def register_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="training throughput: compute limit vs DomainBed's path vs vldlib's",
-                       description=__doc__.split("\n\n")[0] + "\n\n" + CONFIGS_HELP,
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="examples:\n  python -m vldlib bench                       # CPU: the quickstart's runs\n"
-                              "  python -m vldlib bench --steps-scaling 200,600   # a run's time vs its steps\n"
-                              "  python -m vldlib bench --resolution 64 --domains 3 --train-stages 2\n"
-                              "  python -m vldlib bench --device cuda --backbone resnet50 --bf16\n"
-                              "  python -m vldlib bench --gpu-check")
-    d = BenchConfig()
-    p.add_argument("--config", choices=("quickstart", "images"),
-                   help="what to time (default: quickstart on a CPU unless an image option is given, "
-                        "images on a GPU)")
-    g = p.add_argument_group("image options (--config images)")
-    g.add_argument("--backbone", help="timm name or offline backbone (default: resnet50 on GPU, "
-                                      "efficientnet_lite0.offline on CPU)")
-    g.add_argument("--resolution", type=int, help="pixels (default 224 on GPU, 64 on CPU)")
-    g.add_argument("--batch-size", type=int, help=f"per domain (default {d.batch_size})")
-    g.add_argument("--domains", type=int, help=f"training domains per step (default {d.domains})")
-    g.add_argument("--train-stages", type=int,
-                   help="train the last k stages (-1, the default: 2 on CPU, all on GPU; -2: all)")
-    g.add_argument("--data", help="'synthetic' (the default), a benchmark folder or a registered name")
-    g.add_argument("--data-dir", default=d.data_dir)
-    g.add_argument("--bf16", action="store_true", help="bf16 autocast in the compute and fast paths")
-    g.add_argument("--compile", action="store_true", help="torch.compile the compute and fast paths' forward")
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--steps", type=int, default=d.steps, help="timed steps per repeat")
-    p.add_argument("--warmup", type=int, default=d.warmup)
-    p.add_argument("--repeats", type=int, default=d.repeats)
-    p.add_argument("--workers", type=int, default=d.workers, help="plain path's DataLoader workers in all")
-    p.add_argument("--paths", default=",".join(d.paths), help="comma list of compute,plain,fast")
-    p.add_argument("--json", help="output file (default outputs/bench/bench-<device>-<what>.json)")
-    p.add_argument("--steps-scaling", nargs="?", const="200,600", metavar="N,M",
-                   help="time real training runs of N and M steps instead (default 200,600)")
-    p.add_argument("--bf16-accuracy", nargs="?", const="0,1,2", metavar="SEEDS",
-                   help="train the quickstart's runs in fp32 and bf16 for these seeds (default 0,1,2) and "
-                        "compare their accuracy (vldlib.precision); finished runs are reused")
-    p.add_argument("--gpu-check", action="store_true", help="the self-contained GPU report (~6 min on an H100)")
-    p.add_argument("--gpu-check-smoke", action="store_true",
-                   help="every --gpu-check stage on the CPU with tiny models (a minute): checks the script itself")
-    p.add_argument("--budget", type=float, default=450.0,
-                   help="--gpu-check's internal time budget in seconds (under 8 min in all)")
-    p.set_defaults(func=_cli_bench)
-
-
-CONFIGS_HELP = """\
---config quickstart: the runs of `python -m vldlib quickstart` (its notebook's parameters: cached
-    frozen trunk, the trained tail on the CPU); the CPU target, fast >= 0.9 x compute, is about it.
---config images: a backbone on images (augmentation, decoded-image cache, device batches), the
-    configuration of the GPU targets (resnet50, 224 px, 3 x 32)."""
-
-
-def _image_options_given(args: argparse.Namespace) -> bool:
-    return any(getattr(args, k) is not None for k in IMAGE_OPTIONS)
-
-
-def _pick_config(args: argparse.Namespace, device: str) -> str:
-    if args.config:
-        return args.config
-    from vldlib.train import resolve_device
-
-    image_options = _image_options_given(args) or args.bf16 or args.compile
-    return "images" if image_options or resolve_device(device).type != "cpu" else "quickstart"
-
-
-def _cli_bench(args: argparse.Namespace) -> int:
-    from vldlib.bench_runs import quickstart_config, run_config_bench
-
-    if args.gpu_check or args.gpu_check_smoke:
-        from vldlib.gpu_check import GPU_PLAN, SMOKE_PLAN, gpu_check
-
-        if args.gpu_check_smoke:
-            return gpu_check(args.budget, out=OUT / "smoke", plan=SMOKE_PLAN)
-        return gpu_check(args.budget, plan=GPU_PLAN)
-    d = BenchConfig()
-    cfg = BenchConfig(backbone=args.backbone, resolution=args.resolution, batch_size=args.batch_size or d.batch_size,
-                      domains=args.domains or d.domains,
-                      train_stages={None: d.train_stages, -2: None}.get(args.train_stages, args.train_stages),
-                      device=args.device, data=args.data or d.data, data_dir=args.data_dir, steps=args.steps,
-                      warmup=args.warmup, repeats=args.repeats, bf16=args.bf16, compile=args.compile,
-                      workers=args.workers,
-                      paths=tuple(p.strip() for p in args.paths.split(",") if p.strip()))
-    try:
-        which = _pick_config(args, cfg.device)
-        if which == "quickstart" and _image_options_given(args):
-            raise ValueError("--config quickstart times the quickstart notebook's own configuration; "
-                             "--backbone/--resolution/--domains/--train-stages/--data/--batch-size apply to "
-                             "--config images (or change the notebook's parameters)")
-        if args.steps_scaling:
-            return _cli_steps_scaling(args, cfg, which)
-        if args.bf16_accuracy:
-            return _cli_bf16_accuracy(args, cfg, which)
-        if which == "quickstart":
-            tcfg = quickstart_config(cfg.device)
-            print(f"[vldlib] bench: the quickstart's runs ({tcfg.backbone}, {tcfg.resolution} px, train_stages "
-                  f"{tcfg.train_stages}, cache_trunk {tcfg.cache_trunk}, augment {tcfg.augment}, {tcfg.num_threads} "
-                  f"thread(s)) on {device_name(cfg.resolved().device)}", flush=True)
-            res = run_config_bench(tcfg, cfg, name="quickstart", json_path=args.json)
-        else:
-            print(f"[vldlib] bench on {device_name(cfg.resolved().device)}", flush=True)
-            res = run_bench(cfg, json_path=args.json)
-        print(f"[vldlib] written {res['json']}")
-        return 0
-    except (ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-
-
-def _cli_steps_scaling(args: argparse.Namespace, cfg: BenchConfig, which: str) -> int:
-    from vldlib.bench_runs import image_run_config, quickstart_config, steps_scaling, sweep_note
-
-    try:
-        n, m = (int(s) for s in args.steps_scaling.split(","))
-    except ValueError:
-        raise ValueError(f"--steps-scaling expects N,M (two step counts), got {args.steps_scaling!r}") from None
-    c = cfg.resolved()
-    if which == "quickstart":
-        tcfg = quickstart_config(c.device)
-    else:
-        root = c.data
-        if c.data == "synthetic":
-            root = write_synthetic_domains(OUT / "data" / "synthetic", domains=max(4, c.domains))
-        tcfg = image_run_config(root, backbone=c.backbone, resolution=c.resolution, device=c.device,
-                                batch_size=c.batch_size, train_stages=c.train_stages, bf16=c.bf16)
-    with tempfile.TemporaryDirectory() as tmp:
-        res = steps_scaling(tcfg, (n, m), tmp)
-    res["config"] = asdict(tcfg)
-    cpu = torch.device(c.device).type == "cpu"
-    run_s = res["fixed_s"] + res["slope_s_per_step"] * tcfg.steps
-    res["note"] = (f"A run of this configuration ({tcfg.steps} steps, evaluated once): {run_s:.0f} s.\n"
-                   + sweep_note(run_s, unit="CPU core" if cpu and tcfg.num_threads == 1 else "GPU" if not cpu
-                                else "machine"))
-    path = Path(args.json) if args.json else OUT / f"steps-scaling-{torch.device(c.device).type}-{which}.json"
-    write_json_atomic(path, res)
-    for r in res["runs"]:
-        print(f"  {r['steps']:6d} steps: {r['wall_s']:7.1f} s wall, loop {1e3 * r['step_time_s']:.1f} ms/step, "
-              f"{r['other_s']:.1f} s setup and evaluation")
-    print(f"  slope {1e3 * res['slope_s_per_step']:.1f} ms/step = {res['slope_over_step_time']:.2f} x the loop's "
-          f"step time; fixed {res['fixed_s']:.1f} s a run")
-    print(res["note"])
-    print(f"[vldlib] written {path}")
-    return 0
-
-
-def _cli_bf16_accuracy(args: argparse.Namespace, cfg: BenchConfig, which: str) -> int:
-    from vldlib import precision
-    from vldlib.bench_runs import quickstart_config
-
-    if which != "quickstart":
-        raise ValueError("--bf16-accuracy trains the quickstart's runs (pretrained, on the emoji benchmark); "
-                         "image options do not apply (the GPU check runs it on full fine-tuning)")
-    try:
-        seeds = [int(s) for s in args.bf16_accuracy.split(",")]
-    except ValueError:
-        raise ValueError(f"--bf16-accuracy expects seeds like 0,1,2, got {args.bf16_accuracy!r}") from None
-    out = OUT / "bf16_accuracy"
-    res = precision.bf16_accuracy(quickstart_config(cfg.device), out, seeds=seeds)
-    text = precision.markdown(res, device_name(cfg.resolved().device))
-    with atomic_path(out / "bf16_accuracy.csv") as tmp:
-        res["table"].to_csv(tmp, index=False)
-    write_text_atomic(out / "bf16_accuracy.md", text)
-    print(text)
-    print(f"[vldlib] written {out / 'bf16_accuracy.md'}")
-    return 0

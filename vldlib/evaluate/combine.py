@@ -6,15 +6,17 @@ they stay in one linearly connected basin) or sum their logits. Both need the ru
 same data splits; weight averaging also needs the same architecture and initialisation, which is
 what meta.json's `init_fingerprint` records. Incompatible runs are refused, naming them.
 
-This module never imports the training code at import time: it is handed two callables, whose
-defaults import lazily from `vldlib.train`,
-    load_fn(run_dir, which="best") -> (torch.nn.Module, config_dict)
+This module sits below the training loop (layers: `vldlib.evaluate` never imports `vldlib.loop`):
+it is handed two callables,
+    load_fn(run_dir, which="best") -> (torch.nn.Module, config_dict)   e.g. vldlib.loop.load_run_model
     eval_fn(model, config_dict)    -> {"env0_in": (logits, labels), "env0_out": ..., ...}
-so tests (and other training code) can inject their own.
+                                                                       e.g. vldlib.loop.evaluate_logits
+so tests (and other training code) can inject their own; `vldlib.experiments.notebook.across_runs`
+passes the loop's.
 
 Example:
-    >>> runs = sorted(Path("outputs/runs").glob("PACS-*"))            # doctest: +SKIP
-    >>> soup = greedy_soup([r for r in runs if test_env_of(r) == 3])   # doctest: +SKIP
+    >>> from vldlib.loop import evaluate_logits, load_run_model                          # doctest: +SKIP
+    >>> soup = greedy_soup(runs, load_fn=load_run_model, eval_fn=evaluate_logits)       # doctest: +SKIP
     >>> soup["members"], soup["ood_acc"]                               # doctest: +SKIP
 """
 
@@ -26,11 +28,10 @@ from typing import Any, Callable, Iterable, Sequence
 
 import pandas as pd
 import torch
-
-from vldlib.utils import read_json
 from torch import nn
 
-from vldlib.results import _readable, split_scores
+from vldlib.evaluate.scores import accuracies, ood_split, readable, split_scores
+from vldlib.utils import read_json
 
 LoadFn = Callable[..., "tuple[nn.Module, dict[str, Any]]"]
 EvalFn = Callable[[nn.Module, dict[str, Any]], "dict[str, tuple[torch.Tensor, torch.Tensor]]"]
@@ -39,18 +40,6 @@ EvalFn = Callable[[nn.Module, dict[str, Any]], "dict[str, tuple[torch.Tensor, to
 # any combination; the architecture and starting point as well for weight averaging
 ENSEMBLE_KEYS = ("benchmark", "test_envs", "trial_seed")
 SOUP_KEYS = ENSEMBLE_KEYS + ("backbone", "init_fingerprint")
-
-
-def default_load_fn(run_dir: str | Path, which: str = "best") -> tuple[nn.Module, dict[str, Any]]:
-    from vldlib.train import load_run_model
-
-    return load_run_model(run_dir, which)
-
-
-def default_eval_fn(model: nn.Module, cfg: dict[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    from vldlib.train import evaluate_logits
-
-    return evaluate_logits(model, cfg)
 
 
 # --------------------------------------------------------------------------- compatibility
@@ -82,7 +71,7 @@ def check_compatible(run_dirs: Sequence[str | Path], keys: Sequence[str] = SOUP_
         missing = [str(r) for r in runs if key not in facts[r]]
         if missing:
             problems.append(f"no {key!r} in config.json/meta.json of: {', '.join(missing)} "
-                            f"(incomplete run directory? retrain it with vldlib.train)")
+                            f"(incomplete run directory? retrain it with vldlib.loop.train)")
             continue
         groups: dict[str, list[str]] = {}
         for r in runs:
@@ -90,7 +79,7 @@ def check_compatible(run_dirs: Sequence[str | Path], keys: Sequence[str] = SOUP_
         if len(groups) > 1:
             problems.append(f"{key} differs: " + "; ".join(f"{v} in {', '.join(rs)}" for v, rs in groups.items()))
         else:
-            shared[key] = _readable(facts[runs[0]][key])
+            shared[key] = readable(facts[runs[0]][key])
     if problems:
         why = ("weight averaging needs runs with one architecture and one initialisation, evaluated on the "
                "same splits" if "init_fingerprint" in keys else "an ensemble needs runs evaluated on the same splits")
@@ -167,18 +156,6 @@ def average_state_dicts(state_dicts: Sequence[dict[str, torch.Tensor]],
 
 # --------------------------------------------------------------------------- evaluation helpers
 
-def accuracies(outputs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-    """{"env0_in": accuracy, ...} from {"env0_in": (logits, labels), ...}."""
-    return {k: float((logits.argmax(dim=1).cpu() == labels.cpu()).float().mean()) if len(labels) else float("nan")
-            for k, (logits, labels) in sorted(outputs.items())}
-
-
-def _ood_split(cfg: dict[str, Any]) -> str:
-    from vldlib.data.registry import ood_split_for
-
-    return ood_split_for(str(cfg.get("benchmark", "")))
-
-
 def _test_envs(cfg: dict[str, Any]) -> list[int]:
     t = cfg.get("test_envs", [])
     return [int(x) for x in (t if isinstance(t, (list, tuple)) else [t])]
@@ -187,13 +164,13 @@ def _test_envs(cfg: dict[str, Any]) -> list[int]:
 def _result(method: str, members: Sequence[Path], candidates: Sequence[Path], acc: dict[str, float],
             cfg: dict[str, Any], shared: dict[str, Any], which: str, **extra: Any) -> dict[str, Any]:
     return {"method": method, "members": [str(m) for m in members], "candidates": [str(c) for c in candidates],
-            "which": which, "acc": acc, **split_scores(acc, _test_envs(cfg), _ood_split(cfg)), "shared": shared, **extra}
+            "which": which, "acc": acc, **split_scores(acc, _test_envs(cfg), ood_split(cfg.get("benchmark", ""))), "shared": shared, **extra}
 
 
 def _shared_config(runs: Sequence[Path]) -> dict[str, Any]:
     """config.json keys whose value is the same in every run (dropout, backbone, ...)."""
     facts = [read_json(r / "config.json") for r in runs]
-    shared = {k: _readable(v) for k, v in facts[0].items() if all(k in f and f[k] == v for f in facts[1:])}
+    shared = {k: readable(v) for k, v in facts[0].items() if all(k in f and f[k] == v for f in facts[1:])}
     meta = read_json(runs[0] / "meta.json")
     domains = list(meta.get("domains") or [])
     t = _test_envs(meta if "test_envs" in meta else facts[0])
@@ -203,21 +180,16 @@ def _shared_config(runs: Sequence[Path]) -> dict[str, Any]:
     return shared
 
 
-def _defaults(load_fn: LoadFn | None, eval_fn: EvalFn | None) -> tuple[LoadFn, EvalFn]:
-    return load_fn or default_load_fn, eval_fn or default_eval_fn
-
-
 # --------------------------------------------------------------------------- public recipes
 
-def uniform_soup(run_dirs: Iterable[str | Path], which: str = "best", load_fn: LoadFn | None = None,
-                 eval_fn: EvalFn | None = None) -> dict[str, Any]:
+def uniform_soup(run_dirs: Iterable[str | Path], which: str = "best", *, load_fn: LoadFn,
+                 eval_fn: EvalFn) -> dict[str, Any]:
     """Average the weights of all runs (uniform soup, DiWA) and evaluate the average.
 
     Returns {"method": "soup_uniform", "members", "acc": {"env0_in": ..}, "iid_acc", "ood_acc",
     "oracle_acc", "shared": the config values common to all members, ...}.
     """
     runs = [Path(r) for r in run_dirs]
-    load_fn, eval_fn = _defaults(load_fn, eval_fn)
     check_compatible(runs, SOUP_KEYS)
     avg, base, base_cfg = StateDictAverage(), None, None
     for run in runs:
@@ -231,8 +203,8 @@ def uniform_soup(run_dirs: Iterable[str | Path], which: str = "best", load_fn: L
     return _result("soup_uniform", runs, runs, acc, base_cfg, _shared_config(runs), which)
 
 
-def greedy_soup(run_dirs: Iterable[str | Path], which: str = "best", load_fn: LoadFn | None = None,
-                eval_fn: EvalFn | None = None, scores: dict[str, float] | None = None) -> dict[str, Any]:
+def greedy_soup(run_dirs: Iterable[str | Path], which: str = "best", *, load_fn: LoadFn,
+                eval_fn: EvalFn, scores: dict[str, float] | None = None) -> dict[str, Any]:
     """Greedy soup (Wortsman et al. 2022): sort runs by training-domain validation accuracy,
     best first; add each run only if the soup's validation (i.i.d.) accuracy does not drop.
 
@@ -242,13 +214,12 @@ def greedy_soup(run_dirs: Iterable[str | Path], which: str = "best", load_fn: Lo
     ([{"run", "soup_iid_acc", "added"}]) to `uniform_soup`'s keys.
     """
     runs = [Path(r) for r in run_dirs]
-    load_fn, eval_fn = _defaults(load_fn, eval_fn)
     check_compatible(runs, SOUP_KEYS)
     if scores is None:
         scores = {}
         for run in runs:
             model, cfg = load_fn(run, which)
-            scores[str(run)] = split_scores(accuracies(eval_fn(model, cfg)), _test_envs(cfg), _ood_split(cfg))["iid_acc"]
+            scores[str(run)] = split_scores(accuracies(eval_fn(model, cfg)), _test_envs(cfg), ood_split(cfg.get("benchmark", "")))["iid_acc"]
             del model
     else:
         scores = {str(k): float(v) for k, v in scores.items()}
@@ -261,7 +232,7 @@ def greedy_soup(run_dirs: Iterable[str | Path], which: str = "best", load_fn: Lo
     avg = StateDictAverage()
     avg.add(base.state_dict(), str(order[0]))
     acc = accuracies(eval_fn(base, base_cfg))
-    best = split_scores(acc, _test_envs(base_cfg), _ood_split(base_cfg))["iid_acc"]
+    best = split_scores(acc, _test_envs(base_cfg), ood_split(base_cfg.get("benchmark", "")))["iid_acc"]
     history = [{"run": str(order[0]), "soup_iid_acc": best, "added": True}]
     members = [order[0]]
     for run in order[1:]:
@@ -269,7 +240,7 @@ def greedy_soup(run_dirs: Iterable[str | Path], which: str = "best", load_fn: Lo
         sd = model.state_dict()
         base.load_state_dict(avg.average(extra=sd, name=str(run)))
         cand = accuracies(eval_fn(base, base_cfg))
-        cand_iid = split_scores(cand, _test_envs(base_cfg), _ood_split(base_cfg))["iid_acc"]
+        cand_iid = split_scores(cand, _test_envs(base_cfg), ood_split(base_cfg.get("benchmark", "")))["iid_acc"]
         added = cand_iid >= best
         history.append({"run": str(run), "soup_iid_acc": cand_iid, "added": bool(added)})
         if added:
@@ -282,15 +253,14 @@ def greedy_soup(run_dirs: Iterable[str | Path], which: str = "best", load_fn: Lo
                    scores=scores, history=history)
 
 
-def logit_ensemble(run_dirs: Iterable[str | Path], which: str = "best", load_fn: LoadFn | None = None,
-                   eval_fn: EvalFn | None = None) -> dict[str, Any]:
+def logit_ensemble(run_dirs: Iterable[str | Path], which: str = "best", *, load_fn: LoadFn,
+                   eval_fn: EvalFn) -> dict[str, Any]:
     """Sum the logits of all runs (the paper's output ensemble) and score the sum.
 
     Runs need the same evaluation data (benchmark, held-out envs, split seed), not the same
     architecture or initialisation. Same return keys as `uniform_soup`, method "ens_runs".
     """
     runs = [Path(r) for r in run_dirs]
-    load_fn, eval_fn = _defaults(load_fn, eval_fn)
     check_compatible(runs, ENSEMBLE_KEYS)
     total: dict[str, torch.Tensor] = {}
     labels: dict[str, torch.Tensor] = {}
@@ -316,7 +286,7 @@ def logit_ensemble(run_dirs: Iterable[str | Path], which: str = "best", load_fn:
 
 
 def soup_frame(results: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    """Soup/ensemble results as rows shaped like `vldlib.results.select`'s, to concatenate with it.
+    """Soup/ensemble results as rows shaped like `vldlib.evaluate.selection.select`'s, to concatenate with it.
 
     Each row: run ("<method> of N runs"), method, iid_acc, ood_acc, oracle_acc, n_members, and
     the config values shared by the members (benchmark, dropout, test_envs, ...; test_env when

@@ -2,28 +2,29 @@
 step-indexed batches (a pure function of seed and step, so resumes are exact), cached outputs of
 the frozen trunk, and predictions on every (domain, split).
 
-Split out of `vldlib.train` so the loop itself reads top to bottom; `vldlib.train` re-exports
-these names.
+Split out of `vldlib.loop.train` so the loop itself reads top to bottom. The batch order itself
+(`batch_indices`) is `vldlib.data.order`: the device augmentation draws the same batches.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from vldlib.config import TrainConfig
 from vldlib.data import MultiDomainFolder, split_domain
+from vldlib.data.cache import cache_root, cached_benchmark, cached_domain
 from vldlib.data.datasets import ArrayDataset, ImageDataset
+from vldlib.data.gpu_augment import ArraySource, DeviceBatches, normalisation_of
+from vldlib.data.order import batch_indices
 from vldlib.data.transforms import eval_transform, train_transform
-from vldlib.models import FineTuneNet, weights_fingerprint
+from vldlib.model import FineTuneNet, weights_fingerprint
 from vldlib.utils import atomic_path, config_hash, seed_hash
-
-if TYPE_CHECKING:
-    from vldlib.train import TrainConfig
 
 
 # ----------------------------------------------------------------------------- data
@@ -51,8 +52,6 @@ def make_data(cfg: TrainConfig, bench: MultiDomainFolder, mean, std) -> Data:
     tf_train = train_transform(cfg.resolution, mean, std) if cfg.augment else eval_transform(cfg.resolution, mean, std)
     tf_eval = eval_transform(cfg.resolution, mean, std)
     if cfg.cache_images:
-        from vldlib.data.cache import cached_benchmark
-
         arrays = cached_benchmark(bench, cfg.resolution, progress=cfg.progress)
 
         def subset(env: int, idx: np.ndarray, tf) -> ArrayDataset:
@@ -76,31 +75,6 @@ def make_data(cfg: TrainConfig, bench: MultiDomainFolder, mean, std) -> Data:
     return Data(train, evals, bench.domains, bench.classes, train_envs, config_hash({"s": split_files}, n=16))
 
 
-@functools.lru_cache(maxsize=16)
-def epoch_order(n: int, seed: int, env: int, epoch: int) -> np.ndarray:
-    """The permutation of domain `env`'s n items in `epoch` (read-only). Kept: drawing it costs
-    ~0.2 ms, about 1% of a quickstart step if it were drawn again at every step."""
-    perm = np.random.RandomState(seed_hash(seed, "order", env, epoch)).permutation(n)
-    perm.flags.writeable = False
-    return perm
-
-
-def batch_indices(n: int, batch_size: int, seed: int, env: int, step: int) -> np.ndarray:
-    """Indices of the batch of domain `env` at `step`: consecutive slices of per-epoch
-    permutations, so the order is a pure function of (seed, env, step) and resumes exactly."""
-    first, last = step * batch_size // n, ((step + 1) * batch_size - 1) // n
-    if first == last:  # the usual case: the batch lies inside one epoch
-        start = step * batch_size - first * n
-        return epoch_order(n, seed, env, first)[start:start + batch_size].astype(np.int64)
-    pos = np.arange(step * batch_size, (step + 1) * batch_size)
-    epochs, offsets = pos // n, pos % n
-    out = np.empty(batch_size, dtype=np.int64)
-    for e in np.unique(epochs):
-        mask = epochs == e
-        out[mask] = epoch_order(n, seed, env, int(e))[offsets[mask]]
-    return out
-
-
 class StepBatches(torch.utils.data.Sampler):
     """For a DataLoader: the batches of one domain from `start` to `stop`, each item with the seed
     of its augmentation."""
@@ -121,8 +95,6 @@ class StepBatches(torch.utils.data.Sampler):
 def _device_batches(data: Data, cfg: TrainConfig, start: int, device: torch.device):
     """augment_on="device": uint8 images from the decoded-image cache, augmented in batches where
     the model runs (vldlib.data.gpu_augment), with the same per-image seeds as StepBatches."""
-    from vldlib.data.cache import cached_domain
-    from vldlib.data.gpu_augment import ArraySource, DeviceBatches, normalisation_of
 
     sources = []
     for env, ds in zip(data.train_envs, data.train):
@@ -178,12 +150,8 @@ def compute_trunk(net: FineTuneNet, ds: torch.utils.data.Dataset, cfg: TrainConf
 def trunk_features(net: FineTuneNet, data: Data, cfg: TrainConfig, device: torch.device):
     """Cached trunk outputs for the training sets and every eval set, kept on disk between runs
     (keyed by the trunk's weights, the resolution and the exact sample list)."""
-    from tqdm.auto import tqdm
-
-    from vldlib.data.cache import cache_root
-
-    key = config_hash({"trunk": weights_fingerprint(torch.nn.ModuleList(net._trunk)), "backbone": cfg.backbone,
-                       "stages": [type(m).__name__ for m in net._trunk], "resolution": cfg.resolution, "data": data.key,
+    key = config_hash({"trunk": weights_fingerprint(torch.nn.ModuleList(net.trunk_modules)), "backbone": cfg.backbone,
+                       "stages": [type(m).__name__ for m in net.trunk_modules], "resolution": cfg.resolution, "data": data.key,
                        "cache_images": cfg.cache_images}, n=16)
     path = cache_root() / "trunk" / f"{key}.pt"
     evals = None
@@ -230,12 +198,3 @@ def predict_all(forward: Callable, evals: dict, cfg: TrainConfig, device: torch.
             labels.append(y)
         out[name] = (torch.cat(logits), torch.cat(labels))
     return out
-
-
-def accuracies(preds: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-    return {k: (lg.argmax(1) == y).float().mean().item() for k, (lg, y) in preds.items()}
-
-
-def validation_score(acc: dict[str, float], train_envs: list[int]) -> float:
-    """Training-domain validation (the paper's model selection): mean out-split accuracy."""
-    return float(np.mean([acc[f"env{i}_out"] for i in train_envs]))

@@ -14,10 +14,57 @@ import sys
 import time
 from pathlib import Path
 
+import papermill as pm
+import yaml
+
+from vldlib.config import add_flag
+from vldlib.config import TrainConfig
+from vldlib.experiments.grid import steps_for, with_paths
 from vldlib.paths import project_root, resolve
 
 NOTEBOOK = "notebooks/00_quickstart.ipynb"
 PAPER_PARAMS = "notebooks/00_quickstart.paper.yaml"
+
+# The quickstart's defaults. The notebook's parameters cell repeats them (papermill needs literal
+# values there), and tests/test_quickstart.py checks that both agree; the bench times
+# `quickstart_config()`, built from these.
+DEFAULTS = {
+    "benchmark": "emoji",
+    "data_dir": "data",
+    "output_dir": "outputs/quickstart",
+    "backbone": "efficientnet_lite0.offline",
+    "pretrained": True,
+    "resolution": 96,
+    "train_stages": 1,
+    "cache_trunk": True,
+    "augment": False,
+    "dropout_rates": [0.0, 0.9],
+    "test_envs": None,
+    "seeds": [0, 1, 2],
+    "steps": {0.0: 600, 0.9: 1200},
+    "lr": 0.01,
+    "weight_decay": 1e-4,
+    "batch_size": 32,
+    "eval_every": 100,
+    "selection": "training_domain",
+    "device": "auto",
+    "num_threads": 1,
+}
+
+
+def quickstart_config(device: str = "auto", params: dict | None = None) -> TrainConfig:
+    """One run of the quickstart (`DEFAULTS`, or `params` over them): its largest dropout rate,
+    its first held-out domain. What `python -m vldlib bench` times by default on a CPU."""
+    p = {**DEFAULTS, **(params or {})}
+    rate = max(p["dropout_rates"])
+    return with_paths(TrainConfig(
+        benchmark=p["benchmark"], data_dir=p["data_dir"], backbone=p["backbone"], pretrained=p["pretrained"],
+        resolution=p["resolution"], train_stages=p["train_stages"], cache_trunk=p["cache_trunk"],
+        augment=p["augment"], dropout=rate, steps=steps_for(p["steps"], rate), lr=p["lr"],
+        weight_decay=p["weight_decay"], batch_size=p["batch_size"], eval_every=p["eval_every"],
+        average_from=p["eval_every"], test_envs=[0] if p["test_envs"] is None else [p["test_envs"][0]],
+        device=p["device"] if device == "auto" else device, num_threads=p["num_threads"], keep_last=False,
+        progress=False))
 
 
 def notebook_path(name: str = NOTEBOOK) -> Path:
@@ -29,8 +76,6 @@ def notebook_path(name: str = NOTEBOOK) -> Path:
 
 
 def _parse_params(items: list[str]) -> dict:
-    import yaml
-
     params = {}
     for item in items:
         if "=" not in item:
@@ -54,9 +99,6 @@ class _CellLog(logging.Handler):
 def run_quickstart(params: dict | None = None, *, paper: bool = False, output_dir: str | None = None,
                    log_output: bool = True) -> Path:
     """Execute the quickstart notebook; return the output folder."""
-    import papermill as pm
-    import yaml
-
     params = dict(params or {})
     if paper:
         params = {**yaml.safe_load(notebook_path(PAPER_PARAMS).read_text()), **params}
@@ -88,7 +130,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                               "  python -m vldlib quickstart --paper --data-dir /datasets   # GPU, real PACS")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="override a parameter of the notebook (value read as YAML); repeatable")
-    p.add_argument("--paper", action="store_true", help=f"use the paper's configuration ({PAPER_PARAMS})")
+    add_flag(p, "--paper", help=f"use the paper's configuration ({PAPER_PARAMS})")
     p.add_argument("--data-dir", help="where benchmarks live (default: data/)")
     p.add_argument("--out", help="output folder (default: outputs/quickstart)")
     p.set_defaults(func=_cli)

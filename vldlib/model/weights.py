@@ -86,7 +86,7 @@ def load_weights_file(path: str | os.PathLike) -> StateDict:
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "does not exist"
         raise WeightsError(f"weights file {path} {what}; check the path, or reinstall the package "
-                           f"that ships it (see vldlib.weights.OFFLINE_WEIGHTS).")
+                           f"that ships it (see vldlib.model.weights.OFFLINE_WEIGHTS).")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file

@@ -7,7 +7,7 @@ arithmetic differs and the paired difference has a small error bar.
 
     python -m vldlib bench --bf16-accuracy          # the quickstart's runs, 3 seeds (CPU: a few minutes)
 
-The GPU check (`vldlib.gpu_check`) runs it on full fine-tuning, where bf16 would be used.
+The GPU check (`vldlib.tools.bench.gpu_check`) runs it on full fine-tuning, where bf16 would be used.
 """
 
 from __future__ import annotations
@@ -18,8 +18,13 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-
-from vldlib.train import TrainConfig
+from vldlib.config import TrainConfig
+from vldlib.data import prepare_benchmark
+from vldlib.evaluate.effects import effect_sentence, paired_effect
+from vldlib.evaluate.scores import load_runs
+from vldlib.evaluate.selection import select
+from vldlib.evaluate.tables import to_markdown
+from vldlib.experiments.grid import grid, run_grid
 
 METRICS = {"ood_acc": "o.o.d. accuracy", "iid_acc": "i.i.d. validation accuracy"}
 
@@ -33,10 +38,6 @@ def bf16_accuracy(base: TrainConfig, out: str | os.PathLike, *, seeds: Sequence[
     "within_noise"}: within noise when every metric's paired difference is within 2 standard
     errors of zero. Finished runs under `out` are reused, so a second call only reports.
     """
-    from vldlib.data import prepare_benchmark
-    from vldlib.experiments import grid, run_grid
-    from vldlib.results import load_runs, select
-    from vldlib.summary import effect_sentence, paired_effect
 
     if len(seeds) < 2:
         raise ValueError(f"bf16_accuracy needs at least 2 seeds for an error bar, got {list(seeds)}")
@@ -61,7 +62,6 @@ def bf16_accuracy(base: TrainConfig, out: str | os.PathLike, *, seeds: Sequence[
 
 def markdown(res: dict, device: str) -> str:
     """The check as a short Markdown report: what ran, the paired table, the verdict."""
-    from vldlib.results import to_markdown
 
     c = res["config"]
     lines = [f"# bf16 autocast vs fp32 accuracy ({device})", "",

@@ -2,11 +2,11 @@
 
 Prepared on a CPU (`--gpu-check-smoke` runs every stage with tiny models in a minute) so the one
 GPU session is not where its bugs are found. No network: random init, synthetic JPEGs. It benches
-ResNet50 and EfficientNet-Lite0 at 224 px (vldlib.bench), times the real training loop for 500
+ResNet50 and EfficientNet-Lite0 at 224 px (vldlib.tools.bench.bench), times the real training loop for 500
 steps in fp32/TF32 and bf16, checks that a run's time grows linearly with its steps, turns the
 per-run time into a sweep's wall time by number of GPUs (the local launcher runs one job per GPU),
 and compares bf16's accuracy with fp32's on the quickstart's runs fully fine-tuned (offline
-EfficientNet-Lite0 weights and the emoji benchmark, both from pip packages: `vldlib.precision`).
+EfficientNet-Lite0 weights and the emoji benchmark, both from pip packages: `vldlib.tools.bench.precision`).
 
 A GPU machine that cannot reach the package registry lacks those two packages; a failed stage
 does not stop the others. To run that stage there, bring the built benchmark and the weights
@@ -29,9 +29,14 @@ from typing import Callable
 
 import torch
 
-from vldlib.bench import OUT, BenchConfig, device_name, measure_compute, run_bench, write_synthetic_domains
-from vldlib.bench_runs import image_run_config, linear_fit, quickstart_config, sweep_note, time_run
-from vldlib.train import TrainConfig
+from vldlib.config import TrainConfig
+from vldlib.data import load_benchmark
+from vldlib.data.cache import cached_benchmark
+from vldlib.experiments.quickstart import quickstart_config
+from vldlib.tools.bench.bench import OUT, BenchConfig, device_name, measure_compute, run_bench, write_synthetic_domains
+from vldlib.tools.bench.precision import bf16_accuracy as measure_bf16_accuracy
+from vldlib.tools.bench.precision import markdown as precision_markdown
+from vldlib.tools.bench.runs import image_run_config, linear_fit, sweep_note, time_run
 from vldlib.utils import write_json_atomic, write_text_atomic
 
 
@@ -111,8 +116,6 @@ def gpu_check(budget_s: float = 450.0, out: Path = OUT, log: Callable = print, p
                        warmup=plan.warmup, repeats=plan.repeats, train_stages=None, data=str(root))
 
     def cache() -> dict:
-        from vldlib.data import load_benchmark
-        from vldlib.data.cache import cached_benchmark
         bench = load_benchmark(root, progress=False)  # checks the images once (cached)
         t0 = time.perf_counter()
         cached_benchmark(bench, plan.resolution, progress=False)
@@ -176,7 +179,6 @@ def gpu_check(budget_s: float = 450.0, out: Path = OUT, log: Callable = print, p
     precision_md: list[str] = []
 
     def bf16_accuracy() -> dict:
-        from vldlib import precision
 
         qs = quickstart_config(plan.device)  # its data_dir: an emoji benchmark built there is used as it is
         data_dir = qs.data_dir if (Path(qs.data_dir) / qs.benchmark).is_dir() else str(out / "data")
@@ -186,8 +188,8 @@ def gpu_check(budget_s: float = 450.0, out: Path = OUT, log: Callable = print, p
                        channels_last=True, num_threads=0, steps=plan.precision_steps,
                        eval_every=max(1, plan.precision_steps // 4), average_from=max(1, plan.precision_steps // 4))
         with tempfile.TemporaryDirectory() as tmp:
-            res = precision.bf16_accuracy(tcfg, tmp, seeds=plan.precision_seeds, progress=False)
-        precision_md.append(precision.markdown(res, report.get("device", plan.device)))
+            res = measure_bf16_accuracy(tcfg, tmp, seeds=plan.precision_seeds, progress=False)
+        precision_md.append(precision_markdown(res, report.get("device", plan.device)))
         return {"within_noise": res["within_noise"],
                 **{f"{m}_bf16_minus_fp32": e["mean"] for m, e in res["effects"].items()},
                 **{f"{m}_se": e["se"] for m, e in res["effects"].items()}}

@@ -8,8 +8,8 @@ per-feature weight vector (initialised N(0, 1), as the official code does), and 
 applied on the merged representation z = sum_i v_i * phi_i before the linear classifier V, b.
 Only v_1..v_k, V and b are trained.
 
-`MultiBlockNet` offers the interface `vldlib.train.train` uses from `FineTuneNet` (`model`,
-`trunk`, `tail`, `features`, `head`, `train`, `has_trunk`, `_trunk`), so the same loop runs it.
+`MultiBlockNet` offers the interface the loop (`vldlib.loop.train`) uses from `FineTuneNet`
+(`model`, `trunk`, `tail`, `features`, `head`, `train`, `has_trunk`), so the same loop runs it.
 The whole backbone is the trunk: its outputs (the k pooled vectors) are cached with
 `cache_trunk`, which makes a run cost about as much as a linear probe.
 
@@ -17,25 +17,21 @@ Blocks of different widths (EfficientNet-Lite0's last three units are 192-, 320-
 are zero-padded on the right to the widest, so z keeps the paper's "sum of re-weighted blocks"
 form: feature j of z mixes feature j of every block that has one.
 
-Until TrainConfig selects the head (see `train_multiblock`), `train_multiblock(cfg, blocks=3)`
-runs it through `vldlib.train.train` unchanged:
+A run selects it with `TrainConfig(head="multiblock3", train_stages=0)`; the head is part of the
+run's identity and folder name:
 
->>> run_dir = train_multiblock(TrainConfig(benchmark="emoji", train_stages=0, cache_trunk=True,
-...                                        augment=False, dropout=0.9), blocks=3)  # doctest: +SKIP
+>>> run_dir = train(TrainConfig(benchmark="emoji", head="multiblock3", train_stages=0, cache_trunk=True,
+...                             augment=False, dropout=0.9))  # doctest: +SKIP
 """
 
 from __future__ import annotations
-
-import dataclasses
-import json
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from vldlib.models import ModelConfigError, check_dropout, model_stages
-
+from vldlib.model.backbones import ModelConfigError, model_stages
+from vldlib.model.head import check_dropout, dropout_rate
 
 
 def residual_units(model: nn.Module) -> list[nn.Module]:
@@ -129,7 +125,7 @@ class MultiBlockNet(nn.Module):
         super().__init__()
         extractor = MultiBlockFeatures(model, blocks)
         num_classes = model.get_classifier().out_features
-        dropout = float(getattr(model, "drop_rate", 0.0))
+        dropout = dropout_rate(model)
         self.model = MultiBlockModel(model, MultiBlockHead(blocks, extractor.width, num_classes, dropout))
         for p in model.parameters():
             p.requires_grad_(False)
@@ -140,6 +136,11 @@ class MultiBlockNet(nn.Module):
     @property
     def has_trunk(self) -> bool:
         return True
+
+    @property
+    def trunk_modules(self) -> list[nn.Module]:
+        """The frozen extractor (what the trunk-output cache is keyed by)."""
+        return list(self._trunk)
 
     def train(self, mode: bool = True) -> "MultiBlockNet":
         super().train(mode)
@@ -162,47 +163,11 @@ class MultiBlockNet(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The merged representation z (no dropout), the analogue of the penultimate features."""
-        return self.model.head.merge(self.trunk(x))
+        return self.tail_features(self.trunk(x))
+
+    def tail_features(self, phi: torch.Tensor) -> torch.Tensor:
+        """z from the trunk's outputs (the k pooled block outputs)."""
+        return self.model.head.merge(phi)
 
     def head(self) -> nn.Linear:
         return self.model.head.fc
-
-
-# ----------------------------------------------------------------------------- running it
-def multiblock_config(cfg, blocks: int):
-    """`cfg` with the multi-block head on k blocks (the backbone frozen: train_stages=0)."""
-    if blocks < 1:
-        raise ValueError(f"blocks must be >= 1, got {blocks}")
-    return dataclasses.replace(cfg, train_stages=0, head=f"multiblock{blocks}")
-
-
-def train_multiblock(cfg, blocks: int = 3) -> Path:
-    """`vldlib.train.train` with the multi-block head (resumable, skipped when done, like any
-    run): the head is a TrainConfig field, part of the run's identity and folder name."""
-    from vldlib.train import train
-
-    return train(multiblock_config(cfg, blocks))
-
-
-def head_of(run_dir: str | Path) -> str:
-    """The run's head, "multiblock<k>" or "linear" (timm's head), from its config.json."""
-    config = Path(run_dir) / "config.json"
-    return (json.loads(config.read_text()).get("head") if config.exists() else None) or "linear"
-
-
-def run_multiblock_grid(configs: list, blocks: list[int], progress: bool = True) -> list[Path]:
-    """Every config at every k, one after the other (finished runs skipped), like `run_grid`."""
-    from tqdm.auto import tqdm
-
-    from vldlib.experiments import with_paths
-    from vldlib.train import TrainingDiverged, run_dir_for
-
-    jobs = [(with_paths(dataclasses.replace(c, progress=False)), k) for c in configs for k in blocks]
-    out = []
-    for cfg, k in tqdm(jobs, desc="runs", disable=not progress, unit="run"):
-        try:
-            out.append(train_multiblock(cfg, k))
-        except TrainingDiverged as e:
-            print(f"failed: {e}")
-            out.append(run_dir_for(multiblock_config(cfg, k)))
-    return out

@@ -4,9 +4,9 @@ v1 publishes no tables, so every number here was read off a plot: treat differen
 the read-off error (`READ_OFF_ERROR`) as noise. The numbers are means over all of the paper's runs
 of a benchmark (4 held-out domains x the lr/wd grid x 3 seeds), each run's checkpoint chosen by
 training-domain validation, so compare them with our means over the same things
-(`vldlib.results.reference_comparison` does).
+(`vldlib.evaluate.tables.reference_comparison` does).
 
-Method names follow `vldlib.results.select` and `vldlib.soups`: "model" is plain fine-tuning (the
+Method names follow `vldlib.evaluate.selection.select` and `vldlib.evaluate.combine`: "model" is plain fine-tuning (the
 current weights, at the given dropout rate); "soup_uniform" and "ens_runs" are the uniform weight
 average and the logit ensemble across runs (1x head learning rate, no dropout).
 

@@ -1,0 +1,13 @@
+"""From run folders to conclusions: pure functions of the runs' records.
+
+- `scores.py`: run folders -> one tidy table; THE rule of which split is i.i.d./o.o.d. (the loop uses it too).
+- `selection.py`: one checkpoint per run (training-domain validation, oracle, last); mean ± se over seeds.
+- `tables.py`: DomainBed tables, the paper's numbers beside ours (`reference.py`), Markdown/LaTeX.
+- `plots.py`: figures, shown inline and saved as PNG.
+- `effects.py`: paired differences and THE effect sentence.
+- `convergence.py`: did every run plateau and fit its training data?
+- `combine.py`: across-run soups and logit ensembles (handed the loop's loaders).
+- `report.py`: `python -m vldlib report`, and the report notebook's helpers.
+
+This layer sits below the training loop: it never imports `vldlib.loop`.
+"""

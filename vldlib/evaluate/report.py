@@ -1,0 +1,211 @@
+"""`python -m vldlib report RUNS...`: load, select, tabulate and plot every run into one folder.
+
+Also the evaluate layer's front door: every step a report takes is importable from here
+(`from vldlib.evaluate import report as R; R.select(R.load_runs([...]))`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from vldlib.config import add_flag
+from vldlib.evaluate.plots import plot_conditions, plot_iid_vs_ood, plot_rate_curve, plot_training_curves
+from vldlib.evaluate.reference import READ_OFF_NOTE
+from vldlib.evaluate.scores import find_run_dirs, load_runs, per_step_scores, run_status, split_scores
+from vldlib.evaluate.selection import SELECTIONS, select, summarize
+from vldlib.evaluate.tables import (
+    benchmark_table,
+    domainbed_table,
+    format_cell,
+    reference_comparison,
+    to_latex,
+    to_markdown,
+)
+from vldlib.utils import atomic_path, write_text_atomic
+
+__all__ = ["EXTRA_ROW_KEYS", "SELECTIONS", "benchmark_table", "default_rows", "domainbed_table", "enrich", "experiment_of", "find_files",
+           "find_run_dirs", "format_cell", "load_runs", "paper_setting", "per_step_scores", "plot_conditions",
+           "plot_iid_vs_ood", "plot_rate_curve", "plot_training_curves", "reference_comparison", "report",
+           "run_status", "select", "split_scores", "start_of", "summarize", "to_latex", "to_markdown"]
+
+# config keys that change *what* is being compared; the report adds them to the rows if they vary
+EXTRA_ROW_KEYS = ("backbone", "pretrained", "weights_file", "head", "head_lr_mult", "train_stages", "freeze_bn",
+                  "steps", "resolution")
+
+
+
+
+def default_rows(selected: pd.DataFrame, base: Sequence[str] = ("method", "dropout"),
+                 extra: Sequence[str] = EXTRA_ROW_KEYS) -> list[str]:
+    """`base` plus the columns of `extra` that take several values, each once, so that e.g.
+    pretrained and from-scratch runs are never pooled into one table row by accident (and a column
+    named twice never breaks the table: "cannot insert head, already exists")."""
+    rows = [c for c in base if c in selected.columns]
+    for c in extra:
+        if c in selected.columns and c not in rows and selected[c].nunique(dropna=False) > 1:
+            rows.append(c)
+    return rows
+
+
+def report(paths: Sequence[str | Path], out: str | Path = "outputs/report", selection: str = "training_domain",
+           rows: Sequence[str] | None = None, include_unfinished: bool = False,
+           over: str | None = "seed") -> str:
+    """Load, select, tabulate and plot; write everything into `out`; return the Markdown text.
+
+    Files: results.csv (tidy, every evaluation), selected.csv (one row per run and method),
+    table.md / table.tex (per benchmark: o.o.d. and i.i.d. DomainBed tables, then the summary
+    across benchmarks and the comparison with the paper), ood_vs_iid.png, rate_curve.png.
+    Runs still training (neither done nor failed) are left out unless `include_unfinished`.
+    """
+    out = Path(out)
+    dirs = find_run_dirs(paths)  # once, so a path without runs is warned about once
+    status = run_status(dirs)
+    df = load_runs(dirs)
+    if df.empty:
+        raise ValueError(f"no evaluated runs under {', '.join(map(str, paths))}; train some first "
+                         f"(python -m vldlib train ...) or check the paths")
+    notes = []
+    if not include_unfinished:
+        running = df.loc[~df.done & ~df.failed, "run"].unique()
+        if len(running):
+            notes.append(f"{len(running)} run(s) still training were left out (--include-unfinished keeps them).")
+            df = df[~df.run.isin(running)]
+    if status.failed.any():
+        notes.append(f"{int(status.failed.sum())} run(s) failed: "
+                     + "; ".join(f"{Path(r.run).name}: {r.failure_reason}" for r in status[status.failed].itertuples()))
+    if df.empty:
+        raise ValueError("every run found is still training; pass --include-unfinished to report them anyway")
+    sel = select(df, selection)
+    rows = list(rows) if rows else default_rows(sel)
+    over_eff = over if over in sel.columns else None
+
+    md = [f"# Report ({selection.replace('_', '-')} selection)", "",
+          f"{sel.run.nunique()} runs; accuracy in %, mean ± standard error over "
+          f"{over_eff or 'runs'}; o.o.d. = held-out domain's 'in' split, i.i.d. = training domains' 'out' split.",
+          *[f"- {n}" for n in notes], ""]
+    tex = []
+    for b in sorted(sel.benchmark.dropna().unique()):
+        for metric, name in (("ood_acc", "o.o.d."), ("iid_acc", "i.i.d.")):
+            t = domainbed_table(sel, rows=rows, metric=metric, over=over_eff, benchmark=b)
+            md += [f"## {b}: {name} accuracy by held-out domain", "", to_markdown(t), ""]
+            tex += [f"% {b}: {name} accuracy by held-out domain", to_latex(t)]
+    summary = benchmark_table(sel, rows=rows, over=over_eff)
+    md += ["## o.o.d. accuracy per benchmark", "", to_markdown(summary), ""]
+    tex += ["% o.o.d. accuracy per benchmark", to_latex(summary)]
+    ref = reference_comparison(sel, over=over_eff)
+    if len(ref):
+        md += ["## Beside the paper", "", to_markdown(ref), "", READ_OFF_NOTE, ""]
+        tex += ["% beside the paper", to_latex(ref)]
+    text = "\n".join(md)
+
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "results.csv") as tmp:
+        df.to_csv(tmp, index=False)
+    with atomic_path(out / "selected.csv") as tmp:
+        sel.to_csv(tmp, index=False)
+    write_text_atomic(out / "table.md", text + "\n")
+    write_text_atomic(out / "table.tex", "\n".join(tex))
+    for name, fn in (("ood_vs_iid.png", lambda p: plot_iid_vs_ood(sel, path=p)),
+                     ("rate_curve.png", lambda p: plot_rate_curve(sel, path=p))):
+        if "dropout" in sel.columns:
+            plt.close(fn(out / name))
+    return text
+
+
+def register_cli(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "report", help="tables and figures from run directories",
+        description="Collect run directories, select one checkpoint per run, write results.csv, "
+                    "selected.csv, table.md, table.tex, ood_vs_iid.png and rate_curve.png, and print "
+                    "the Markdown tables (with the paper's numbers beside ours where they exist).")
+    p.add_argument("runs", nargs="+", help="run directories or folders containing them")
+    p.add_argument("--out", default="outputs/report", help="output folder (default: outputs/report)")
+    p.add_argument("--selection", default="training_domain", choices=SELECTIONS,
+                   help="checkpoint selection (default: training_domain, the paper's)")
+    p.add_argument("--rows", default=None,
+                   help="comma-separated columns that make table rows (default: method,dropout plus "
+                        "backbone/pretrained/head_lr_mult/... when they vary)")
+    p.add_argument("--over", default="seed", help="replicate column for standard errors (default: seed)")
+    add_flag(p, "--include-unfinished", help="also report runs still training")
+
+    def run(args: Any) -> int:
+        try:
+            text = report(args.runs, out=args.out, selection=args.selection,
+                          rows=args.rows.split(",") if args.rows else None,
+                          include_unfinished=args.include_unfinished, over=args.over)
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+            return 2  # the paths or columns given: bad usage
+        print(text)
+        print(f"\nwritten to {args.out}/", file=sys.stderr)
+        return 0
+
+    p.set_defaults(func=run)
+
+
+# --------------------------------------------------------------------------- the report notebook's helpers
+
+def start_of(row: Mapping[str, Any]) -> str:
+    """A readable starting-point label from a run's config columns (backbone, pretrained,
+    weights_file)."""
+    wf = row.get("weights_file")
+    if isinstance(wf, str) and wf:
+        stem = Path(wf).stem
+        return f"{row.get('backbone')}@{stem[stem.index('-noise') + 1:]}" if "-noise" in stem else f"{row.get('backbone')}@{stem}"
+    pre = row.get("pretrained", True)
+    return str(row.get("backbone")) + ("" if pre in (True, "True", "true", 1) or pd.isna(pre) else "@random")
+
+
+def _head_of(runs: pd.DataFrame, run: str) -> str:
+    """The run's head, "multiblock<k>" or "linear", from its config column (older runs: linear)."""
+    head = runs.loc[run, "head"] if "head" in runs.columns else None
+    return head if isinstance(head, str) and head else "linear"
+
+
+def experiment_of(run: str | os.PathLike, results_dir: str | os.PathLike) -> str:
+    """The first folder of `run` under `results_dir` (the notebook's or sweep's output folder)."""
+    try:
+        rel = Path(run).resolve().relative_to(Path(results_dir).resolve())
+    except ValueError:
+        return "other"
+    return rel.parts[0] if len(rel.parts) > 1 else "other"
+
+
+def enrich(df: pd.DataFrame, results_dir: str | os.PathLike) -> pd.DataFrame:
+    """Add the columns that keep experiments apart in a report: experiment (top folder), head
+    ("linear" or "multiblock<k>"), start (backbone, @random or @noise<scale>)."""
+    if df.empty:
+        return df.assign(experiment=[], head=[], start=[])
+    runs = df.drop_duplicates("run").set_index("run")
+    cols = [c for c in ("backbone", "pretrained", "weights_file") if c in runs.columns]
+    info = pd.DataFrame({
+        "experiment": [experiment_of(r, results_dir) for r in runs.index],
+        "head": [_head_of(runs, r) for r in runs.index],
+        "start": [start_of(runs.loc[r, cols].to_dict()) for r in runs.index]}, index=runs.index)
+    return df.drop(columns=[c for c in info.columns if c in df.columns]).merge(
+        info, left_on="run", right_index=True, how="left")
+
+
+def paper_setting(selected: pd.DataFrame) -> pd.DataFrame:
+    """Runs set up like the paper's reference numbers: pretrained (no noise), the plain linear
+    head, 1x head lr, every stage trained. (reference_comparison also filters pretrained and
+    head lr; this adds the head and the partial fine-tuning.)"""
+    keep = pd.Series(True, index=selected.index)
+    if "head" in selected:
+        keep &= selected["head"].fillna("linear") == "linear"
+    if "weights_file" in selected:
+        keep &= selected.weights_file.isna() | (selected.weights_file.astype(str).isin(["", "None"]))
+    if "train_stages" in selected:
+        keep &= selected.train_stages.isna() | selected.train_stages.astype(str).isin(["", "None", "nan"])
+    return selected[keep]
+
+
+def find_files(results_dir: str | os.PathLike, name: str) -> list[Path]:
+    """Every file called `name` under results_dir (e.g. the across_runs.csv of each notebook)."""
+    return sorted(Path(results_dir).rglob(name))

@@ -1,0 +1,253 @@
+"""Collect run directories into one tidy table, select checkpoints, tabulate, plot, report.
+
+A run directory (written by `vldlib.loop.train`) holds config.json, meta.json, records.jsonl (one
+"eval" record every 300 steps and at the last step, maybe a "failure" record) and `done`.
+Everything downstream (`select`, `tables`, `plots`, `report`) is a pure function of the tidy
+table that `load_runs` builds, so model selection is tested with records written by hand, the
+way DomainBed tests its own. This module also holds THE rule for which split measures what
+(`ood_split`, `split_scores`), used by the training loop, the tables and the soups alike.
+
+Accuracy conventions (DomainBed's, which the paper uses): each domain is split 80/20 into "in"
+and "out". For a run holding out env t,
+  - i.i.d. (validation) accuracy = mean over training envs i != t of `env{i}_out`;
+  - o.o.d. (test) accuracy       = `env{t}_in`, the test domain's 80% "in" part. (The "out" part
+    of the test domain is reserved for the oracle selection method; it is never used for
+    reporting, so o.o.d. numbers are comparable across selection methods.)
+With several test envs, both are means over the envs concerned.
+
+Example:
+    >>> df = load_runs(["outputs/runs"])                      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from vldlib.data import get_spec
+from vldlib.utils import read_json, read_jsonl
+
+METHODS = ("model", "wa", "ens")  # current weights, trajectory weight average, trajectory ensemble
+_KEY = re.compile(r"^env(\d+)_(in|out)$")
+
+# columns that vary within a run; everything else in the tidy table is constant per run
+ROW_COLS = ["method", "step", "env", "domain", "split", "is_test", "acc", "loss", "step_lr",
+            "train_acc", "step_time", "peak_mem_mb"]
+RUN_COLS = ["run", "benchmark", "test_env", "test_envs", "test_domain", "done", "failed", "failure_reason"]
+
+
+# --------------------------------------------------------------------------- the rule
+IID_SPLIT = "out"  # i.i.d. (validation) accuracy: the "out" split of every training domain
+
+
+def ood_split(benchmark: Any) -> str:
+    """Which split of a held-out domain measures o.o.d. accuracy: "in" (DomainBed's), or "out" for
+    benchmarks whose domains show the same objects (emoji): their "in" part was trained on in other
+    styles, so only the "out" part holds objects never seen. `benchmark` is a loaded benchmark, a
+    registered name, or a folder path (nothing known about shared objects: "in")."""
+    group_by_stem = getattr(benchmark, "group_by_stem", None)
+    if group_by_stem is None:
+        try:
+            group_by_stem = get_spec(str(benchmark)).group_by_stem
+        except KeyError:
+            group_by_stem = False
+    return "out" if group_by_stem else "in"
+
+
+def accuracies(outputs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    """{"env0_in": accuracy, ...} from {"env0_in": (logits, labels), ...} (NaN for an empty split)."""
+    return {k: float((logits.argmax(dim=1).cpu() == labels.cpu()).float().mean()) if len(labels) else float("nan")
+            for k, (logits, labels) in sorted(outputs.items())}
+
+
+# --------------------------------------------------------------------------- loading
+
+def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
+    """Run directories (folders holding records.jsonl) at or below each path, sorted, no duplicates.
+
+    >>> find_run_dirs(["outputs/runs"])   # doctest: +SKIP
+    [PosixPath('outputs/runs/PACS-3f2a...'), ...]
+    """
+    found: dict[Path, None] = {}
+    for p in paths:
+        p = Path(p)
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: no such file or directory; pass run directories or folders "
+                                    f"that contain them")
+        if p.is_file():
+            p = p.parent
+        if (p / "records.jsonl").exists():
+            found[p] = None
+            continue
+        sub = sorted(r.parent for r in p.rglob("records.jsonl"))
+        if not sub:
+            warnings.warn(f"{p}: no records.jsonl at or below it; skipped (not a run directory, or "
+                          f"no run has evaluated yet)", stacklevel=2)
+        found.update(dict.fromkeys(sub))
+    return sorted(found)
+
+
+
+
+def readable(value: Any) -> Any:
+    """Lists/dicts as short strings, so config columns stay hashable (groupby) and CSV-friendly."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+def _run_info(run: Path, config: dict, meta: dict, records: list[dict]) -> dict[str, Any] | None:
+    test_envs = meta.get("test_envs", config.get("test_envs"))
+    if test_envs is None:
+        warnings.warn(f"{run}: neither config.json nor meta.json names test_envs, so the held-out "
+                      f"domain is unknown; skipped", stacklevel=3)
+        return None
+    test_envs = [int(t) for t in (test_envs if isinstance(test_envs, (list, tuple)) else [test_envs])]
+    domains = list(meta.get("domains") or [])
+    failures = [r for r in records if r.get("type") == "failure"]
+    info: dict[str, Any] = {
+        "run": str(run),
+        "benchmark": meta.get("benchmark", config.get("benchmark")),
+        "test_env": test_envs[0] if len(test_envs) == 1 else pd.NA,
+        "test_envs": readable(test_envs),
+        "test_domain": ",".join(domains[t] if t < len(domains) else f"env{t}" for t in test_envs),
+        "done": (run / "done").exists(),
+        "failed": bool(failures),
+        "failure_reason": failures[-1].get("reason", "") if failures else "",
+        # which split of the held-out domain measures o.o.d. accuracy (see split_scores)
+        "ood_split": meta.get("ood_split", "in"),
+    }
+    for k, v in config.items():
+        if k in ("benchmark", "test_envs"):
+            continue
+        info[k if k not in info and k not in ROW_COLS else f"config_{k}"] = readable(v)
+    info["_domains"] = domains
+    info["_test_envs"] = set(test_envs)
+    return info
+
+
+def load_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
+    """The tidy long table: one row per (run, step, method, env, split), with `acc`.
+
+    `paths` are run directories or folders searched recursively for records.jsonl. Columns:
+    run, benchmark, test_env (int, NA when several), test_envs ("3" or "0,1"), test_domain,
+    method ("model" current weights, "wa" trajectory weight average, "ens" trajectory ensemble),
+    step, env, domain, split ("in"/"out"), is_test, acc, loss, step_lr (the learning rate at that
+    step; `lr` is the config's), train_acc, step_time, peak_mem_mb, done, failed, failure_reason,
+    then every config.json key (list values joined by commas; a key clashing with the columns
+    above becomes config_<key>). A truncated last line (killed writer) is ignored; runs without
+    any eval record are skipped with a warning.
+
+    >>> df = load_runs(["outputs/runs"])   # doctest: +SKIP
+    >>> df.query("method == 'model' and is_test and split == 'in'").groupby("run").acc.max()  # doctest: +SKIP
+    """
+    rows: list[tuple] = []
+    infos: list[dict[str, Any]] = []
+    for run in find_run_dirs(paths):
+        records = read_jsonl(run / "records.jsonl")
+        evals = [r for r in records if r.get("type", "eval") == "eval" and "acc" in r]
+        config, meta = read_json(run / "config.json"), read_json(run / "meta.json")
+        if not evals:
+            why = "it failed before its first evaluation" if any(r.get("type") == "failure" for r in records) \
+                else "no evaluation recorded yet"
+            warnings.warn(f"{run}: {why}; skipped", stacklevel=2)
+            continue
+        info = _run_info(run, config, meta, records)
+        if info is None:
+            continue
+        domains, test_envs = info.pop("_domains"), info.pop("_test_envs")
+        infos.append(info)
+        for r in evals:
+            for method, accs in r["acc"].items():
+                for key, acc in (accs or {}).items():
+                    m = _KEY.match(key)
+                    if m is None:
+                        continue  # e.g. a future extra metric; the tidy table is per split only
+                    env, split = int(m.group(1)), m.group(2)
+                    rows.append((info["run"], method, int(r["step"]), env,
+                                 domains[env] if env < len(domains) else f"env{env}", split,
+                                 env in test_envs, float(acc), r.get("loss", np.nan), r.get("lr", np.nan),
+                                 r.get("train_acc", np.nan), r.get("step_time", np.nan),
+                                 r.get("peak_mem_mb", np.nan)))
+    if not infos:
+        return pd.DataFrame(columns=["run", *ROW_COLS, *RUN_COLS[1:]])
+    long = pd.DataFrame(rows, columns=["run", *ROW_COLS])
+    runs = pd.DataFrame(infos)
+    df = long.merge(runs, on="run", how="left", validate="many_to_one")
+    df["test_env"] = df["test_env"].astype("Int64")
+    front = ["run", "benchmark", "test_env", "test_envs", "test_domain", *ROW_COLS,
+             "done", "failed", "failure_reason"]
+    return df[front + [c for c in df.columns if c not in front]].reset_index(drop=True)
+
+
+def run_status(paths: Iterable[str | Path]) -> pd.DataFrame:
+    """One row per run directory found: done, failed, reason, number of evaluations, last step.
+
+    Runs that `load_runs` skips (no evaluation yet, failed at once) still show up here, so a
+    report can say how many runs are missing.
+    """
+    out = []
+    for run in find_run_dirs(paths):
+        records = read_jsonl(run / "records.jsonl")
+        evals = [r for r in records if r.get("type", "eval") == "eval" and "acc" in r]
+        fails = [r for r in records if r.get("type") == "failure"]
+        out.append({"run": str(run), "done": (run / "done").exists(), "failed": bool(fails),
+                    "failure_reason": fails[-1].get("reason", "") if fails else "",
+                    "n_evals": len(evals), "last_step": max((r["step"] for r in evals), default=None)})
+    return pd.DataFrame(out, columns=["run", "done", "failed", "failure_reason", "n_evals", "last_step"])
+
+
+def split_scores(acc: dict[str, float], test_envs: Iterable[int], ood_split: str = "in") -> dict[str, float]:
+    """iid_acc, ood_acc and oracle_acc (test-domain "out") from one `{"env0_in": ..}` dict.
+
+    `ood_split` is "in" (DomainBed's convention) except for benchmarks whose domains show the
+    same objects (emoji): there the held-out domain's "in" part holds objects trained on in other
+    styles, so o.o.d. is measured on its "out" part (objects never trained on), and the oracle on
+    the "in" part. The run's meta.json says which.
+
+    >>> split_scores({"env0_in": .9, "env0_out": .8, "env1_in": .5, "env1_out": .4}, [1])
+    {'iid_acc': 0.8, 'ood_acc': 0.5, 'oracle_acc': 0.4}
+    """
+    test_envs = set(int(t) for t in test_envs)
+    parts: dict[str, list[float]] = {"iid_acc": [], "ood_acc": [], "oracle_acc": []}
+    for key, a in acc.items():
+        m = _KEY.match(key)
+        if m is None:
+            continue
+        env, split = int(m.group(1)), m.group(2)
+        if env in test_envs:
+            parts["ood_acc" if split == ood_split else "oracle_acc"].append(float(a))
+        elif split == IID_SPLIT:
+            parts["iid_acc"].append(float(a))
+    return {k: float(np.mean(v)) if v else float("nan") for k, v in parts.items()}
+
+
+def per_step_scores(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (run, method, step): iid_acc, ood_acc, oracle_acc (see the module docstring)."""
+    keys = ["run", "method", "step"]
+    parts = {
+        "iid_acc": df[~df.is_test & (df.split == IID_SPLIT)],
+        "ood_acc": df[df.is_test & (df.split == df.ood_split)],
+        "oracle_acc": df[df.is_test & (df.split != df.ood_split)],
+    }
+    scores = pd.concat({k: v.groupby(keys).acc.mean() for k, v in parts.items()}, axis=1)
+    extra = df.groupby(keys)[["loss", "train_acc"]].first()
+    return scores.join(extra).reset_index()
+
+
+
+
+def validation_score(acc: dict[str, float], train_envs: list[int]) -> float:
+    """Training-domain validation (the paper's model selection): the i.i.d. accuracy of
+    `split_scores` over the training domains, as the loop scores each evaluation."""
+    held_out = {int(k[3:].split("_")[0]) for k in acc if _KEY.match(k)} - set(train_envs)
+    return split_scores(acc, held_out)["iid_acc"]

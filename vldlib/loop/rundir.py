@@ -1,0 +1,124 @@
+"""A run's folder: its name, its lock, its checkpoints, and the errors that say how to recover.
+
+Run directory: config.json, meta.json, records.jsonl (append-only), best.pt, last.pt, done.
+Every write is atomic (`vldlib.utils.atomic_path`) or an fsynced append, so a killed run leaves
+either the old file or the new one; `writing` turns a failed write into an error naming the file,
+the free space and the fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import pickle
+import platform
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from vldlib.config import TrainConfig
+from vldlib.utils import atomic_path, config_hash
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; a failure record was written."""
+
+
+class RunOutputError(RuntimeError):
+    """Writing into the run directory failed: disk full, read-only, a file where a folder should be."""
+
+
+def _free_space(path: Path) -> str:
+    """' (N MB free on that disk)': torch reports a full disk as a cryptic C++ error; this says it plainly."""
+    try:
+        existing = next(p for p in [path, *path.parents] if p.is_dir())
+        return f" ({shutil.disk_usage(existing).free / 2**20:.0f} MB free on that disk)"
+    except (OSError, StopIteration):
+        return ""
+
+
+@contextlib.contextmanager
+def writing(path: Path, *also: type[Exception]) -> Iterator[None]:
+    """Turn an OSError (or `also`) while writing `path` into a RunOutputError that names it and
+    the fix. Every write is atomic or an fsynced append, so what the run saved before is intact
+    and the same command resumes once the cause is gone."""
+    try:
+        yield
+    except RunOutputError:
+        raise
+    except (OSError, *also) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+        raise RunOutputError(f"cannot write {path}: {reason}{_free_space(path)}. Free disk space, or choose a "
+                             f"writable --out (a folder, not a file); the records and checkpoints saved before are intact: "
+                             f"run the same command again to resume.") from e
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on RUN_DIR/.lock while training; yield whether another process held it
+    first (then that process has finished or died, and the run's files must be read again).
+
+    `fcntl.flock`: the kernel releases it when its holder exits, even by kill -9, so a stale lock
+    never blocks a resume.
+    """
+    path = run_dir / ".lock"
+    with writing(path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    waited = False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a process"
+            print(f"[vldlib] {run_dir} is being trained by {holder}; waiting for it to finish", flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            waited = True
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"PID {os.getpid()} on {platform.node()}".encode(), 0)
+        yield waited
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def run_dir_for(cfg: TrainConfig) -> Path:
+    """outputs/runs/<benchmark>-te<t>-p<dropout>-lr<lr>-s<seed>-<hash of every result-changing knob>."""
+    if cfg.run_name:
+        return Path(cfg.out) / cfg.run_name
+    bench = Path(cfg.benchmark).name if os.sep in cfg.benchmark else cfg.benchmark
+    te = "+".join(map(str, cfg.test_envs))
+    head = "" if cfg.head == "linear" else f"-{cfg.head}"
+    name = f"{bench}-te{te}-p{cfg.dropout:g}-lr{cfg.lr:g}-s{cfg.seed}{head}-{config_hash(cfg.identity())}"
+    return Path(cfg.out) / name
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    # torch.save reports a failed write (disk full) as a RuntimeError from its C++ writer
+    with writing(path, RuntimeError), atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint as plain tensors and values: `weights_only=True` refuses pickles that run code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RuntimeError(f"{path}: refused: it is a pickle that needs code to load ({first}). vldlib "
+                           f"checkpoints hold only tensors and plain values, so this file was not written by "
+                           f"vldlib or was altered; delete it to restart the run from scratch.") from None
+    except Exception as e:
+        raise RuntimeError(f"{path}: cannot load checkpoint ({type(e).__name__}: {e}). It is not a vldlib "
+                           f"checkpoint or it is damaged; delete it to restart the run from scratch.") from e
+
+
+def ends_with_newline(path: Path) -> bool:
+    """False when the last line of `path` was cut by a kill (read_jsonl ignores such a line)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return True
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"

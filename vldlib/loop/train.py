@@ -1,0 +1,270 @@
+"""The fine-tuning loop: one config, one function, read top to bottom.
+
+`train(cfg) -> run_dir` runs the paper's protocol (shared/paper.md) for one held-out domain:
+3 training domains, batch 32 each, SGD with momentum, weight decay on every parameter, lr x0.1
+at half-time, evaluation every 300 steps on the in/out split of every domain, the best
+checkpoint by training-domain validation, and, in the same run, the uniform weight average along
+the trajectory and the logit ensemble of the evaluated checkpoints.
+
+    python -m vldlib train --benchmark PACS --data-dir data --test-envs 0 --dropout 0.9
+
+The same loop serves the CPU demo: `train_stages`, `resolution` and `cache_trunk` make it small
+(train the last stages on cached outputs of the frozen ones), never a second loop.
+
+What the loop reads (batches, cached trunk outputs, predictions) is `vldlib.loop.batches`; its
+folder, lock and checkpoints `vldlib.loop.rundir`; the weight average `vldlib.loop.averaging`; the
+dropout `vldlib.model.head`; the config `vldlib.config.TrainConfig`. A killed run restarts from last.pt and writes the same records as an uninterrupted one: every
+random draw (batch order, augmentation, dropout) is a function of (seed, step), not of history.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: F401  (the step calls F.cross_entropy; tests patch it here)
+from tqdm.auto import tqdm
+
+from vldlib import config as config_io
+from vldlib.config import TrainConfig
+from vldlib.data import load_benchmark
+from vldlib.data.splits import out_files
+from vldlib.evaluate.scores import accuracies, ood_split, validation_score
+from vldlib.loop.averaging import AveragedTrainable  # noqa: F401  (tests import it from here)
+from vldlib.loop.batches import make_data, predict_all, train_batches, trunk_features
+from vldlib.loop.device import peak_memory_mb, resolve_device
+from vldlib.loop.rundir import (  # noqa: F401
+    RunOutputError,
+    TrainingDiverged,
+    ends_with_newline,
+    load_checkpoint,
+    run_dir_for,
+    run_lock,
+    save_checkpoint,
+    writing,
+)
+from vldlib.loop.step import TrainStep
+from vldlib.model import FineTuneNet, build_net, create_model, data_config, weights_fingerprint
+from vldlib.utils import append_jsonl, read_jsonl, seed_hash, write_json_atomic, write_text_atomic
+
+
+def first_non_finite(losses: list[torch.Tensor]) -> int | None:
+    """Index of the first NaN/inf among recent losses (one device sync for all of them)."""
+    bad = (~torch.isfinite(torch.stack(losses))).nonzero()
+    return int(bad[0]) if len(bad) else None
+
+
+
+def build_run_net(cfg: TrainConfig, num_classes: int, device: torch.device) -> tuple[FineTuneNet, dict, str]:
+    """The network a run starts from, its input normalisation, and the fingerprint of its start.
+
+    Seeded, so every run (and `vldlib.tools.bench`, which times this same network) starts alike.
+    """
+    torch.manual_seed(seed_hash(cfg.seed, "init"))
+    model = create_model(cfg.backbone, num_classes, pretrained=cfg.pretrained, dropout=cfg.dropout,
+                         weights_file=cfg.weights_file)
+    # Soups need a shared start: fingerprint everything but the (seeded) classifier, since
+    # averaging linear heads on shared features equals averaging their logits.
+    init_fingerprint = weights_fingerprint(model, exclude=model.get_classifier())
+    net = build_net(model, cfg.head, cfg.train_stages, cfg.freeze_bn).to(device)
+    if cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return net, data_config(model), init_fingerprint
+
+
+def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> Path:
+    """Run (or resume, or skip if finished) one fine-tuning run; returns its directory.
+
+    `should_stop` (e.g. a threading.Event's is_set) is asked before each step; when it says yes the
+    run returns unfinished, resumable from its last checkpoint (the explorer's stop button)."""
+    cfg.validate()
+    run_dir = run_dir_for(cfg)
+    if (run_dir / "done").exists():
+        print(f"[vldlib] already finished: {run_dir} (delete its 'done' file to run it again)")
+        return run_dir
+    records_path = run_dir / "records.jsonl"
+    old = read_jsonl(records_path)
+    if old and old[-1].get("type") == "failure":
+        raise TrainingDiverged(f"{run_dir} failed earlier at step {old[-1]['step']}: {old[-1]['reason']} "
+                               f"Delete the folder to retry, or change the config (e.g. a lower --lr).")
+    device = resolve_device(cfg.device)
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    if device.type == "cuda" and cfg.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+
+    # --- model: pretrained backbone, dropout on the penultimate features, frozen BN
+    bench = load_benchmark(cfg.benchmark, cfg.data_dir, skip_bad=cfg.skip_bad, progress=cfg.progress)
+    net, norm, init_fingerprint = build_run_net(cfg, len(bench.classes), device)
+
+    # --- data: per-domain training sets and every eval split (optionally as cached trunk outputs)
+    data = make_data(cfg, bench, norm["mean"], norm["std"])
+    held_out_split = ood_split(bench)  # which part of a held-out domain measures o.o.d. accuracy
+    features = trunk_features(net, data, cfg, device) if cfg.cache_trunk else None
+    forward = net.tail if features is not None else net
+    # compiled for training only: evaluation (eval mode) would compile a second graph for little gain
+    train_forward = torch.compile(forward, dynamic=False) if cfg.compile else forward
+
+    # --- optimiser (SGD, momentum, weight decay on every parameter, step decay) and weight average
+    sgd = TrainStep(net, cfg, train_forward)
+    optimizer, scheduler, averaged = sgd.optimizer, sgd.scheduler, sgd.averaged
+    ensemble_logits: dict[str, torch.Tensor] = {}
+    best_score, start = -1.0, 0
+
+    # --- one process per run: a second one (two notebooks sharing runs) waits here, then
+    # finds the run done, or resumes it from where the first stopped
+    with writing(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(run_dir) as waited:
+        if waited and (run_dir / "done").exists():
+            print(f"[vldlib] finished meanwhile by another process: {run_dir}")
+            return run_dir
+        old = read_jsonl(records_path) if waited else old
+        for orphan in run_dir.glob(".*.tmp"):  # half-written by a killed process (atomic_path); ours now
+            orphan.unlink(missing_ok=True)
+        if waited and old and old[-1].get("type") == "failure":
+            raise TrainingDiverged(f"{run_dir} failed in another process at step {old[-1]['step']}: "
+                                   f"{old[-1]['reason']} Delete the folder to retry, or change the config.")
+
+        # --- resume from the last checkpoint; drop records written after it
+        if (run_dir / "last.pt").exists():
+            ckpt = load_checkpoint(run_dir / "last.pt")
+            net.model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            averaged.load_state_dict(ckpt["averaged"])
+            ensemble_logits, best_score, start = ckpt["ensemble_logits"], ckpt["best_score"], ckpt["step"]
+            kept = [r for r in old if r.get("step", 0) <= start]
+            # Also rewrite when a kill left half a line: the next append would be glued to it.
+            if len(kept) != len(old) or not ends_with_newline(records_path):
+                with writing(records_path):
+                    write_text_atomic(records_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+            print(f"[vldlib] resuming {run_dir} from step {start}")
+        elif records_path.exists():  # records (or half a line) but no checkpoint: killed before the first one
+            records_path.unlink()
+        with writing(run_dir / "config.json"):
+            write_json_atomic(run_dir / "config.json", asdict(cfg))
+        with writing(run_dir / "meta.json"):
+            write_json_atomic(run_dir / "meta.json", {
+                "benchmark": bench.name, "domains": data.domains, "classes": data.classes, "test_envs": cfg.test_envs,
+                "train_envs": data.train_envs, "ood_split": held_out_split,
+                "split_sizes": {k: len(v) for k, v in data.evals.items()},
+                "out_files": out_files(bench, cfg.trial_seed, cfg.holdout),  # check the split against DomainBed's
+                "init_fingerprint": init_fingerprint, "device": str(device), "python": platform.python_version(),
+                "torch": torch.__version__, "num_params": sum(p.numel() for p in net.parameters()),
+                "trainable_params": sum(p.numel() for p in net.parameters() if p.requires_grad)})
+
+        bar = tqdm(total=cfg.steps, initial=start, desc=run_dir.name, disable=not cfg.progress, dynamic_ncols=True)
+        # Running sums stay on the device: reading a GPU value each step would stall the pipeline.
+        # For the same reason the finiteness check reads the recent losses in batches on a GPU.
+        check_every = 1 if device.type == "cpu" else 25
+        zero = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
+        loss_sum, correct, seen, recent = zero(), zero(), 0, []
+        t_interval, last_eval = time.perf_counter(), start
+        net.train()
+        for step, batch in enumerate(train_batches(data, cfg, start, device, features), start=start):
+            if should_stop is not None and should_stop():  # stopped by the caller: resumes from last.pt
+                bar.close()
+                return run_dir
+            # one SGD step on the concatenated per-domain batches; every random draw seeded by the step
+            loss, logits, y = sgd.loss(step, batch)
+            recent.append(loss.detach())
+            at_eval = (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps
+            bad = first_non_finite(recent) if len(recent) >= check_every or at_eval else None
+            if bad is not None:
+                bad_step, bad_loss = step - len(recent) + 1 + bad, recent[bad].item()
+                reason = f"non-finite loss ({bad_loss}) at step {bad_step}; lr {cfg.lr} is probably too high."
+                with writing(records_path):
+                    append_jsonl(records_path, {"type": "failure", "step": bad_step, "reason": reason})
+                bar.close()
+                raise TrainingDiverged(f"{run_dir}: {reason} A failure record was written.")
+            done_steps = step + 1
+            sgd.update(loss, done_steps)
+            if len(recent) >= check_every or at_eval:
+                recent.clear()
+            loss_sum += loss.detach()
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += len(y)
+            bar.update(1)
+
+            if done_steps % cfg.eval_every and done_steps != cfg.steps:
+                continue
+            # --- evaluate the current weights, the weight average and the logit ensemble
+            n_interval = done_steps - last_eval
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the queued steps belong to this interval's time
+            step_time = (time.perf_counter() - t_interval) / max(1, n_interval)
+            net.eval()
+            preds = predict_all(forward, data.evals, cfg, device, features)
+            acc = {"model": accuracies(preds)}
+            if done_steps >= cfg.average_from:
+                averaged.eval()
+                wa_forward = averaged.module.tail if features is not None else averaged.module
+                acc["wa"] = accuracies(predict_all(wa_forward, data.evals, cfg, device, features))
+                for k, (lg, y_k) in preds.items():
+                    ensemble_logits[k] = ensemble_logits.get(k, torch.zeros_like(lg)) + lg
+                acc["ens"] = accuracies({k: (ensemble_logits[k], preds[k][1]) for k in preds})
+            net.train()
+            record = {"type": "eval", "step": done_steps, "loss": loss_sum.item() / max(1, n_interval),
+                      "lr": optimizer.param_groups[-1]["lr"] / cfg.head_lr_mult,
+                      "train_acc": correct.item() / max(1, seen),
+                      "step_time": step_time, "peak_mem_mb": peak_memory_mb(device), "acc": acc}
+            score = validation_score(acc["model"], data.train_envs)
+            if score > best_score:
+                best_score = score
+                save_checkpoint(run_dir / "best.pt", {"model": net.model.state_dict(), "step": done_steps,
+                                                      "config": asdict(cfg), "score": score})
+            with writing(records_path):
+                append_jsonl(records_path, record)
+            save_checkpoint(run_dir / "last.pt", {
+                "model": net.model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "averaged": averaged.state_dict(),
+                "ensemble_logits": ensemble_logits, "best_score": best_score, "step": done_steps,
+                "config": asdict(cfg)})
+            bar.set_postfix(loss=f"{record['loss']:.3f}", val=f"{score:.3f}",
+                            test=f"{np.mean([acc['model'][f'env{t}_{held_out_split}'] for t in cfg.test_envs]):.3f}")
+            loss_sum, correct, seen, t_interval, last_eval = zero(), zero(), 0, time.perf_counter(), done_steps
+        bar.close()
+        if not cfg.keep_last:
+            (run_dir / "last.pt").unlink(missing_ok=True)
+        with writing(run_dir / "done"):
+            write_text_atomic(run_dir / "done", time.strftime("%Y-%m-%d %H:%M:%S\n"))
+        return run_dir
+
+
+# ----------------------------------------------------------------------------- reuse of finished runs
+def load_run_model(run_dir: str | os.PathLike, which: str = "best") -> tuple[FineTuneNet, dict]:
+    """The network of a run at its best (training-domain validation) or last checkpoint."""
+    run_dir = Path(run_dir)
+    cfg = config_io.load_file(TrainConfig, run_dir / "config.json")
+    meta = json.loads((run_dir / "meta.json").read_text())
+    model = create_model(cfg.backbone, len(meta["classes"]), pretrained=False, dropout=cfg.dropout)
+    net = build_net(model, cfg.head, cfg.train_stages, cfg.freeze_bn)
+    net.model.load_state_dict(load_checkpoint(run_dir / f"{which}.pt")["model"])
+    net.eval()
+    return net, asdict(cfg)
+
+
+def evaluate_logits(net: FineTuneNet, cfg: dict | TrainConfig, device: str = "auto"
+                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Logits and labels of every (domain, split) of the run's benchmark, for soups and ensembles."""
+    if isinstance(cfg, dict):
+        cfg = config_io.from_dict(TrainConfig, cfg)
+    dev = resolve_device(device)
+    norm = data_config(net.model)
+    bench = load_benchmark(cfg.benchmark, cfg.data_dir, skip_bad=cfg.skip_bad, progress=False)
+    data = make_data(cfg, bench, norm["mean"], norm["std"])
+    net = net.to(dev).eval()
+    if cfg.cache_trunk:
+        features = trunk_features(net, data, cfg, dev)
+        return predict_all(net.tail, data.evals, cfg, dev, features)
+    return predict_all(net, data.evals, cfg, dev)

