@@ -196,8 +196,8 @@ OBJECT_STYLES = register_benchmark(BenchmarkSpec(
     builder=_build_objectstyles,
     group_by_object=True,  # an emoji's renderings by several vendors stay on one side of the split
     description="Offline, PACS-shaped: animals, food, plants, tools, vehicles ... as clipart (Debian "
-                "openclipart-png), line art (Noto Emoji font + Fluent Emoji High Contrast), photographs "
-                "(Debian tuxpaint-stamps-default) and 3D / colour-cartoon emoji (npm @lobehub/fluent-emoji-3d "
-                "+ Twemoji); no object in two domains. Built from registry packages by "
+                "openclipart-png), line art (Noto Emoji font, Fluent Emoji High Contrast, EmojiOne monotone), "
+                "photographs (Debian tuxpaint-stamps-default) and 3D / colour-cartoon emoji (npm "
+                "@lobehub/fluent-emoji-3d, Noto colour, Twemoji); no object in two domains. Built from registry packages by "
                 "`python -m vldlib data build ObjectStyles`.",
 ))

