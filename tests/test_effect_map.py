@@ -97,6 +97,7 @@ def test_effect_map_notebook_conclusion_agrees_with_its_table(fake_benchmark, tm
     selected = pd.read_csv(out / "selected.csv")
     gains = pd.read_csv(out / "gains.csv")
     assert len(gains) == 4  # 2 backbones x 2 depths
+    assert set(selected.lr) == {0.05} and set(selected.steps) == {4}  # the notebook's own hyperparameters
     summary = (out / "summary.md").read_text()
     for r in gains.itertuples():  # every verdict recomputed from the selected checkpoints by hand
         g = selected[(selected.method == "model") & (selected.backbone == r.backbone)

@@ -54,3 +54,15 @@ def test_notebook_parameters_mirror_the_quickstart_defaults():
 
     declared = {k: ast.literal_eval(v["default"]) for k, v in pm.inspect_notebook(str(notebook_path())).items()}
     assert declared == DEFAULTS
+
+
+def test_gpu_parameter_file_runs_the_same_study_fully_fine_tuned(tmp_path):
+    from vldlib.experiments.quickstart import DEFAULTS, read_params_file
+
+    gpu = read_params_file("notebooks/00_quickstart.gpu.yaml")
+    assert gpu["benchmark"] == DEFAULTS["benchmark"] and gpu["train_stages"] is None and gpu["augment"] is True
+    assert not isinstance(gpu["steps"], dict)  # one budget for every rate
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stepz: 3\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: unknown parameters \['stepz'\]"):
+        read_params_file(bad)

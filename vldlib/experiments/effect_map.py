@@ -40,16 +40,17 @@ def depth_key(depth: Any) -> int:
 
 
 def configs(base: TrainConfig, backbones: Sequence[str], depths: Sequence[int | None], rates: Sequence[float],
-            test_envs: Sequence[list[int]], seeds: Sequence[int], steps: int) -> list[TrainConfig]:
+            test_envs: Sequence[list[int]], steps: int, **replicates: Sequence[Any]) -> list[TrainConfig]:
     """Every run of the map, the cheapest first (head only, then deeper), each backbone in turn,
-    so that an interrupted map has its shallow end complete. One step budget for every cell."""
+    so that an interrupted map has its shallow end complete. One step budget for every cell;
+    `replicates` are the other axes (the notebook's `nb.hparams()`: lr, weight_decay, seed)."""
     out = []
     for depth in sorted(depths, key=depth_key):
         for backbone in backbones:
             # the frozen trunk's outputs are cached only when something is frozen
             cell = dataclasses.replace(base, backbone=backbone, train_stages=depth, steps=int(steps),
                                        cache_trunk=base.cache_trunk and depth is not None)
-            out += grid(cell, test_envs=list(test_envs), dropout=list(rates), seed=list(seeds))
+            out += grid(cell, test_envs=list(test_envs), dropout=list(rates), **replicates)
     return out
 
 
@@ -57,11 +58,17 @@ def _depth_col(selected: pd.DataFrame) -> pd.Series:
     return selected["train_stages"].map(lambda d: ALL if d is None or pd.isna(d) else int(d))
 
 
+def with_depth(df: pd.DataFrame) -> pd.DataFrame:
+    """`df` with a `depth` column: train_stages, "all stages" (None) as `ALL`, so that grouping
+    never drops the full fine-tuning cell (pandas drops missing keys)."""
+    return df.assign(depth=_depth_col(df))
+
+
 def gain_table(selected: pd.DataFrame, a: float = 0.0, b: float = 0.9, method: str = "model") -> pd.DataFrame:
     """One row per (backbone, depth): o.o.d. accuracy at a and b, the paired gain b - a ± SE (points,
     by seed over the held-out domains), n, the smallest detectable effect (2 SE), the verdict
     ("improvement", "none", "loss") and its sentence."""
-    sel = selected.assign(depth=_depth_col(selected))
+    sel = with_depth(selected)
     rows = []
     for (backbone, depth), g in sel.groupby(["backbone", "depth"], sort=True):
         eff = domain_averaged_effect(g, a=a, b=b, method=method)
@@ -78,7 +85,7 @@ def gain_table(selected: pd.DataFrame, a: float = 0.0, b: float = 0.9, method: s
 def accuracy_table(selected: pd.DataFrame, method: str = "model", metric: str = "ood_acc") -> pd.DataFrame:
     """Per (backbone, depth, rate): mean ± se over seeds of the accuracy averaged over held-out
     domains (points)."""
-    sel = selected[selected["method"] == method].assign(depth=_depth_col(selected))
+    sel = with_depth(selected[selected["method"] == method])
     per_seed = sel.groupby(["backbone", "depth", "dropout", "seed"])[metric].mean().reset_index()
     g = per_seed.groupby(["backbone", "depth", "dropout"])[metric]
     out = pd.DataFrame({"mean": 100 * g.mean(), "se": 100 * g.sem(), "n": g.count()}).reset_index()
