@@ -151,7 +151,7 @@ def spectrum_text(gains: pd.DataFrame, a: float = 0.0, b: float = 0.9) -> str:
                           ("none", "no detectable effect (within 2 SE of zero)")):
         found = cells(verdict)
         if found:
-            parts.append(f"{what.capitalize()} at: {found}.")
+            parts.append(f"{what[0].upper()}{what[1:]} at: {found}.")
     n_imp = int((gains.verdict == "improvement").sum())
     head = (f"The effect appears in {n_imp} of {len(gains)} cells of the map." if n_imp else
             f"The effect appears in none of the {len(gains)} cells of the map.")

@@ -41,7 +41,7 @@ DEFAULTS = {
     "augment": False,
     "dropout_rates": [0.0, 0.9],
     "test_envs": None,
-    "seeds": [0, 1, 2, 3, 4],
+    "seeds": [0, 1, 2, 3, 4, 5],
     "steps": 300,
     "lr": 0.02,
     "weight_decay": 1e-4,
