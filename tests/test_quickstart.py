@@ -3,22 +3,44 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from vldlib.experiments.quickstart import run_quickstart
 
 
 def test_quickstart_notebook_writes_tables_figures_and_a_computed_summary(fake_benchmark, tmp_path):
     out = run_quickstart({"benchmark": str(fake_benchmark), "backbone": "test_resnet", "pretrained": False,
-                          "resolution": 32, "train_stages": 1, "steps": {0.0: 4, 0.9: 6}, "eval_every": 2,
-                          "batch_size": 4, "seeds": [0, 1], "test_envs": [0], "lr": 0.05},
+                          "resolution": 32, "train_stages": 1, "steps": 4, "eval_every": 2,
+                          "batch_size": 4, "seeds": [0, 1, 2], "test_envs": [0, 1], "lr": 0.05},
                          output_dir=str(tmp_path / "qs"), log_output=False)
     for name in ("00_quickstart.ipynb", "results.csv", "selected.csv", "table.csv", "ood_vs_iid.png",
-                 "curves.png", "domains.png", "summary.md"):
+                 "curves.png", "domains.png", "summary.md", "floors.csv", "design.csv", "power.csv"):
         assert (out / name).exists(), name
     selected = pd.read_csv(out / "selected.csv")
-    assert list(selected.groupby("dropout").last_step.max()) == [4, 6]  # each rate its own steps
+    assert list(selected.groupby("dropout").last_step.max()) == [4, 4]  # the same budget for every rate
     summary = (out / "summary.md").read_text()
-    assert "paired difference" in summary and "n=2 pairs" in summary
+    assert "paired difference" in summary and "n=3 pairs on seed, each the mean over 2 held-out domains" in summary
+    # the design line, recomputed by hand: each seed's o.o.d. accuracy averaged over the held-out
+    # domains, then 0.9 minus 0 seed by seed
+    model = selected[selected.method == "model"]
+    per = model.groupby(["seed", "dropout"]).ood_acc.mean().unstack()
+    d = per[0.9] - per[0.0]
+    design = pd.read_csv(out / "design.csv").iloc[0]
+    assert design.n_seeds == 3 and design.held_out_domains == 2
+    assert design.difference_points == pytest.approx(100 * d.mean())
+    assert design.se_points == pytest.approx(100 * d.std(ddof=1) / 3 ** 0.5)
+    assert f"Paired SE {design.se_points:.2f} points" in summary
+    # the floors are in the table
+    table = pd.read_csv(out / "table.csv")
+    assert {"chance", "majority class"} <= set(table.method)
+
+
+def test_quickstart_refuses_unequal_budgets(fake_benchmark, tmp_path):
+    import papermill as pm
+
+    with pytest.raises(pm.PapermillExecutionError, match="same budget"):
+        run_quickstart({"benchmark": str(fake_benchmark), "backbone": "test_resnet", "pretrained": False,
+                        "steps": {0.0: 4, 0.9: 6}}, output_dir=str(tmp_path / "qs"), log_output=False)
 
 
 def test_notebook_parameters_mirror_the_quickstart_defaults():
@@ -32,3 +54,15 @@ def test_notebook_parameters_mirror_the_quickstart_defaults():
 
     declared = {k: ast.literal_eval(v["default"]) for k, v in pm.inspect_notebook(str(notebook_path())).items()}
     assert declared == DEFAULTS
+
+
+def test_gpu_parameter_file_runs_the_same_study_fully_fine_tuned(tmp_path):
+    from vldlib.experiments.quickstart import DEFAULTS, read_params_file
+
+    gpu = read_params_file("notebooks/00_quickstart.gpu.yaml")
+    assert gpu["benchmark"] == DEFAULTS["benchmark"] and gpu["train_stages"] is None and gpu["augment"] is True
+    assert not isinstance(gpu["steps"], dict)  # one budget for every rate
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stepz: 3\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: unknown parameters \['stepz'\]"):
+        read_params_file(bad)

@@ -1,7 +1,8 @@
 """`python -m vldlib quickstart`: the project's main job, offline, on a CPU.
 
 Executes `notebooks/00_quickstart.ipynb` with papermill (defaults, or `--param key=value`
-overrides, or `--paper` for the paper's own configuration on a GPU), writes the executed notebook,
+overrides, `--config notebooks/00_quickstart.gpu.yaml` for the same study fully fine-tuned on a
+GPU, or `--paper` for the paper's own configuration), writes the executed notebook,
 tidy CSVs, figures and `summary.md` to `outputs/quickstart/`, and prints the summary.
 Finished runs are kept, so an interrupted quickstart resumes where it stopped.
 """
@@ -29,7 +30,7 @@ PAPER_PARAMS = "notebooks/00_quickstart.paper.yaml"
 # values there), and tests/test_quickstart.py checks that both agree; the bench times
 # `quickstart_config()`, built from these.
 DEFAULTS = {
-    "benchmark": "emoji",
+    "benchmark": "ObjectStyles",
     "data_dir": "data",
     "output_dir": "outputs/quickstart",
     "backbone": "efficientnet_lite0.offline",
@@ -40,13 +41,14 @@ DEFAULTS = {
     "augment": False,
     "dropout_rates": [0.0, 0.9],
     "test_envs": None,
-    "seeds": [0, 1, 2],
-    "steps": {0.0: 600, 0.9: 1200},
-    "lr": 0.01,
+    "seeds": [0, 1, 2, 3, 4, 5],
+    "steps": 300,
+    "lr": 0.02,
     "weight_decay": 1e-4,
     "batch_size": 32,
-    "eval_every": 100,
+    "eval_every": 50,
     "selection": "training_domain",
+    "target_se": 0.007,
     "device": "auto",
     "num_threads": 1,
 }
@@ -96,10 +98,30 @@ class _CellLog(logging.Handler):
         print(msg, flush=True)
 
 
+def read_params_file(path: str | Path) -> dict:
+    """A YAML file of notebook parameters (`00_quickstart.gpu.yaml`); errors name the file."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except OSError as e:
+        raise ValueError(f"--config {p}: cannot read it ({e.strerror or e}); check the path.") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"--config {p}: not valid YAML ({' '.join(str(e).split())}); fix the file.") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {p}: expected a mapping of parameter: value, got {type(data).__name__}.")
+    unknown = sorted(set(data) - set(DEFAULTS) - {"runs_dir"})
+    if unknown:
+        raise ValueError(f"--config {p}: unknown parameters {unknown}; the notebook's are {sorted(DEFAULTS)}.")
+    return data
+
+
 def run_quickstart(params: dict | None = None, *, paper: bool = False, output_dir: str | None = None,
-                   log_output: bool = True) -> Path:
-    """Execute the quickstart notebook; return the output folder."""
+                   log_output: bool = True, config: str | Path | None = None) -> Path:
+    """Execute the quickstart notebook; return the output folder. `config`: a YAML file of
+    parameters (e.g. notebooks/00_quickstart.gpu.yaml), under `params`."""
     params = dict(params or {})
+    if config is not None:
+        params = {**read_params_file(config), **params}
     if paper:
         params = {**yaml.safe_load(notebook_path(PAPER_PARAMS).read_text()), **params}
     if output_dir is not None:
@@ -126,11 +148,15 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quickstart", help="run the offline CPU study (notebooks/00_quickstart.ipynb)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  python -m vldlib quickstart\n"
-                              "  python -m vldlib quickstart --param seeds=[0,1,2,3,4] --param steps=1000\n"
+                              "  python -m vldlib quickstart --param seeds=[0,1,2,3,4,5,6] --param steps=600\n"
+                              "  python -m vldlib quickstart --config notebooks/00_quickstart.gpu.yaml   # GPU, fully fine-tuned\n"
                               "  python -m vldlib quickstart --paper --data-dir /datasets   # GPU, real PACS")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="override a parameter of the notebook (value read as YAML); repeatable")
     add_flag(p, "--paper", help=f"use the paper's configuration ({PAPER_PARAMS})")
+    p.add_argument("--config", metavar="FILE.yaml",
+                   help="parameters from a YAML file, e.g. notebooks/00_quickstart.gpu.yaml (the study fully "
+                        "fine-tuned on a GPU); --param overrides it")
     p.add_argument("--data-dir", help="where benchmarks live (default: data/)")
     p.add_argument("--out", help="output folder (default: outputs/quickstart)")
     p.set_defaults(func=_cli)
@@ -139,6 +165,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
 def _cli(args: argparse.Namespace) -> int:
     try:
         params = _parse_params(args.param)
+        if args.config:
+            params = {**read_params_file(args.config), **params}
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
