@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import typing
 
 # command -> module providing register_cli(subparsers)
 COMMANDS = {
@@ -22,10 +23,19 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with vldlib's one error style: `error: ...` and exit 2 for bad usage (an unknown option,
+    a bad value), the same prefix and codes every command's own errors use (`vldlib.config.print_error`).
+    Sub-parsers inherit it (argparse makes them with the parent's class)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser; with `only`, just that command's module is imported (torch loads in seconds,
     and `python -m vldlib data list` should not wait for it)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m vldlib",
         description="Fine-tuning with very large dropout: data, training, reports, batches, benchmarks.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
