@@ -306,6 +306,20 @@ def test_booleans_take_flag_no_flag_and_true_false(argv, dest, value):
     assert getattr(build_parser(argv[0]).parse_args(argv), dest) == value
 
 
+@pytest.mark.parametrize("argv, dest, value, positional", [
+    (["data", "verify", "--quiet", "PACS"], "quiet", True, ("name", "PACS")),
+    (["data", "verify", "--quiet", "no", "PACS"], "quiet", False, ("name", "PACS")),
+    (["report", "--strict", "runs/"], "strict", True, ("runs", ["runs/"])),
+    (["sweep", "--dry-run", "nb.ipynb", "--out", "o"], "dry_run", True, ("notebook", "nb.ipynb")),
+])
+def test_a_bare_flag_never_swallows_the_positional_after_it(argv, dest, value, positional):
+    from vldlib.cli import _boolean_options, build_parser, explicit_booleans
+
+    parser = build_parser(argv[0])
+    args = parser.parse_args(explicit_booleans(argv, _boolean_options(parser)))
+    assert getattr(args, dest) == value and getattr(args, positional[0]) == positional[1]
+
+
 def test_failures_exit_1_and_usage_errors_exit_2(tmp_path, capsys):
     rc, _, err = run_cli(capsys, "report", str(tmp_path / "missing"))
     assert rc == 1 and err.startswith("error: ") and "no such file" in err, err  # a missing path: a failure
