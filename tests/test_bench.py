@@ -160,9 +160,9 @@ def test_bench_cli_picks_the_quickstart_on_a_cpu_and_refuses_mixed_options(capsy
                                                **{k: None for k in B.IMAGE_OPTIONS}, **dict(a)})
     assert B._pick_config(parse(), "cpu") == "quickstart"
     assert B._pick_config(parse(("resolution", 64)), "cpu") == "images"
-    assert main(["bench", "--config", "quickstart", "--resolution", "64"]) == 1
+    assert main(["bench", "--config", "quickstart", "--resolution", "64"]) == 2  # bad usage
     assert "--config images" in capsys.readouterr().err
-    assert main(["bench", "--steps-scaling", "10"]) == 1
+    assert main(["bench", "--steps-scaling", "10"]) == 2
     assert "--steps-scaling expects N,M" in capsys.readouterr().err
 
 

@@ -72,7 +72,7 @@ def test_download_with_archive_and_verify_missing_folder(tiny_pacs, tmp_path, ca
 
 
 def test_unknown_benchmark(capsys, tmp_path):
-    assert main(["data", "verify", "PASC", "--data-dir", str(tmp_path)]) == 1
+    assert main(["data", "verify", "PASC", "--data-dir", str(tmp_path)]) == 2  # a bad name: usage
     assert "Did you mean PACS" in capsys.readouterr().err
 
 
@@ -88,7 +88,7 @@ def test_build_calls_the_offline_builder(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(registry.BENCHMARKS, "emoji", spec)
     assert main(["data", "build", "emoji", "--data-dir", str(tmp_path), "--force", "--quiet"]) == 0
     assert calls == [(tmp_path, True, False)]
-    assert main(["data", "build", "PACS", "--data-dir", str(tmp_path)]) == 1
+    assert main(["data", "build", "PACS", "--data-dir", str(tmp_path)]) == 2
     assert "is downloaded, not built" in capsys.readouterr().err
 
 

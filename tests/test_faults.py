@@ -251,7 +251,7 @@ def test_sweep_kill_concurrent_start_and_failing_notebook(tmp_path):
         assert loser is not None, "neither sweep stopped: the lock let both run"
         winner = procs[1 - procs.index(loser)]
         _, err = loser.communicate()
-        assert loser.returncode == 2 and "another sweep holds" in err and ".sweep.lock" in err, err
+        assert loser.returncode == 1 and "another sweep holds" in err and ".sweep.lock" in err, err
         assert f"PID {winner.pid} " in err and f"kill {winner.pid}" in err, err  # names the holder
         assert "Traceback" not in err
         # wait: job 1 done, job 3 failed, job 2 holding
@@ -463,7 +463,7 @@ CONFIG_FAULTS = [
                                                                for f, _ in CONFIG_FAULTS])
 def test_bad_config_fails_before_any_work_via_the_cli(bench, tmp_path, capsys, flags, message):
     rc, _, err = run_cli(capsys, *train_argv(bench, tmp_path / "runs", **flags))
-    assert rc == 1 and "Traceback" not in err, err
+    assert rc == 2 and err.startswith("error: ") and "Traceback" not in err, err  # 2: bad usage
     assert re.search(message, err), err
     assert no_files_written(tmp_path / "runs")  # no run folder, no records
 
@@ -480,13 +480,13 @@ def test_bad_config_file_is_named_via_the_cli(bench, tmp_path, capsys, text, mes
     if text is not None:
         path.write_text(text)
     rc, _, err = run_cli(capsys, *train_argv(bench, tmp_path / "runs"), f"--config={path}")
-    assert rc == 1 and "Traceback" not in err and re.search(message, err), err
+    assert rc == (1 if text is None else 2) and "Traceback" not in err and re.search(message, err), err
     assert no_files_written(tmp_path / "runs")
 
 
 def test_unknown_benchmark_name_is_printed_plainly(tmp_path, capsys):
     rc, _, err = run_cli(capsys, *train_argv(Path("PACZ"), tmp_path / "runs"))
-    assert rc == 1 and err.startswith("error: unknown benchmark 'PACZ'. Did you mean PACS?"), err
+    assert rc == 2 and err.startswith("error: unknown benchmark 'PACZ'. Did you mean PACS?"), err
 
 
 # ------------------------------------------------------------------------------------ 7. divergence

@@ -302,7 +302,7 @@ def test_cli_train_and_unknown_flag(fake_benchmark, tmp_path, capsys):
     assert "run directory" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli_main(args + ["--dropuot", "0.5"])
-    assert cli_main(args[:-2] + ["--test-envs", "9"]) == 1
+    assert cli_main(args[:-2] + ["--test-envs", "9"]) == 2  # a bad value: usage (exit 2)
     assert "out of range" in capsys.readouterr().err
 
 

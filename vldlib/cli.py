@@ -10,6 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import typing
+
+from vldlib.cliargs import FALSE_WORDS, TRUE_WORDS, parse_bool
 
 # command -> module providing register_cli(subparsers)
 COMMANDS = {
@@ -22,10 +25,19 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with vldlib's one error style: `error: ...` and exit 2 for bad usage (an unknown option,
+    a bad value), the same prefix and codes every command's own errors use (`vldlib.config.print_error`).
+    Sub-parsers inherit it (argparse makes them with the parent's class)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser; with `only`, just that command's module is imported (torch loads in seconds,
     and `python -m vldlib data list` should not wait for it)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m vldlib",
         description="Fine-tuning with very large dropout: data, training, reports, batches, benchmarks.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -42,11 +54,35 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _boolean_options(parser: argparse.ArgumentParser) -> set[str]:
+    """Every `--flag` made by `add_flag` in the parser and its sub-parsers."""
+    found = set()
+    for action in parser._actions:
+        if action.type is parse_bool:
+            found.update(action.option_strings)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= _boolean_options(sub)
+    return found
+
+
+def explicit_booleans(argv: list[str], flags: set[str]) -> list[str]:
+    """`--flag` followed by something other than true/false becomes `--flag=true`, so a bare flag
+    never swallows the positional after it (`data verify --quiet PACS`, `report --strict runs/`)."""
+    out = []
+    for i, arg in enumerate(argv):
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        is_word = following is not None and following.lower() in (*TRUE_WORDS, *FALSE_WORDS)
+        out.append(f"{arg}=true" if arg in flags and following is not None and not is_word
+                   and not following.startswith("-") else arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     first = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(first if first in COMMANDS else None)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(explicit_booleans(list(argv), _boolean_options(parser)))
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -21,9 +21,14 @@ from typing import Any, TypeVar
 
 import yaml
 
+from vldlib.cliargs import UsageError, add_flag, bool_from_text, error_exit_code, parse_bool, print_error
 from vldlib.model import check_backbone, check_dropout, check_head
 
 T = TypeVar("T")
+__all__ = ["MAX_RESOLUTION", "TrainConfig", "UsageError", "add_arguments", "add_flag", "coerce", "error_exit_code",
+           "field_docs", "from_args", "from_dict", "load_file", "parse_bool", "print_error"]
+
+MAX_RESOLUTION = 2048  # px: 84x the pixels of the paper's 224; beyond it a batch no longer fits on one GPU
 
 
 def _base_type(tp: Any) -> tuple[Any, bool, bool]:
@@ -42,14 +47,7 @@ def _base_type(tp: Any) -> tuple[Any, bool, bool]:
 
 
 def _parse_scalar(tp: Any, text: str) -> Any:
-    if tp is bool:
-        low = str(text).lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"expected true/false, got {text!r}")
-    return tp(text)
+    return bool_from_text(text) if tp is bool else tp(text)
 
 
 def coerce(cls: type, name: str, value: Any) -> Any:
@@ -58,7 +56,7 @@ def coerce(cls: type, name: str, value: Any) -> Any:
     tp, is_list, optional = _base_type(hints[name])
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
         if not optional:
-            raise ValueError(f"{name} cannot be None")
+            raise UsageError(f"{name} cannot be None")
         return None
     try:
         if is_list:
@@ -74,7 +72,7 @@ def coerce(cls: type, name: str, value: Any) -> Any:
             raise TypeError(f"expected {tp.__name__}, got {type(value).__name__}")
         return value
     except (TypeError, ValueError) as e:
-        raise ValueError(f"config field {name!r}: cannot use {value!r} ({e})") from None
+        raise UsageError(f"config field {name!r}: cannot use {value!r} ({e})") from None
 
 
 def from_dict(cls: type[T], d: dict[str, Any], *, source: str = "config") -> T:
@@ -85,7 +83,7 @@ def from_dict(cls: type[T], d: dict[str, Any], *, source: str = "config") -> T:
         for k in unknown:
             close = difflib.get_close_matches(k, names, n=1)
             hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ValueError(f"{source}: unknown config key(s) {', '.join(hints)}. Known keys: {', '.join(names)}")
+        raise UsageError(f"{source}: unknown config key(s) {', '.join(hints)}. Known keys: {', '.join(names)}")
     return cls(**{k: coerce(cls, k, v) for k, v in d.items()})
 
 
@@ -94,24 +92,6 @@ def load_file(cls: type[T], path: str | Path, **overrides: Any) -> T:
     path = Path(path)
     data = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
     return from_dict(cls, {**(data or {}), **overrides}, source=str(path))
-
-
-def parse_bool(text: str | bool) -> bool:
-    """true/false, yes/no, on/off, 1/0 (any case); anything else is an argparse error."""
-    try:
-        return text if isinstance(text, bool) else _parse_scalar(bool, text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def add_flag(parser: argparse.ArgumentParser | Any, flag: str, *, dest: str | None = None, default: Any = False,
-             help: str = "") -> None:
-    """A boolean option in vldlib's one style: `--flag` (true), `--no-flag` (false), and `--flag true|false`
-    still accepted."""
-    dest = dest or flag.lstrip("-").replace("-", "_")
-    parser.add_argument(flag, dest=dest, nargs="?", const=True, default=default, type=parse_bool,
-                        metavar="true|false", help=help)
-    parser.add_argument("--no-" + flag.lstrip("-"), dest=dest, action="store_false", help=argparse.SUPPRESS)
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, docs: dict[str, str] | None = None) -> None:
@@ -190,7 +170,7 @@ class TrainConfig:
     seed: int = 0  # training seed: head init, batch order, augmentation, dropout masks
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
     num_workers: int = -1  # data-loading processes (-1: auto, 0: main process)
-    num_threads: int = 0  # CPU threads for torch (0: torch's default; 1 is fastest for tiny heads)
+    num_threads: int = 0  # CPU threads for torch (0: cores // (loader workers + 1); 1 is fastest for tiny heads)
     channels_last: bool = False  # NHWC memory format (faster convolutions on GPUs)
     bf16: bool = False  # bfloat16 autocast (off until a short run shows accuracy within noise)
     compile: bool = False  # torch.compile the training forward (GPU speed; the first step compiles for a minute)
@@ -209,32 +189,39 @@ class TrainConfig:
         check_backbone(self.backbone)
         check_head(self.head, self.train_stages)
         if not (self.lr > 0 and math.isfinite(self.lr)):  # `not >`: NaN fails too
-            raise ValueError(f"lr must be > 0 and finite, got {self.lr}; e.g. --lr 1e-3 (the paper's grid: 1e-3, 5e-4)")
+            raise UsageError(f"lr must be > 0 and finite, got {self.lr}; e.g. --lr 1e-3 (the paper's grid: 1e-3, 5e-4)")
         if self.steps <= 0:
-            raise ValueError(f"steps must be > 0, got {self.steps}")
+            raise UsageError(f"steps must be > 0, got {self.steps}")
         if self.batch_size <= 0 or self.eval_batch_size <= 0:
-            raise ValueError(f"batch sizes must be > 0, got batch_size={self.batch_size}")
+            raise UsageError(f"batch sizes must be > 0, got batch_size={self.batch_size}")
         if not (0 <= self.weight_decay < math.inf) or not 0 <= self.momentum < 1:
-            raise ValueError(f"need weight_decay >= 0 and 0 <= momentum < 1, got {self.weight_decay}, {self.momentum}")
+            raise UsageError(f"need weight_decay >= 0 and 0 <= momentum < 1, got {self.weight_decay}, {self.momentum}")
         if not (0 < self.head_lr_mult < math.inf):
-            raise ValueError(f"head_lr_mult must be > 0, got {self.head_lr_mult}")
+            raise UsageError(f"head_lr_mult must be > 0, got {self.head_lr_mult}")
         if not 0 < self.holdout < 1:
-            raise ValueError(f"holdout fraction must be in (0, 1), got {self.holdout}; e.g. --holdout 0.2 (the paper's)")
+            raise UsageError(f"holdout fraction must be in (0, 1), got {self.holdout}; e.g. --holdout 0.2 (the paper's)")
         if not self.test_envs:
-            raise ValueError("test_envs is empty: name at least one held-out domain index")
+            raise UsageError("test_envs is empty: name at least one held-out domain index")
         if any(not 0 < f < 1 for f in self.lr_decay_at):
-            raise ValueError(f"lr_decay_at are fractions of the run in (0, 1), got {self.lr_decay_at}")
+            raise UsageError(f"lr_decay_at are fractions of the run in (0, 1), got {self.lr_decay_at}")
         if self.eval_every <= 0 or self.average_from < 0:
-            raise ValueError("eval_every must be > 0 and average_from >= 0")
+            raise UsageError("eval_every must be > 0 and average_from >= 0")
         if self.augment_on not in ("workers", "device"):
-            raise ValueError(f"augment_on must be 'workers' or 'device', got {self.augment_on!r}")
-        if self.resolution < 16:
-            raise ValueError(f"resolution {self.resolution} is too small (>= 16 px)")
+            raise UsageError(f"augment_on must be 'workers' or 'device', got {self.augment_on!r}")
+        if not 16 <= self.resolution <= MAX_RESOLUTION:
+            raise UsageError(f"resolution {self.resolution} is out of range: use 16..{MAX_RESOLUTION} px (the "
+                             f"paper's is 224; --resolution 64 for the CPU demo)")
+        if len(set(self.test_envs)) != len(self.test_envs):
+            raise UsageError(f"test_envs {self.test_envs} names a domain twice; e.g. --test-envs 0 or --test-envs 0,1")
+        if self.run_name is not None and (self.run_name in ("", ".", "..") or Path(self.run_name).name != self.run_name
+                                          or "\\" in self.run_name):
+            raise UsageError(f"run_name {self.run_name!r} must be one plain folder name (no '/', '..' or absolute "
+                             f"path): the run folder is created inside --out {self.out}")
         if self.cache_trunk and self.augment:
-            raise ValueError("cache_trunk computes the frozen stages once per image, so it cannot "
+            raise UsageError("cache_trunk computes the frozen stages once per image, so it cannot "
                              "augment: set augment=False (--augment false) or cache_trunk=False.")
         if self.cache_trunk and self.train_stages is None:
-            raise ValueError("cache_trunk needs a frozen trunk: set train_stages (e.g. 1, or 0 for the head only).")
+            raise UsageError("cache_trunk needs a frozen trunk: set train_stages (e.g. 1, or 0 for the head only).")
 
     def identity(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in self.NON_IDENTITY}

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from vldlib.cliargs import add_flag, print_error
+
 EPILOG = """\
 examples:
   python -m vldlib data list
@@ -71,8 +73,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
                                   max_extract_bytes=(None if args.max_extract_mb is None
                                                      else int(args.max_extract_mb * (1 << 20))))
     except (DataError, KeyError) as e:
-        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
-        return 1
+        return print_error(e)  # 2: an unknown name; 1: the download or the archive failed
     print(path)
     return 0
 
@@ -81,11 +82,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from vldlib.data.verify import verify_path
 
     try:
-        report = verify_path(args.name, _data_dir(args), check_images=not args.no_image_check,
+        report = verify_path(args.name, _data_dir(args), check_images=args.image_check,
                              progress=not args.quiet)
     except KeyError as e:
-        print(f"error: {e.args[0]}", file=sys.stderr)
-        return 1
+        return print_error(e)
     print(report.table() if report.found else report.summary())
     return 0 if report.ok else 1
 
@@ -96,12 +96,11 @@ def _cmd_build(args: argparse.Namespace) -> int:
     try:
         spec = get_spec(args.name)
     except KeyError as e:
-        print(f"error: {e.args[0]}", file=sys.stderr)
-        return 1
+        return print_error(e)
     if spec.sources and spec.builder is None:
         print(f"error: {spec.name} is downloaded, not built; get it with "
               f"`python -m vldlib data download {spec.name} --data-dir DIR`.", file=sys.stderr)
-        return 1
+        return 2  # a benchmark that is not built: bad usage
     from vldlib.data.emoji import build_emoji  # imported only when asked: it pulls in the renderers
 
     builder = spec.builder or build_emoji
@@ -120,7 +119,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     def common(q: argparse.ArgumentParser) -> None:
         q.add_argument("--data-dir", default=None, help="folder holding the benchmarks (default: "
                        "$VLDLIB_DATA or ./data)")
-        q.add_argument("--quiet", action="store_true", help="no progress bars")
+        add_flag(q, "--quiet", help="no progress bars")
 
     q = sub.add_parser("list", help="registered benchmarks: domains, expected counts, sources",
                        epilog="example: python -m vldlib data list")
@@ -138,10 +137,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                         "several; named as the source, e.g. PACS.zip)")
     q.add_argument("--mirror", default=None, help="fetch <MIRROR>/<file name> instead of the public "
                    "URLs (default: $VLDLIB_MIRROR)")
-    q.add_argument("--force", action="store_true", help="replace an existing folder")
-    q.add_argument("--allow-count-mismatch", action="store_true",
-                   help="install even if the image counts match no accepted version")
-    q.add_argument("--keep-downloads", action="store_true", help="keep the archives in DATA/.downloads")
+    add_flag(q, "--force", help="replace an existing folder")
+    add_flag(q, "--allow-count-mismatch", help="install even if the image counts match no accepted version")
+    add_flag(q, "--keep-downloads", help="keep the archives in DATA/.downloads")
     q.add_argument("--source", choices=("auto", "primary", "hf"), default="auto",
                    help="primary: the registered links; hf: the Hugging Face Hub copy (PACS, OfficeHome; "
                         "$HF_ENDPOINT for a mirror); auto (default): primary, then the Hub copy if a link fails")
@@ -156,12 +154,12 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("name", help="benchmark name (see `data list`) or a folder path laid out as "
                                 "<domain>/<class>/<image>")
     common(q)
-    q.add_argument("--no-image-check", action="store_true", help="count files without decoding them")
+    add_flag(q, "--image-check", default=True, help="decode every image (--no-image-check: count files only)")
     q.set_defaults(func=_cmd_verify)
 
     q = sub.add_parser("build", help="build an offline benchmark (emoji)",
                        epilog="example: python -m vldlib data build emoji --data-dir data")
     q.add_argument("name", help="benchmark name, e.g. emoji")
     common(q)
-    q.add_argument("--force", action="store_true", help="rebuild even if it exists")
+    add_flag(q, "--force", help="rebuild even if it exists")
     q.set_defaults(func=_cmd_build)

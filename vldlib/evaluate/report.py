@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from vldlib.config import add_flag
+from vldlib.config import UsageError, add_flag, print_error
 from vldlib.evaluate.plots import plot_conditions, plot_iid_vs_ood, plot_rate_curve, plot_training_curves
 from vldlib.evaluate.reference import READ_OFF_NOTE
 from vldlib.evaluate.scores import find_run_dirs, load_runs, per_step_scores, run_status, split_scores
@@ -55,20 +55,25 @@ def default_rows(selected: pd.DataFrame, base: Sequence[str] = ("method", "dropo
 
 def report(paths: Sequence[str | Path], out: str | Path = "outputs/report", selection: str = "training_domain",
            rows: Sequence[str] | None = None, include_unfinished: bool = False,
-           over: str | None = "seed") -> str:
+           over: str | None = "seed", strict: bool = False) -> str:
     """Load, select, tabulate and plot; write everything into `out`; return the Markdown text.
 
     Files: results.csv (tidy, every evaluation), selected.csv (one row per run and method),
     table.md / table.tex (per benchmark: o.o.d. and i.i.d. DomainBed tables, then the summary
     across benchmarks and the comparison with the paper), ood_vs_iid.png, rate_curve.png.
-    Runs still training (neither done nor failed) are left out unless `include_unfinished`.
+    Runs still training (neither done nor failed) are left out unless `include_unfinished`. Runs
+    whose records have gaps, finished runs whose records.jsonl is gone, and damaged run folders are
+    named in the report's notes (a damaged folder is skipped; with `strict` it is an error).
     """
     out = Path(out)
     dirs = find_run_dirs(paths)  # once, so a path without runs is warned about once
     status = run_status(dirs)
-    df = load_runs(dirs)
+    if strict and (status.damaged != "").any():
+        bad = status[status.damaged != ""].iloc[0]
+        raise ValueError(f"{bad.run}: damaged run folder: {bad.damaged} (without --strict it is skipped)")
+    df = load_runs(dirs, strict=strict)
     if df.empty:
-        raise ValueError(f"no evaluated runs under {', '.join(map(str, paths))}; train some first "
+        raise UsageError(f"no evaluated runs under {', '.join(map(str, paths))}; train some first "
                          f"(python -m vldlib train ...) or check the paths")
     notes = []
     if not include_unfinished:
@@ -79,8 +84,19 @@ def report(paths: Sequence[str | Path], out: str | Path = "outputs/report", sele
     if status.failed.any():
         notes.append(f"{int(status.failed.sum())} run(s) failed: "
                      + "; ".join(f"{Path(r.run).name}: {r.failure_reason}" for r in status[status.failed].itertuples()))
+    for rows_, what in (
+            (status[status.damaged != ""], "damaged run folder(s) were skipped (delete or repair them)"),
+            (status[status.done & ~status.records], "finished run(s) have no records.jsonl (records lost; "
+                                                    "retrain them: delete the folder and run the same command)"),
+            (status[status.records & (status.missing_steps.fillna("") != "")], "run(s) have gaps in records.jsonl (evaluations "
+                                                           "lost; their curves and selection use what is left)")):
+        if len(rows_):
+            detail = "; ".join(f"{Path(r.run).name}" + (f": steps {r.missing_steps}" if r.missing_steps else "")
+                               + (f": {r.damaged}" if r.damaged else "") for r in rows_.itertuples())
+            notes.append(f"{len(rows_)} {what}: {detail}")
+            print(f"warning: {notes[-1]}", file=sys.stderr)
     if df.empty:
-        raise ValueError("every run found is still training; pass --include-unfinished to report them anyway")
+        raise UsageError("every run found is still training; pass --include-unfinished to report them anyway")
     sel = select(df, selection)
     rows = list(rows) if rows else default_rows(sel)
     over_eff = over if over in sel.columns else None
@@ -104,18 +120,27 @@ def report(paths: Sequence[str | Path], out: str | Path = "outputs/report", sele
         tex += ["% beside the paper", to_latex(ref)]
     text = "\n".join(md)
 
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "results.csv") as tmp:
-        df.to_csv(tmp, index=False)
-    with atomic_path(out / "selected.csv") as tmp:
-        sel.to_csv(tmp, index=False)
-    write_text_atomic(out / "table.md", text + "\n")
-    write_text_atomic(out / "table.tex", "\n".join(tex))
-    for name, fn in (("ood_vs_iid.png", lambda p: plot_iid_vs_ood(sel, path=p)),
-                     ("rate_curve.png", lambda p: plot_rate_curve(sel, path=p))):
-        if "dropout" in sel.columns:
-            plt.close(fn(out / name))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / "results.csv") as tmp:
+            df.to_csv(tmp, index=False)
+        with atomic_path(out / "selected.csv") as tmp:
+            sel.to_csv(tmp, index=False)
+        write_text_atomic(out / "table.md", text + "\n")
+        write_text_atomic(out / "table.tex", "\n".join(tex))
+        for name, fn in (("ood_vs_iid.png", lambda p: plot_iid_vs_ood(sel, path=p)),
+                         ("rate_curve.png", lambda p: plot_rate_curve(sel, path=p))):
+            if "dropout" in sel.columns:
+                plt.close(fn(out / name))
+    except OSError as e:
+        raise ReportOutputError(f"cannot write the report into {out}: {e.strerror or e}"
+                                f"{f' ({e.filename})' if e.filename else ''}; choose a writable --out "
+                                f"(a folder, not a file).") from None
     return text
+
+
+class ReportOutputError(RuntimeError):
+    """The report's --out folder cannot be written (a file, read-only, disk full)."""
 
 
 def register_cli(subparsers: Any) -> None:
@@ -133,15 +158,15 @@ def register_cli(subparsers: Any) -> None:
                         "backbone/pretrained/head_lr_mult/... when they vary)")
     p.add_argument("--over", default="seed", help="replicate column for standard errors (default: seed)")
     add_flag(p, "--include-unfinished", help="also report runs still training")
+    add_flag(p, "--strict", help="fail on a damaged run folder instead of skipping it with a warning")
 
     def run(args: Any) -> int:
         try:
             text = report(args.runs, out=args.out, selection=args.selection,
                           rows=args.rows.split(",") if args.rows else None,
-                          include_unfinished=args.include_unfinished, over=args.over)
-        except (ValueError, KeyError, FileNotFoundError) as e:
-            print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
-            return 2  # the paths or columns given: bad usage
+                          include_unfinished=args.include_unfinished, over=args.over, strict=args.strict)
+        except (ValueError, KeyError, OSError, ReportOutputError) as e:
+            return print_error(e)  # 2: paths without runs, an unknown column; 1: damaged (--strict), unwritable
         print(text)
         print(f"\nwritten to {args.out}/", file=sys.stderr)
         return 0

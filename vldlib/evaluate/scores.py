@@ -40,7 +40,8 @@ _KEY = re.compile(r"^env(\d+)_(in|out)$")
 # columns that vary within a run; everything else in the tidy table is constant per run
 ROW_COLS = ["method", "step", "env", "domain", "split", "is_test", "acc", "loss", "step_lr",
             "train_acc", "step_time", "peak_mem_mb"]
-RUN_COLS = ["run", "benchmark", "test_env", "test_envs", "test_domain", "done", "failed", "failure_reason"]
+RUN_COLS = ["run", "benchmark", "test_env", "test_envs", "test_domain", "done", "failed", "failure_reason",
+            "missing_steps"]
 
 
 # --------------------------------------------------------------------------- the rule
@@ -73,8 +74,15 @@ def accuracies(outputs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[st
 
 # --------------------------------------------------------------------------- loading
 
+def _is_run_dir(p: Path) -> bool:
+    """A folder with records.jsonl, or a finished run (done + config.json) whose records were lost:
+    found too, so a report says it is missing instead of silently leaving it out."""
+    return (p / "records.jsonl").exists() or ((p / "done").is_file() and (p / "config.json").is_file())
+
+
 def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
-    """Run directories (folders holding records.jsonl) at or below each path, sorted, no duplicates.
+    """Run directories (folders holding records.jsonl, or `done` and config.json) at or below each
+    path, sorted, no duplicates.
 
     >>> find_run_dirs(["outputs/runs"])   # doctest: +SKIP
     [PosixPath('outputs/runs/PACS-3f2a...'), ...]
@@ -87,10 +95,10 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
                                     f"that contain them")
         if p.is_file():
             p = p.parent
-        if (p / "records.jsonl").exists():
+        if _is_run_dir(p):
             found[p] = None
             continue
-        sub = sorted(r.parent for r in p.rglob("records.jsonl"))
+        sub = sorted({r.parent for r in [*p.rglob("records.jsonl"), *p.rglob("done")] if _is_run_dir(r.parent)})
         if not sub:
             warnings.warn(f"{p}: no records.jsonl at or below it; skipped (not a run directory, or "
                           f"no run has evaluated yet)", stacklevel=2)
@@ -98,6 +106,59 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
     return sorted(found)
 
 
+
+
+def _json_object(path: Path) -> dict:
+    """config.json / meta.json as a dict ({} when absent); binary, malformed or of the wrong shape:
+    a ValueError naming the file."""
+    try:
+        data = read_json(path)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a {type(data).__name__}")
+    return data
+
+
+def _checked_records(path: Path) -> list[dict]:
+    """records.jsonl, each line checked for the shape the report reads: a ValueError naming the file
+    and line otherwise."""
+    try:
+        records = read_jsonl(path)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file") from None
+    for i, r in enumerate(records, 1):
+        if not isinstance(r, dict):
+            raise ValueError(f"{path}: record {i} is a {type(r).__name__}, not a JSON object")
+        if r.get("type", "eval") == "eval" and "acc" in r:
+            acc = r["acc"]
+            ok = (isinstance(r.get("step"), int) and isinstance(acc, dict)
+                  and all(isinstance(a, dict) or a is None for a in acc.values())
+                  and all(isinstance(v, (int, float)) for a in acc.values() for v in (a or {}).values()))
+            if not ok:
+                raise ValueError(f"{path}: record {i} is not an evaluation record (needs an integer 'step' and "
+                                 f"'acc': {{method: {{split: accuracy}}}})")
+    return records
+
+
+def read_run(run: Path) -> tuple[dict, dict, list[dict]]:
+    """(config, meta, records) of one run directory, each checked for shape: a damaged file (garbage,
+    binary, a malformed line, JSON of the wrong shape) is a ValueError that names it."""
+    return _json_object(run / "config.json"), _json_object(run / "meta.json"), _checked_records(run / "records.jsonl")
+
+
+def missing_eval_steps(config: dict, records: list[dict], done: bool) -> list[int]:
+    """Evaluation steps the loop must have written (every eval_every, and the last step) but that
+    records.jsonl lacks: up to the last step recorded, or to the end for a finished run. A lost or
+    damaged records.jsonl shows here."""
+    try:
+        every, steps = int(config["eval_every"]), int(config["steps"])
+    except (KeyError, TypeError, ValueError):
+        return []  # written by hand or by an older version: nothing to check against
+    have = {r.get("step") for r in records if r.get("type", "eval") == "eval" and "acc" in r}
+    upto = steps if done else max((s for s in have if isinstance(s, int)), default=0)
+    expected = [*range(every, min(upto, steps) + 1, every)] + ([steps] if upto >= steps else [])
+    return sorted({s for s in expected if s not in have and s > 0})
 
 
 def readable(value: Any) -> Any:
@@ -127,6 +188,7 @@ def _run_info(run: Path, config: dict, meta: dict, records: list[dict]) -> dict[
         "done": (run / "done").exists(),
         "failed": bool(failures),
         "failure_reason": failures[-1].get("reason", "") if failures else "",
+        "missing_steps": readable(missing_eval_steps(config, records, (run / "done").exists())),
         # which split of the held-out domain measures o.o.d. accuracy (see split_scores)
         "ood_split": meta.get("ood_split", "in"),
     }
@@ -139,7 +201,7 @@ def _run_info(run: Path, config: dict, meta: dict, records: list[dict]) -> dict[
     return info
 
 
-def load_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
+def load_runs(paths: Iterable[str | Path], strict: bool = False) -> pd.DataFrame:
     """The tidy long table: one row per (run, step, method, env, split), with `acc`.
 
     `paths` are run directories or folders searched recursively for records.jsonl. Columns:
@@ -148,8 +210,9 @@ def load_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
     step, env, domain, split ("in"/"out"), is_test, acc, loss, step_lr (the learning rate at that
     step; `lr` is the config's), train_acc, step_time, peak_mem_mb, done, failed, failure_reason,
     then every config.json key (list values joined by commas; a key clashing with the columns
-    above becomes config_<key>). A truncated last line (killed writer) is ignored; runs without
-    any eval record are skipped with a warning.
+    above becomes config_<key>), and missing_steps (evaluations records.jsonl lacks, "" for none).
+    A truncated last line (killed writer) is ignored; runs without any eval record are skipped with
+    a warning, and so is a damaged run folder (unless `strict`: then it is a ValueError naming it).
 
     >>> df = load_runs(["outputs/runs"])   # doctest: +SKIP
     >>> df.query("method == 'model' and is_test and split == 'in'").groupby("run").acc.max()  # doctest: +SKIP
@@ -157,15 +220,21 @@ def load_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
     rows: list[tuple] = []
     infos: list[dict[str, Any]] = []
     for run in find_run_dirs(paths):
-        records = read_jsonl(run / "records.jsonl")
+        try:
+            config, meta, records = read_run(run)
+            info = _run_info(run, config, meta, records) if records else None
+        except (ValueError, TypeError) as e:  # TypeError: a value of the wrong type inside valid JSON
+            if strict:
+                raise ValueError(f"{run}: damaged run folder: {e}") from None
+            warnings.warn(f"{run}: damaged run folder, skipped: {e} (--strict fails instead)", stacklevel=2)
+            continue
         evals = [r for r in records if r.get("type", "eval") == "eval" and "acc" in r]
-        config, meta = read_json(run / "config.json"), read_json(run / "meta.json")
         if not evals:
             why = "it failed before its first evaluation" if any(r.get("type") == "failure" for r in records) \
-                else "no evaluation recorded yet"
+                else "its records.jsonl is missing although it is done (records lost)" \
+                if not (run / "records.jsonl").exists() else "no evaluation recorded yet"
             warnings.warn(f"{run}: {why}; skipped", stacklevel=2)
             continue
-        info = _run_info(run, config, meta, records)
         if info is None:
             continue
         domains, test_envs = info.pop("_domains"), info.pop("_test_envs")
@@ -189,25 +258,38 @@ def load_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
     df = long.merge(runs, on="run", how="left", validate="many_to_one")
     df["test_env"] = df["test_env"].astype("Int64")
     front = ["run", "benchmark", "test_env", "test_envs", "test_domain", *ROW_COLS,
-             "done", "failed", "failure_reason"]
+             "done", "failed", "failure_reason", "missing_steps"]
     return df[front + [c for c in df.columns if c not in front]].reset_index(drop=True)
 
 
-def run_status(paths: Iterable[str | Path]) -> pd.DataFrame:
-    """One row per run directory found: done, failed, reason, number of evaluations, last step.
+STATUS_COLS = ["run", "done", "failed", "failure_reason", "n_evals", "last_step", "missing_steps", "records",
+               "damaged"]
 
-    Runs that `load_runs` skips (no evaluation yet, failed at once) still show up here, so a
-    report can say how many runs are missing.
+
+def run_status(paths: Iterable[str | Path]) -> pd.DataFrame:
+    """One row per run directory found: done, failed, reason, number of evaluations, last step,
+    missing_steps (evaluations records.jsonl lacks), records (whether records.jsonl exists) and
+    damaged (why its files cannot be read, "" when they can).
+
+    Runs that `load_runs` skips (no evaluation yet, failed at once, damaged, records lost) still
+    show up here, so a report can say how many runs are missing and why.
     """
     out = []
     for run in find_run_dirs(paths):
-        records = read_jsonl(run / "records.jsonl")
+        done = (run / "done").exists()
+        try:
+            config, _, records = read_run(run)
+            damaged = ""
+        except ValueError as e:
+            config, records, damaged = {}, [], str(e)
         evals = [r for r in records if r.get("type", "eval") == "eval" and "acc" in r]
         fails = [r for r in records if r.get("type") == "failure"]
-        out.append({"run": str(run), "done": (run / "done").exists(), "failed": bool(fails),
+        out.append({"run": str(run), "done": done, "failed": bool(fails),
                     "failure_reason": fails[-1].get("reason", "") if fails else "",
-                    "n_evals": len(evals), "last_step": max((r["step"] for r in evals), default=None)})
-    return pd.DataFrame(out, columns=["run", "done", "failed", "failure_reason", "n_evals", "last_step"])
+                    "n_evals": len(evals), "last_step": max((r["step"] for r in evals), default=None),
+                    "missing_steps": readable(missing_eval_steps(config, records, done)) if not damaged else "",
+                    "records": (run / "records.jsonl").exists(), "damaged": damaged})
+    return pd.DataFrame(out, columns=STATUS_COLS)
 
 
 def split_scores(acc: dict[str, float], test_envs: Iterable[int], ood_split: str = "in") -> dict[str, float]:

@@ -10,6 +10,7 @@ Finished runs are kept, so an interrupted quickstart resumes where it stopped.
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import sys
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 import papermill as pm
 import yaml
 
-from vldlib.config import add_flag
+from vldlib.cliargs import UsageError, add_flag, parse_sets, print_error
 from vldlib.config import TrainConfig
 from vldlib.experiments.grid import steps_for, with_paths
 from vldlib.paths import project_root, resolve
@@ -78,13 +79,22 @@ def notebook_path(name: str = NOTEBOOK) -> Path:
 
 
 def _parse_params(items: list[str]) -> dict:
-    params = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--param expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        params[key.strip()] = yaml.safe_load(value)
+    """--param KEY=VALUE as YAML (the sweep's rule); an unknown key is refused before anything runs,
+    as `sweep` does: a typo would otherwise run the whole study with the default."""
+    params = parse_sets(items, "--param")
+    unknown = sorted(set(params) - set(DEFAULTS))
+    if unknown:
+        hints = [k + "".join(f" (did you mean {c!r}?)" for c in difflib.get_close_matches(k, DEFAULTS, n=1))
+                 for k in unknown]
+        raise UsageError(f"--param: {', '.join(hints)} not a parameter of the quickstart; its parameters: "
+                         f"{', '.join(DEFAULTS)}")
     return params
+
+
+def _output_dir(params: dict, paper: bool, out: str | None) -> Path:
+    """Where run_quickstart writes (its --out, a --param output_dir, the paper file's, or the default)."""
+    paper_params = yaml.safe_load(notebook_path(PAPER_PARAMS).read_text()) if paper else {}
+    return resolve(out or params.get("output_dir") or paper_params.get("output_dir") or DEFAULTS["output_dir"])
 
 
 class _CellLog(logging.Handler):
@@ -168,8 +178,7 @@ def _cli(args: argparse.Namespace) -> int:
         if args.config:
             params = {**read_params_file(args.config), **params}
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return print_error(e)
     if args.data_dir:
         params["data_dir"] = args.data_dir
     t0 = time.perf_counter()
@@ -177,7 +186,8 @@ def _cli(args: argparse.Namespace) -> int:
         out = run_quickstart(params, paper=args.paper, output_dir=args.out)
     except Exception as e:  # papermill raises PapermillExecutionError with the cell's traceback
         print(f"error: the quickstart notebook failed: {e}", file=sys.stderr)
-        print("the executed notebook, showing the error in place, is outputs/quickstart/00_quickstart.ipynb; "
+        print(f"the executed notebook, showing the error in place, is "
+              f"{_output_dir(params, args.paper, args.out) / '00_quickstart.ipynb'}; "
               "finished runs are kept, so running the same command again resumes", file=sys.stderr)
         return 1
     print()

@@ -16,13 +16,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from vldlib.config import TrainConfig
+from vldlib.config import TrainConfig, UsageError
 from vldlib.data import MultiDomainFolder, split_domain
 from vldlib.data.cache import cache_root, cached_benchmark, cached_domain
 from vldlib.data.datasets import ArrayDataset, ImageDataset
 from vldlib.data.gpu_augment import ArraySource, DeviceBatches, normalisation_of
 from vldlib.data.order import batch_indices
 from vldlib.data.transforms import eval_transform, train_transform
+from vldlib.loop.device import cpu_plan
 from vldlib.model import FineTuneNet, weights_fingerprint
 from vldlib.utils import atomic_path, config_hash, seed_hash
 
@@ -44,11 +45,11 @@ def make_data(cfg: TrainConfig, bench: MultiDomainFolder, mean, std) -> Data:
     n_env = len(bench.domains)
     for t in cfg.test_envs:
         if not 0 <= t < n_env:
-            raise ValueError(f"test env {t} out of range: {bench.name} has {n_env} domains "
+            raise UsageError(f"test env {t} out of range: {bench.name} has {n_env} domains "
                              f"{list(enumerate(bench.domains))}; pass --test-envs 0..{n_env - 1}")
     train_envs = [i for i in range(n_env) if i not in cfg.test_envs]
     if not train_envs:
-        raise ValueError(f"every domain of {bench.name} is held out (test_envs={cfg.test_envs}); leave one to train on")
+        raise UsageError(f"every domain of {bench.name} is held out (test_envs={cfg.test_envs}); leave one to train on")
     tf_train = train_transform(cfg.resolution, mean, std) if cfg.augment else eval_transform(cfg.resolution, mean, std)
     tf_eval = eval_transform(cfg.resolution, mean, std)
     if cfg.cache_images:
@@ -67,7 +68,7 @@ def make_data(cfg: TrainConfig, bench: MultiDomainFolder, mean, std) -> Data:
         split_files.append([[bench.samples[env][i] for i in ins], [bench.samples[env][i] for i in outs]])
         if env in train_envs:
             if cfg.batch_size > len(ins):
-                raise ValueError(f"batch_size {cfg.batch_size} is larger than the 'in' split of domain "
+                raise UsageError(f"batch_size {cfg.batch_size} is larger than the 'in' split of domain "
                                  f"{bench.domains[env]!r} ({len(ins)} images); use --batch-size <= {len(ins)}")
             train.append(subset(env, ins, tf_train))
         evals[f"env{env}_in"] = subset(env, ins, tf_eval)
@@ -125,10 +126,10 @@ def train_batches(data: Data, cfg: TrainConfig, start: int, device: torch.device
     if cfg.augment_on == "device":
         yield from _device_batches(data, cfg, start, device)
         return
-    workers = cfg.num_workers if cfg.num_workers >= 0 else min(4, os.cpu_count() or 1)
+    _, workers = cpu_plan(cfg.num_workers, cfg.num_threads, len(data.train))
     loaders = [torch.utils.data.DataLoader(
         ds, batch_sampler=StepBatches(len(ds), cfg.batch_size, cfg.seed, env, start, cfg.steps),
-        num_workers=max(0, workers // len(data.train)) if workers else 0, pin_memory=device.type == "cuda",
+        num_workers=workers, pin_memory=device.type == "cuda",
         persistent_workers=False) for env, ds in zip(data.train_envs, data.train)]
     for batch in zip(*loaders):
         yield [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in batch]

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import yaml
 
 from vldlib import config as config_io
-from vldlib.config import TrainConfig
+from vldlib.config import TrainConfig, UsageError
 from vldlib.data import DataError
 from vldlib.loop.rundir import TrainingDiverged
 from vldlib.loop.train import train
@@ -37,15 +36,15 @@ def _read_config_file(path: str) -> dict:
     except OSError as e:
         raise ValueError(f"--config {p}: cannot read it ({e.strerror or e}); check the path.") from None
     except yaml.YAMLError as e:
-        raise ValueError(f"--config {p}: not valid YAML ({' '.join(str(e).split())}); fix the file.") from None
+        raise UsageError(f"--config {p}: not valid YAML ({' '.join(str(e).split())}); fix the file.") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"--config {p}: expected a mapping of field: value, got a {type(data).__name__}.")
+        raise UsageError(f"--config {p}: expected a mapping of field: value, got a {type(data).__name__}.")
     try:  # unknown keys and bad values, named with the file
         config_io.from_dict(TrainConfig, data, source=str(p))
     except ValueError as e:
-        raise ValueError(str(e) if str(p) in str(e) else f"{p}: {e}") from None
+        raise UsageError(str(e) if str(p) in str(e) else f"{p}: {e}") from None
     return data
 
 
@@ -56,7 +55,6 @@ def _cli_train(args: argparse.Namespace) -> int:
         print(json.dumps(asdict(cfg), indent=1))
         run_dir = train(cfg)
     except (ValueError, KeyError, ModelConfigError, DataError, TrainingDiverged, RuntimeError) as e:
-        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)  # no repr quotes
-        return 1
+        return config_io.print_error(e)  # 2: a bad value or option; 1: the run failed
     print(f"[vldlib] run directory: {run_dir}")
     return 0

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import pickle
 import platform
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
-from vldlib.config import TrainConfig
+from vldlib.config import TrainConfig, UsageError
 from vldlib.utils import atomic_path, config_hash
 
 
@@ -29,6 +30,10 @@ class TrainingDiverged(RuntimeError):
 
 class RunOutputError(RuntimeError):
     """Writing into the run directory failed: disk full, read-only, a file where a folder should be."""
+
+
+class ResumeRefused(RuntimeError):
+    """The run folder cannot be resumed as it is (records lost, data changed); nothing was written."""
 
 
 def _free_space(path: Path) -> str:
@@ -76,8 +81,9 @@ def run_lock(run_dir: Path) -> Iterator[bool]:
             print(f"[vldlib] {run_dir} is being trained by {holder}; waiting for it to finish", flush=True)
             fcntl.flock(fd, fcntl.LOCK_EX)
             waited = True
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"PID {os.getpid()} on {platform.node()}".encode(), 0)
+        with writing(path):  # a disk already full fails here, the first write of a run
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"PID {os.getpid()} on {platform.node()}".encode(), 0)
         yield waited
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
@@ -87,7 +93,11 @@ def run_lock(run_dir: Path) -> Iterator[bool]:
 def run_dir_for(cfg: TrainConfig) -> Path:
     """outputs/runs/<benchmark>-te<t>-p<dropout>-lr<lr>-s<seed>-<hash of every result-changing knob>."""
     if cfg.run_name:
-        return Path(cfg.out) / cfg.run_name
+        run_dir = Path(cfg.out) / cfg.run_name
+        if os.path.realpath(run_dir.parent) != os.path.realpath(cfg.out) or cfg.run_name in (".", ".."):
+            raise UsageError(f"run_name {cfg.run_name!r} must be one plain folder name: the run folder is "
+                             f"created inside --out {cfg.out}")
+        return run_dir
     bench = Path(cfg.benchmark).name if os.sep in cfg.benchmark else cfg.benchmark
     te = "+".join(map(str, cfg.test_envs))
     head = "" if cfg.head == "linear" else f"-{cfg.head}"
@@ -122,3 +132,60 @@ def ends_with_newline(path: Path) -> bool:
     with open(path, "rb") as f:
         f.seek(-1, os.SEEK_END)
         return f.read(1) == b"\n"
+
+
+# ----------------------------------------------------------------------------- resuming safely
+def expected_eval_steps(cfg: TrainConfig, upto: int) -> list[int]:
+    """The steps <= `upto` at which the loop writes an "eval" record: every eval_every, and the last."""
+    steps = list(range(cfg.eval_every, min(upto, cfg.steps) + 1, cfg.eval_every))
+    if upto >= cfg.steps and cfg.steps not in steps:
+        steps.append(cfg.steps)
+    return steps
+
+
+def check_records_reach(records_path: Path, records: list[dict], cfg: TrainConfig, step: int) -> None:
+    """Refuse to resume from a checkpoint at `step` when records.jsonl lacks evaluations before it
+    (deleted, truncated, edited): the run would finish with a partial trajectory that a report
+    reads as complete, and the lost evaluations cannot be recomputed from last.pt."""
+    have = {r.get("step") for r in records if r.get("type", "eval") == "eval"}
+    missing = [s for s in expected_eval_steps(cfg, step) if s not in have]
+    if missing:
+        shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
+        what = "is missing" if not records_path.exists() else f"lacks the evaluations at step(s) {shown}"
+        raise ResumeRefused(f"{records_path} {what}, but last.pt is at step {step}: the records were lost "
+                            f"or damaged, and resuming would finish the run with a partial trajectory. Restore "
+                            f"records.jsonl from a copy, or delete {records_path.parent} to train the run again.")
+
+
+def data_fingerprint(bench: Any) -> dict:
+    """What a run was trained on: a hash of the sorted (domain/class/file, size) list of the images it
+    loaded, and the count per domain. Taken from the files themselves, not a benchmark's manifest,
+    so images added, removed or replaced (a new size) after a build are seen too."""
+    h = hashlib.sha256()
+    counts = {}
+    for domain, samples in zip(bench.domains, bench.samples):
+        counts[domain] = len(samples)
+        for path, _label in sorted(samples):
+            p = Path(path)
+            try:
+                size = p.stat().st_size
+            except OSError:
+                size = -1
+            rel = os.path.relpath(p, bench.root)
+            h.update(f"{rel}\0{size}\n".encode())
+    return {"hash": h.hexdigest()[:16], "counts": counts}
+
+
+def check_same_data(run_dir: Path, meta: dict, now: dict) -> None:
+    """Refuse to resume a run whose data changed since it started (meta.json's fingerprint): its
+    splits, batches and checkpoint's classifier would no longer match, and meta.json would be
+    rewritten with sizes the earlier records were not computed on."""
+    before = meta.get("data_fingerprint") if isinstance(meta, dict) else None
+    if not isinstance(before, dict) or before.get("hash") == now["hash"]:
+        return
+    old, new = before.get("counts") or {}, now["counts"]
+    changes = [f"{d}: {old.get(d, 0)} -> {new.get(d, 0)} images" for d in sorted(set(old) | set(new))
+               if old.get(d) != new.get(d)] or ["same counts per domain, but files were renamed or replaced"]
+    raise ResumeRefused(f"{run_dir}: the data changed since this run started ({'; '.join(changes)}). Resuming "
+                        f"would mix two datasets in one run. Restore the data as it was, or train the new data "
+                        f"into a fresh run (delete {run_dir}, or use another --out).")

@@ -39,10 +39,14 @@ from vldlib.data.splits import out_files
 from vldlib.evaluate.scores import accuracies, ood_split, validation_score
 from vldlib.loop.averaging import AveragedTrainable  # noqa: F401  (tests import it from here)
 from vldlib.loop.batches import make_data, predict_all, train_batches, trunk_features
-from vldlib.loop.device import peak_memory_mb, resolve_device
+from vldlib.loop.device import cpu_plan, peak_memory_mb, resolve_device
 from vldlib.loop.rundir import (  # noqa: F401
+    ResumeRefused,
     RunOutputError,
     TrainingDiverged,
+    check_records_reach,
+    check_same_data,
+    data_fingerprint,
     ends_with_newline,
     load_checkpoint,
     run_dir_for,
@@ -52,7 +56,7 @@ from vldlib.loop.rundir import (  # noqa: F401
 )
 from vldlib.loop.step import TrainStep
 from vldlib.model import FineTuneNet, build_net, create_model, data_config, weights_fingerprint
-from vldlib.utils import append_jsonl, read_jsonl, seed_hash, write_json_atomic, write_text_atomic
+from vldlib.utils import append_jsonl, read_json, read_jsonl, seed_hash, write_json_atomic, write_text_atomic
 
 
 def first_non_finite(losses: list[torch.Tensor]) -> int | None:
@@ -95,8 +99,6 @@ def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> Pa
         raise TrainingDiverged(f"{run_dir} failed earlier at step {old[-1]['step']}: {old[-1]['reason']} "
                                f"Delete the folder to retry, or change the config (e.g. a lower --lr).")
     device = resolve_device(cfg.device)
-    if cfg.num_threads > 0:
-        torch.set_num_threads(cfg.num_threads)
     if device.type == "cuda" and cfg.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -104,10 +106,15 @@ def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> Pa
 
     # --- model: pretrained backbone, dropout on the penultimate features, frozen BN
     bench = load_benchmark(cfg.benchmark, cfg.data_dir, skip_bad=cfg.skip_bad, progress=cfg.progress)
+    fingerprint = data_fingerprint(bench)
+    check_same_data(run_dir, read_json(run_dir / "meta.json"), fingerprint)  # before anything is written
     net, norm, init_fingerprint = build_run_net(cfg, len(bench.classes), device)
 
     # --- data: per-domain training sets and every eval split (optionally as cached trunk outputs)
     data = make_data(cfg, bench, norm["mean"], norm["std"])
+    # torch threads and loader workers that together fit the cores (see cpu_plan)
+    loads_with_workers = cfg.augment_on == "workers" and not cfg.cache_trunk
+    torch.set_num_threads(cpu_plan(cfg.num_workers if loads_with_workers else 0, cfg.num_threads, len(data.train))[0])
     held_out_split = ood_split(bench)  # which part of a held-out domain measures o.o.d. accuracy
     features = trunk_features(net, data, cfg, device) if cfg.cache_trunk else None
     forward = net.tail if features is not None else net
@@ -138,6 +145,7 @@ def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> Pa
         # --- resume from the last checkpoint; drop records written after it
         if (run_dir / "last.pt").exists():
             ckpt = load_checkpoint(run_dir / "last.pt")
+            check_records_reach(records_path, old, cfg, ckpt["step"])  # before anything is rewritten
             net.model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
@@ -157,7 +165,7 @@ def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> Pa
             write_json_atomic(run_dir / "meta.json", {
                 "benchmark": bench.name, "domains": data.domains, "classes": data.classes, "test_envs": cfg.test_envs,
                 "train_envs": data.train_envs, "ood_split": held_out_split,
-                "split_sizes": {k: len(v) for k, v in data.evals.items()},
+                "split_sizes": {k: len(v) for k, v in data.evals.items()}, "data_fingerprint": fingerprint,
                 "out_files": out_files(bench, cfg.trial_seed, cfg.holdout),  # check the split against DomainBed's
                 "init_fingerprint": init_fingerprint, "device": str(device), "python": platform.python_version(),
                 "torch": torch.__version__, "num_params": sum(p.numel() for p in net.parameters()),
@@ -234,10 +242,12 @@ def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> Pa
                             test=f"{np.mean([acc['model'][f'env{t}_{held_out_split}'] for t in cfg.test_envs]):.3f}")
             loss_sum, correct, seen, t_interval, last_eval = zero(), zero(), 0, time.perf_counter(), done_steps
         bar.close()
-        if not cfg.keep_last:
-            (run_dir / "last.pt").unlink(missing_ok=True)
+        # `done` first: a kill between the two leaves a finished run with a spare last.pt, never
+        # a run without last.pt that would restart from scratch
         with writing(run_dir / "done"):
             write_text_atomic(run_dir / "done", time.strftime("%Y-%m-%d %H:%M:%S\n"))
+        if not cfg.keep_last:
+            (run_dir / "last.pt").unlink(missing_ok=True)
         return run_dir
 
 

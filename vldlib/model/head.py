@@ -22,10 +22,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vldlib.cliargs import UsageError
+
 HEAD_DROPOUT = "head_dropout"  # attribute name of the dropout module on a timm model
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(UsageError):
     """A backbone name, weight file or model option is wrong. The message says the fix."""
 
 

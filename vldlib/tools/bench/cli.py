@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from vldlib.config import add_flag
+from vldlib.config import UsageError, add_flag, print_error
 from vldlib.experiments.quickstart import quickstart_config
 from vldlib.loop import resolve_device
 from vldlib.tools.bench import precision
@@ -104,7 +103,7 @@ def _cli_bench(args: argparse.Namespace) -> int:
     try:
         which = _pick_config(args, cfg.device)
         if which == "quickstart" and _image_options_given(args):
-            raise ValueError("--config quickstart times the quickstart notebook's own configuration; "
+            raise UsageError("--config quickstart times the quickstart notebook's own configuration; "
                              "--backbone/--resolution/--domains/--train-stages/--data/--batch-size apply to "
                              "--config images (or change the notebook's parameters)")
         if args.steps_scaling:
@@ -122,9 +121,8 @@ def _cli_bench(args: argparse.Namespace) -> int:
             res = run_bench(cfg, json_path=args.json)
         print(f"[vldlib] written {res['json']}")
         return 0
-    except (ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except (ValueError, RuntimeError, OSError) as e:
+        return print_error(e)  # 2: options that do not go together; 1: the benchmark failed
 
 
 def _cli_steps_scaling(args: argparse.Namespace, cfg: BenchConfig, which: str) -> int:
@@ -132,7 +130,7 @@ def _cli_steps_scaling(args: argparse.Namespace, cfg: BenchConfig, which: str) -
     try:
         n, m = (int(s) for s in args.steps_scaling.split(","))
     except ValueError:
-        raise ValueError(f"--steps-scaling expects N,M (two step counts), got {args.steps_scaling!r}") from None
+        raise UsageError(f"--steps-scaling expects N,M (two step counts), got {args.steps_scaling!r}") from None
     c = cfg.resolved()
     if which == "quickstart":
         tcfg = quickstart_config(c.device)
@@ -165,12 +163,12 @@ def _cli_steps_scaling(args: argparse.Namespace, cfg: BenchConfig, which: str) -
 def _cli_bf16_accuracy(args: argparse.Namespace, cfg: BenchConfig, which: str) -> int:
 
     if which != "quickstart":
-        raise ValueError("--bf16-accuracy trains the quickstart's runs (pretrained, on the emoji benchmark); "
+        raise UsageError("--bf16-accuracy trains the quickstart's runs (pretrained, on the emoji benchmark); "
                          "image options do not apply (the GPU check runs it on full fine-tuning)")
     try:
         seeds = [int(s) for s in args.bf16_accuracy.split(",")]
     except ValueError:
-        raise ValueError(f"--bf16-accuracy expects seeds like 0,1,2, got {args.bf16_accuracy!r}") from None
+        raise UsageError(f"--bf16-accuracy expects seeds like 0,1,2, got {args.bf16_accuracy!r}") from None
     out = OUT / "bf16_accuracy"
     res = precision.bf16_accuracy(quickstart_config(cfg.device), out, seeds=seeds)
     text = precision.markdown(res, device_name(cfg.resolved().device))

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import argparse
 import signal
-import sys
 from pathlib import Path
 
+from vldlib.cliargs import UsageError, add_flag, print_error
 from vldlib.tools.sweep.grid import parse_sets
 from vldlib.tools.sweep.jobs import KERNEL
 from vldlib.tools.sweep.lock import SweepLockedError
@@ -60,8 +60,7 @@ def _status(out: str) -> int:
     try:
         df = sweep_status(out)
     except FileNotFoundError as e:
-        print(f"sweep: error: {e}", file=sys.stderr)
-        return 2
+        return print_error(e)  # 1: no sweep there
     print(status_text(df))
     return 0
 
@@ -70,8 +69,7 @@ def _cmd(args: argparse.Namespace) -> int:
     if args.status:
         return _status(args.status)
     if not args.notebook or not args.out:
-        print("sweep: error: give a NOTEBOOK and --out DIR (or --status DIR to look at a sweep)", file=sys.stderr)
-        return 2
+        return print_error(UsageError("give a NOTEBOOK and --out DIR (or --status DIR to look at a sweep)"))
     try:
         overrides = parse_sets(args.set or [])
         gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
@@ -88,9 +86,10 @@ def _cmd(args: argparse.Namespace) -> int:
         df = run_sweep(args.notebook, args.grid, args.out, launcher=args.launcher, jobs=jobs, gpus=gpus,
                        overrides=overrides, kernel_name=args.kernel,
                        launcher_options={k: v for k, v in options.items() if v is not None})
-    except (SweepLockedError, FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"sweep: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # a bad --set, grid or option: bad usage (2)
+        return print_error(e if isinstance(e, UsageError) else UsageError(str(e)))
+    except (SweepLockedError, FileNotFoundError, RuntimeError) as e:  # another sweep, a missing file: 1
+        return print_error(e)
     counts = df.status.value_counts().to_dict()
     print(f"{len(df)} jobs: " + ", ".join(f"{n} {s}" for s, n in counts.items())
           + f". Summary: {Path(args.out).resolve() / 'sweep.csv'}")
@@ -117,7 +116,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="jobs at a time (local default: number of --gpus, else 1; slurm: the array's %%N, "
                         "default all)")
     p.add_argument("--gpus", help="comma-separated GPU ids handed one per job via CUDA_VISIBLE_DEVICES")
-    p.add_argument("--dry-run", action="store_true", help="print the jobs and whether each is done; run nothing")
+    add_flag(p, "--dry-run", help="print the jobs and whether each is done; run nothing")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a parameter in every job "
                    "(YAML value; a list becomes an axis); repeatable")
     p.add_argument("--kernel", default=KERNEL, help="Jupyter kernel name (default: %(default)s)")
@@ -131,7 +130,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--setup", action="append", metavar="LINE", help="shell line run before each task, e.g. "
                    "'module load cuda'; repeatable")
     s.add_argument("--slurm-opt", action="append", metavar="KEY=VALUE", help="raw sbatch option; repeatable")
-    s.add_argument("--detach", action="store_true", help="submit and return; the tasks run on, see --status")
+    add_flag(s, "--detach", help="submit and return; the tasks run on, see --status")
     s.add_argument("--poll-s", type=float, default=None, help="seconds between squeue calls (default 15)")
     s.add_argument("--slurm-cluster", default="slurm", choices=["slurm", "local", "debug"],
                    help="submitit executor; 'local' tries the path without SLURM")

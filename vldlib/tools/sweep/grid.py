@@ -9,32 +9,16 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import yaml
 
+from vldlib.cliargs import YamlLoader as _Loader
+from vldlib.cliargs import parse_sets, parse_value  # noqa: F401  (re-exported: vldlib.tools.sweep)
+
 Grid = Mapping[str, Any] | Sequence[Mapping[str, Any]]
 RESERVED = "output_dir"  # set by the sweep for every job
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads `1e-3` as a float: YAML 1.1 insists on `1.0e-3` and would hand the
-    notebook the *string* '1e-3', a silent bug for every learning-rate grid."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-               |[0-9][0-9_]*[eE][-+]?[0-9]+|\.(?:inf|Inf|INF)|[-+]\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""",
-               re.X),
-    list("-+0123456789."))
-
-
-def parse_value(text: str) -> Any:
-    """A command-line value as YAML (`10` -> int, `1e-3` -> float, `[0, 1]` -> list, `x` -> 'x')."""
-    return yaml.load(text, Loader=_Loader)
 
 
 def load_grid(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -91,12 +75,3 @@ def apply_overrides(grid: Grid, overrides: Mapping[str, Any] | None) -> list[dic
     return [{**g, **(overrides or {})} for g in as_grids(grid)]
 
 
-def parse_sets(items: Iterable[str], flag: str = "--set") -> dict[str, Any]:
-    """`["steps=10", "lr=[1e-3]"]` -> `{"steps": 10, "lr": [0.001]}`."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"{flag} expects key=value, got {item!r}")
-        out[key.strip()] = parse_value(value)
-    return out
