@@ -22,6 +22,7 @@ from vldlib.evaluate.selection import SELECTIONS, select, summarize
 from vldlib.evaluate.tables import (
     benchmark_table,
     domainbed_table,
+    floors,
     format_cell,
     reference_comparison,
     to_latex,
@@ -111,8 +112,10 @@ def report(paths: Sequence[str | Path], out: str | Path = "outputs/report", sele
         sel.to_csv(tmp, index=False)
     write_text_atomic(out / "table.md", text + "\n")
     write_text_atomic(out / "table.tex", "\n".join(tex))
-    for name, fn in (("ood_vs_iid.png", lambda p: plot_iid_vs_ood(sel, path=p)),
-                     ("rate_curve.png", lambda p: plot_rate_curve(sel, path=p))):
+    lines = floors(sel)
+    series = [c for c in rows if c != "dropout"]  # one curve per setting: never pool head-only with full runs
+    for name, fn in (("ood_vs_iid.png", lambda p: plot_iid_vs_ood(sel, path=p, **lines)),
+                     ("rate_curve.png", lambda p: plot_rate_curve(sel, hue=series, path=p, **lines))):
         if "dropout" in sel.columns:
             plt.close(fn(out / name))
     return text

@@ -20,6 +20,7 @@ from typing import Iterator
 import torch
 
 from vldlib.config import TrainConfig
+from vldlib.data.registry import benchmark_label
 from vldlib.utils import atomic_path, config_hash
 
 
@@ -88,7 +89,7 @@ def run_dir_for(cfg: TrainConfig) -> Path:
     """outputs/runs/<benchmark>-te<t>-p<dropout>-lr<lr>-s<seed>-<hash of every result-changing knob>."""
     if cfg.run_name:
         return Path(cfg.out) / cfg.run_name
-    bench = Path(cfg.benchmark).name if os.sep in cfg.benchmark else cfg.benchmark
+    bench = benchmark_label(cfg.benchmark)
     te = "+".join(map(str, cfg.test_envs))
     head = "" if cfg.head == "linear" else f"-{cfg.head}"
     name = f"{bench}-te{te}-p{cfg.dropout:g}-lr{cfg.lr:g}-s{cfg.seed}{head}-{config_hash(cfg.identity())}"
