@@ -10,6 +10,7 @@ Also unit tests of vldlib.experiments, vldlib.evaluate.effects and vldlib.model.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -63,6 +64,67 @@ def test_experiment_notebook_runs(name, fake, tmp_path):
     selected = pd.read_csv(out / "selected.csv")
     assert set(selected.method) >= {"model", "wa", "ens"}
     _check_selected_against_records(out, selected)
+    summary = (out / "summary.md").read_text()
+    assert _check_verdicts(summary) >= 1, f"{name}: no computed effect sentence in its summary"
+    assert "fake" in summary and "on emoji" not in summary  # the caveat names the benchmark that ran
+    assert "Majority class of the held-out domain(s): 33.3%" in summary  # 6 images of each of 3 classes
+    if name in PAIRED:  # the verdicts' numbers, recomputed here from the selected runs
+        model = selected[(selected.selection == "training_domain") & (selected.method == "model")]
+        for sides, key, a, b in PAIRED[name](model):
+            d = _paired(model, key, a, b)
+            found = re.search(re.escape(sides) + r": o\.o\.d\. accuracy .*?paired difference ([+-][\d.]+)", summary)
+            assert found, (sides, summary)
+            assert float(found.group(1)) == pytest.approx(100 * d, abs=0.051), sides
+    if name == "02_dropout_sweep":  # the best rate it names is the best row of the table it prints
+        best = re.search(r"Best rate by mean o\.o\.d\. accuracy: ([\d.]+) \(([\d.]+)", summary)
+        table = pd.read_csv(out / "table.csv")
+        avg = table[table.method == "model"].set_index("dropout").Avg.map(lambda c: float(str(c).split(" ")[0]))
+        assert float(best.group(2)) == pytest.approx(avg.max(), abs=0.051)
+        assert avg[float(best.group(1))] == avg.max()
+
+
+# "B vs A: o.o.d. accuracy b% vs a%, paired difference +d ± se points (n=k pairs ...): verdict"
+EFFECT = re.compile(r"(?P<sides>[^:\n]+): [oi]\.[oi]\.d\. accuracy (?P<b>[\d.]+)% vs (?P<a>[\d.]+)%, paired difference "
+                    r"(?P<d>[+-][\d.]+)(?: ± (?P<se>[\d.]+))? points \(n=(?P<n>\d+) pairs[^)]*\)(?P<verdict>[^\n]*)")
+
+
+def _check_verdicts(summary: str) -> int:
+    """Every effect sentence agrees with its own numbers: the difference is the two means'
+    difference, and the verdict (detectable or not) follows from the difference and 2 se."""
+    count = 0
+    for m in EFFECT.finditer(summary):
+        count += 1
+        a, b, d = float(m["a"]), float(m["b"]), float(m["d"])
+        assert d == pytest.approx(b - a, abs=0.11), m[0]
+        if m["se"] is None:
+            assert "no error bar" in m["verdict"], m[0]
+            continue
+        se = float(m["se"])
+        if abs(d) < 2 * se - 0.1:
+            assert "no detectable effect" in m["verdict"], m[0]
+        elif abs(d) > 2 * se + 0.1:
+            assert ("detectable improvement" if d > 0 else "detectable loss") in m["verdict"], m[0]
+    return count
+
+
+def _paired(model: pd.DataFrame, key: dict, a, b) -> float:
+    """Mean over (held-out domain, seed) of o.o.d.(b) - o.o.d.(a), each side averaged over the rest."""
+    col = next(iter(key))
+    rest = model
+    for k, v in key[col].items():
+        rest = rest[rest[k] == v]
+    side = {v: rest[rest[col] == v].groupby(["test_env", "seed"]).ood_acc.mean() for v in (a, b)}
+    return float((side[b] - side[a]).dropna().mean())
+
+
+# notebook -> the paired contrasts its summary must state: (sides as printed, {column: other conditions}, a, b)
+PAIRED = {
+    "02_dropout_sweep": lambda m: [("dropout 0.9 vs 0", {"dropout": {}}, 0.0, 0.9)],
+    "01_ood_comparison": lambda m: [("fine-tuning, dropout=0.9 vs fine-tuning, dropout=0", {"dropout": {}}, 0.0, 0.9)],
+    "06_linear_finetuning": lambda m: [(f"fine-tuning, head=multiblock{k}, dropout=0.9 vs fine-tuning, "
+                                        f"head=multiblock{k}, dropout=0", {"dropout": {"head": f"multiblock{k}"}}, 0.0, 0.9)
+                                       for k in (1, 2)],
+}
 
 
 def _check_selected_against_records(out: Path, selected: pd.DataFrame) -> None:

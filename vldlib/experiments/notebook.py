@@ -36,7 +36,7 @@ from vldlib.data.registry import is_benchmark_path
 from vldlib.evaluate import combine, convergence
 from vldlib.evaluate.scores import load_runs
 from vldlib.evaluate.selection import select
-from vldlib.evaluate.tables import domain_majority, to_markdown
+from vldlib.evaluate.tables import domain_majority, domainbed_table, to_markdown
 from vldlib.loop import evaluate_logits, load_run_model
 from vldlib.paths import resolve
 
@@ -200,6 +200,17 @@ class Notebook:
         counts = self.bench.counts()
         majority = sum(domain_majority(counts[self.domains[t]]) for t in self.envs) / max(len(self.envs), 1)
         return {"majority": majority, "chance": 1.0 / len(self.bench.classes)}
+
+    def show_tables(self, selected: pd.DataFrame, rows: Sequence[str] = ("method", "dropout"),
+                    name: str = "table") -> pd.DataFrame:
+        """The o.o.d. and i.i.d. DomainBed tables (rows never run are left out), shown, the o.o.d.
+        one saved as `name`.csv and returned (it is the table the summary prints)."""
+        table = domainbed_table(selected, rows=rows)
+        table.to_csv(self.out / f"{name}.csv", index=False)
+        iid = domainbed_table(selected, rows=rows, metric="iid_acc")
+        display(Markdown("**o.o.d. accuracy**\n\n" + to_markdown(table) + "\n\n**i.i.d. accuracy**\n\n"
+                         + to_markdown(iid)))
+        return table
 
     def select(self, df: pd.DataFrame) -> pd.DataFrame:
         """One checkpoint per run by the notebook's `selection` (selected.csv)."""
