@@ -215,6 +215,10 @@ def test_report_notebook_on_hand_made_runs(tmp_path):
     sel = pd.read_csv(out / "selected.csv")
     assert set(sel.experiment) == {"02_dropout_sweep", "04_from_scratch", "06_linear_finetuning"}
     assert set(sel["head"]) == {"linear", "multiblock1", "multiblock3"}
+    # the rate curves keep pretrained and from-scratch runs apart (hand-made means: 0.7 + 0.05p + 0.005 and 0.5 - 0.1p)
+    curves = pd.read_csv(out / "rate_curves.csv").set_index(["experiment", "dropout"]).ood_acc_mean
+    assert curves[("02_dropout_sweep", 0.9)] == pytest.approx(0.75) and curves[("04_from_scratch", 0.9)] == pytest.approx(0.41)
+    assert (pd.read_csv(out / "tables.csv").n > 0).all()  # no empty rows
 
 
 # --------------------------------------------------------------------------- library units
