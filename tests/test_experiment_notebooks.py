@@ -223,6 +223,29 @@ def test_report_notebook_on_hand_made_runs(tmp_path):
 
 # --------------------------------------------------------------------------- library units
 
+def test_one_path_or_name_rule(tmp_path, monkeypatch):
+    """Registered names are names (even beside a folder of that name); separators or a leading "."
+    make a path; every layer asks the same function."""
+    from vldlib.config import TrainConfig
+    from vldlib.data import resolve_benchmark
+    from vldlib.data.registry import benchmark_label, is_benchmark_path
+    from vldlib.experiments.grid import with_paths
+    from vldlib.loop.rundir import run_dir_for
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "PACS").mkdir()
+    (tmp_path / "mine").mkdir()
+    assert [is_benchmark_path(x) for x in ("PACS", "pacs", "mine", "data/PACS", "./PACS", str(tmp_path))] == \
+        [False, False, True, True, True, True]
+    assert resolve_benchmark("PACS", "d")[0] == Path("d") / "PACS" and resolve_benchmark("mine")[1] is None
+    assert benchmark_label(tmp_path / "x" / "fake") == "fake" and benchmark_label("emoji") == "emoji"
+    cfg = TrainConfig(benchmark=str(tmp_path / "fake"), out=str(tmp_path))
+    assert run_dir_for(cfg).name.startswith("fake-te") and with_paths(cfg).benchmark == str(tmp_path / "fake")
+    assert with_paths(TrainConfig(benchmark="emoji")).benchmark == "emoji"
+    with pytest.raises(KeyError, match="Did you mean"):
+        resolve_benchmark("PAC")  # a typo is a name that is not registered: say so, with the close ones
+
+
 def test_as_list_accepts_scalars_lists_and_sweep_style_nesting():
     assert figures.as_list(0.9) == [0.9]
     assert figures.as_list([[0, 1], 2]) == [0, 1, 2]
