@@ -306,7 +306,8 @@ def plot_conditions(selected: pd.DataFrame, x: str, hue: str | None = None, metr
             floor_lines(ax, _per_benchmark(majority, b), _per_benchmark(chance, b))
         ax.set_xticks(range(len(xs)), [describe({x: v}) if x == "dropout" else _label(v) for v in xs],
                       rotation=20, ha="right")
-        ax.set(title=title or str(b), xlabel=x.replace("_", " "), ylabel=name)
+        ax.set(title=title or str(b), xlabel="" if x == "dropout" else x.replace("_", " "), ylabel=name,
+               xlim=(-0.5, len(xs) - 0.5))
         min_span(ax, "y")
     legend_outside(fig, axes, title=f"mean ± se over {over or 'runs'}")
     fig.tight_layout()
