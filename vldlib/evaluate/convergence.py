@@ -76,8 +76,10 @@ def plot_validation_curves(curves: pd.DataFrame, hue: str = "dropout", style: st
     g.set_axis_labels("step", "accuracy (%)")
     for ax in g.axes.flat:
         min_span(ax, "y")
-    if g.legend is not None:
-        g.legend.set_title("mean ± se over runs")
+    if g.legend is not None:  # outside the panels, saying what it averages
+        sns.move_legend(g, "upper left", bbox_to_anchor=(1.0, 0.95), frameon=False)
+        title = g.legend.get_title().get_text()
+        g.legend.set_title(f"{title}\n(mean ± se over runs)" if title else "mean ± se over runs")
     return g.figure
 
 
