@@ -220,10 +220,11 @@ class Notebook:
 
     def write_summary(self, title: str, selected: pd.DataFrame, table: pd.DataFrame, lines: Sequence[str],
                       caveat: str = SCALE_CAVEAT, extra: str = "", **facts: Any) -> str:
-        """summary.md: what ran, the o.o.d. table, one line per computed effect, the scale caveat
-        (formatted with the parameters, or `facts` over them); written, shown, and returned."""
-        p = {"benchmark": self.bench.name, **self.params, **facts}
-        p["benchmark"] = self.bench.name  # the name a reader knows, not a folder path
+        """summary.md: what ran, the error's n (one seed: no standard error), the held-out domains'
+        majority-class and chance rates, the o.o.d. table, one line per computed effect, the scale
+        caveat (formatted with the parameters, `facts` over them, and the benchmark's name);
+        written, shown, and returned."""
+        p = {**self.params, **facts, "benchmark": self.bench.name}  # the name a reader knows, not a folder path
         held = ", ".join(self.domains[t] for t in self.envs)
         floor = self.floors()
         seeds = selected.seed.nunique() if "seed" in selected else 0
