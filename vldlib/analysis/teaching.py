@@ -28,6 +28,7 @@ from vldlib.experiments.grid import with_paths
 from vldlib.loop.batches import make_data
 from vldlib.analysis.runs import untrained_run_data
 from vldlib.config import TrainConfig
+from vldlib.evaluate.scores import ood_split
 
 
 # --------------------------------------------------------------------------- exercise checkers
@@ -147,7 +148,7 @@ def split_tensors(cfg, splits: Sequence[str] = ("train", "iid", "ood")) -> dict[
     data = make_data(dataclasses.replace(cfg, batch_size=1), bench, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     test = list(cfg.test_envs)
     keys = {"train": [f"env{e}_in" for e in data.train_envs], "iid": [f"env{e}_out" for e in data.train_envs],
-            "ood": [f"env{e}_{'out' if bench.group_by_stem else 'in'}" for e in test]}
+            "ood": [f"env{e}_{ood_split(bench)}" for e in test]}
     out = {}
     for split in splits:
         items = [data.evals[k][i] for k in keys[split] for i in range(len(data.evals[k]))]

@@ -194,8 +194,10 @@ OBJECT_STYLES = register_benchmark(BenchmarkSpec(
     domains=("clipart", "lineart", "photo", "render3d"),
     classes=None,  # the classes every domain has enough images of; the build's README lists them
     builder=_build_objectstyles,
+    group_by_object=True,  # an emoji's renderings by several vendors stay on one side of the split
     description="Offline, PACS-shaped: animals, food, plants, tools, vehicles ... as clipart (Debian "
-                "openclipart-png), line art (Noto Emoji font), photographs (Debian tuxpaint-stamps-default) "
-                "and 3D renderings (npm @lobehub/fluent-emoji-3d); no object in two domains. Built from "
-                "registry packages by `python -m vldlib data build ObjectStyles`.",
+                "openclipart-png), line art (Noto Emoji font, Fluent Emoji High Contrast, EmojiOne monotone), "
+                "photographs (Debian tuxpaint-stamps-default) and 3D / colour-cartoon emoji (npm "
+                "@lobehub/fluent-emoji-3d, Noto colour, Twemoji); no object in two domains. Built from registry packages by "
+                "`python -m vldlib data build ObjectStyles`.",
 ))

@@ -38,6 +38,7 @@ class MultiDomainFolder:
     samples: list[list[tuple[str, int]]]  # samples[d] = [(path, label), ...], sorted by path
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     group_by_stem: bool = False  # split by file stem across domains (same object, other style)
+    group_by_object: bool = False  # split by object within each domain (`splits.object_of`)
 
     @property
     def num_classes(self) -> int:
@@ -54,10 +55,15 @@ class MultiDomainFolder:
         return out
 
     def groups(self, d: int) -> list[str] | None:
-        """Split groups of domain d: file stems when the benchmark splits by object, else None."""
-        if not self.group_by_stem:
-            return None
-        return [f"{self.classes[y]}/{Path(p).stem}" for p, y in self.samples[d]]
+        """Split groups of domain d: file stems shared across domains (emoji demo), objects within
+        the domain (`ObjectGroups`, ObjectStyles), or None (DomainBed's item split)."""
+        from vldlib.data.splits import ObjectGroups, object_of
+
+        if self.group_by_stem:
+            return [f"{self.classes[y]}/{Path(p).stem}" for p, y in self.samples[d]]
+        if self.group_by_object:
+            return ObjectGroups(f"{self.classes[y]}/{object_of(Path(p).stem)}" for p, y in self.samples[d])
+        return None
 
 
 def _is_hidden(p: Path) -> bool:
@@ -105,6 +111,15 @@ def check_image(path: Path) -> str | None:
         return f"decompression bomb ({e})"
     except IMAGE_ERRORS as e:
         return f"corrupt image ({e})"
+
+
+def _declares_objects(root: Path) -> bool:
+    """Whether a folder loaded by path says it must be split by object: its builder's manifest.json
+    has `"split_by": "object"` (ObjectStyles), so a path gives the same leak-free split as the name."""
+    try:
+        return json.loads((root / "manifest.json").read_text()).get("split_by") == "object"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _manifest_path(root: Path) -> Path:
@@ -261,7 +276,8 @@ def scan_folder(
     if skipped:
         print(f"[vldlib] {name}: skipped {len(skipped)} bad file(s), e.g. {skipped[0][0]} ({skipped[0][1]})")
     return MultiDomainFolder(root=root, name=name, domains=domains, classes=classes, samples=samples,
-                             skipped=skipped, group_by_stem=bool(spec and spec.group_by_stem))
+                             skipped=skipped, group_by_stem=bool(spec and spec.group_by_stem),
+                             group_by_object=bool(spec.group_by_object if spec else _declares_objects(root)))
 
 
 def resolve_benchmark(name_or_path: str | os.PathLike, data_dir: str | os.PathLike | None = None

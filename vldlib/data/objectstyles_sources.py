@@ -47,6 +47,12 @@ PACKAGES: dict[str, Package] = {p.key: p for p in (
             ("usr/share/openclipart/png/", "usr/share/doc/openclipart-png/copyright")),
     Package("fluent3d", "npm", "@lobehub/fluent-emoji-3d", "1.1.0", "MIT",
             ("package/assets/", "package/package.json")),
+    Package("fluenthc", "npm", "@iconify-json/fluent-emoji-high-contrast", "1.2.6", "MIT",
+            ("package/icons.json", "package/chars.json", "package/info.json", "package/package.json")),
+    Package("emojione", "npm", "@iconify-json/emojione-monotone", "1.2.1", "CC-BY-4.0",
+            ("package/icons.json", "package/chars.json", "package/info.json", "package/package.json")),
+    Package("notocolor", "npm", "@iconify-json/noto", "1.2.9", "Apache-2.0",
+            ("package/icons.json", "package/chars.json", "package/info.json", "package/package.json")),
 )}
 
 

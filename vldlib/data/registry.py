@@ -47,6 +47,10 @@ class BenchmarkSpec:
     # benchmarks whose domains render the same objects (emoji), so validation never sees an
     # object whose other rendering is trained on.
     group_by_stem: bool = False
+    # Split each domain by object (`splits.object_of`: file stem up to the first dot), DomainBed's
+    # split applied to objects: for benchmarks that show one object several times within a domain
+    # (ObjectStyles: one emoji by several vendors) but never in two domains.
+    group_by_object: bool = False
 
     @property
     def dirname(self) -> str:

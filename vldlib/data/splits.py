@@ -7,6 +7,11 @@ the indices 0..n-1 of the domain's `ImageFolder` (classes sorted, files sorted) 
 training domains) and the rest "in". `split_domain` does exactly that on our scan, which lists a
 domain's files in the same order, so the same `trial_seed` gives the same images, item for item.
 Runs that differ only in learning rate, dropout or training seed see exactly the same images.
+
+Benchmarks that show one object several times in a domain (ObjectStyles: one emoji drawn by
+several vendors) declare groups (`ObjectGroups`), and then DomainBed's split is applied to the
+groups instead of the items, so no object is both trained on ("in") and used to select the model
+("out"). With one item per group it is DomainBed's split, item for item.
 """
 
 from __future__ import annotations
@@ -22,14 +27,56 @@ if TYPE_CHECKING:
     from vldlib.data.folder import MultiDomainFolder
 
 
+def object_of(stem: str) -> str:
+    """The object a file shows, in benchmarks that group by object: its stem up to the first dot.
+
+    `1f415.noto` and `1f415.twemoji` are one emoji drawn by two vendors; a stem without a dot
+    (a photograph, a clipart file) is its own object. Builders name files this way.
+    """
+    return stem.split(".", 1)[0]
+
+
+class ObjectGroups(list):
+    """One domain's group keys, one per sample, for groups that never span two domains.
+
+    `split_domain` splits these with DomainBed's shuffle applied to groups (`_split_groups`);
+    a plain list of keys means groups shared across domains (the emoji demo: the same stem on the
+    same side in every domain).
+    """
+
+
+def _split_groups(groups: list[str], seed: int, holdout: float) -> np.ndarray:
+    """Out mask of DomainBed's split generalised to groups.
+
+    The distinct keys, in order of first appearance (the domain's ImageFolder order), are shuffled
+    by `RandomState(seed).shuffle`, as DomainBed shuffles indices; whole groups are then taken as
+    "out", in shuffled order, until at least `int(n * holdout)` items are out. With one item per
+    group the keys are the indices in disguise and the result is DomainBed's split.
+    """
+    keys = list(dict.fromkeys(groups))
+    np.random.RandomState(seed).shuffle(keys)
+    size: dict[str, int] = {}
+    for g in groups:
+        size[g] = size.get(g, 0) + 1
+    n_out, taken, out = int(len(groups) * holdout), 0, set()
+    for g in keys:
+        if taken >= n_out:
+            break
+        out.add(g)
+        taken += size[g]
+    return np.array([g in out for g in groups], dtype=bool)
+
+
 def split_domain(n: int, trial_seed: int, domain_index: int, holdout: float = 0.2,
                  groups: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Return sorted (in_indices, out_indices) of one domain of n samples.
 
     Without `groups`: DomainBed's `split_dataset` with its seed, so the sets are DomainBed's.
-    With `groups` (one key per sample; emoji only, not a DomainBed benchmark), whole groups go to
-    one side, and the side of a group depends on the trial seed and the key only, not on the
-    domain: the same emoji is held out in every domain.
+    With `ObjectGroups` (groups within the domain: ObjectStyles), DomainBed's split over groups
+    (`_split_groups`, same seed). With a plain list of keys (groups shared by all domains: the
+    emoji demo, not a DomainBed benchmark), whole groups go to one side, and the side of a group
+    depends on the trial seed and the key only, not on the domain: the same emoji is held out in
+    every domain.
     """
     if not 0.0 < holdout < 1.0:
         raise ValueError(f"holdout fraction must be in (0, 1), got {holdout}")
@@ -40,6 +87,10 @@ def split_domain(n: int, trial_seed: int, domain_index: int, holdout: float = 0.
         return np.sort(np.array(keys[n_out:], dtype=np.int64)), np.sort(np.array(keys[:n_out], dtype=np.int64))
     if len(groups) != n:
         raise ValueError(f"got {len(groups)} group keys for {n} samples")
+    if isinstance(groups, ObjectGroups):
+        out_mask = _split_groups(groups, seed_hash(trial_seed, domain_index), holdout)
+        idx = np.arange(n)
+        return idx[~out_mask], idx[out_mask]
     out_mask = np.array([(seed_hash(trial_seed, "group", g) % 10_000) < holdout * 10_000 for g in groups])
     idx = np.arange(n)
     return idx[~out_mask], idx[out_mask]

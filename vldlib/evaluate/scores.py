@@ -51,7 +51,11 @@ def ood_split(benchmark: Any) -> str:
     """Which split of a held-out domain measures o.o.d. accuracy: "in" (DomainBed's), or "out" for
     benchmarks whose domains show the same objects (emoji): their "in" part was trained on in other
     styles, so only the "out" part holds objects never seen. `benchmark` is a loaded benchmark, a
-    registered name, or a folder path (nothing known about shared objects: "in")."""
+    registered name, or a folder path (nothing known about shared objects: "in").
+
+    Benchmarks grouped by object *within* domains (ObjectStyles: one emoji drawn by several vendors)
+    get "in": no object is in two domains, so nothing of the held-out domain was seen in training,
+    and its "in" split is DomainBed's test-domain number."""
     group_by_stem = getattr(benchmark, "group_by_stem", None)
     if group_by_stem is None:
         try:
