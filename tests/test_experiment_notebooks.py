@@ -10,6 +10,7 @@ Also unit tests of vldlib.experiments, vldlib.evaluate.effects and vldlib.model.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -63,6 +64,67 @@ def test_experiment_notebook_runs(name, fake, tmp_path):
     selected = pd.read_csv(out / "selected.csv")
     assert set(selected.method) >= {"model", "wa", "ens"}
     _check_selected_against_records(out, selected)
+    summary = (out / "summary.md").read_text()
+    assert _check_verdicts(summary) >= 1, f"{name}: no computed effect sentence in its summary"
+    assert "fake" in summary and "on emoji" not in summary  # the caveat names the benchmark that ran
+    assert "Majority class of the held-out domain(s): 33.3%" in summary  # 6 images of each of 3 classes
+    if name in PAIRED:  # the verdicts' numbers, recomputed here from the selected runs
+        model = selected[(selected.selection == "training_domain") & (selected.method == "model")]
+        for sides, key, a, b in PAIRED[name](model):
+            d = _paired(model, key, a, b)
+            found = re.search(re.escape(sides) + r": o\.o\.d\. accuracy .*?paired difference ([+-][\d.]+)", summary)
+            assert found, (sides, summary)
+            assert float(found.group(1)) == pytest.approx(100 * d, abs=0.051), sides
+    if name == "02_dropout_sweep":  # the best rate it names is the best row of the table it prints
+        best = re.search(r"Best rate by mean o\.o\.d\. accuracy: ([\d.]+) \(([\d.]+)", summary)
+        table = pd.read_csv(out / "table.csv")
+        avg = table[table.method == "model"].set_index("dropout").Avg.map(lambda c: float(str(c).split(" ")[0]))
+        assert float(best.group(2)) == pytest.approx(avg.max(), abs=0.051)
+        assert avg[float(best.group(1))] == avg.max()
+
+
+# "B vs A: o.o.d. accuracy b% vs a%, paired difference +d ± se points (n=k pairs ...): verdict"
+EFFECT = re.compile(r"(?P<sides>[^:\n]+): [oi]\.[oi]\.d\. accuracy (?P<b>[\d.]+)% vs (?P<a>[\d.]+)%, paired difference "
+                    r"(?P<d>[+-][\d.]+)(?: ± (?P<se>[\d.]+))? points \(n=(?P<n>\d+) pairs[^)]*\)(?P<verdict>[^\n]*)")
+
+
+def _check_verdicts(summary: str) -> int:
+    """Every effect sentence agrees with its own numbers: the difference is the two means'
+    difference, and the verdict (detectable or not) follows from the difference and 2 se."""
+    count = 0
+    for m in EFFECT.finditer(summary):
+        count += 1
+        a, b, d = float(m["a"]), float(m["b"]), float(m["d"])
+        assert d == pytest.approx(b - a, abs=0.11), m[0]
+        if m["se"] is None:
+            assert "no error bar" in m["verdict"], m[0]
+            continue
+        se = float(m["se"])
+        if abs(d) < 2 * se - 0.1:
+            assert "no detectable effect" in m["verdict"], m[0]
+        elif abs(d) > 2 * se + 0.1:
+            assert ("detectable improvement" if d > 0 else "detectable loss") in m["verdict"], m[0]
+    return count
+
+
+def _paired(model: pd.DataFrame, key: dict, a, b) -> float:
+    """Mean over (held-out domain, seed) of o.o.d.(b) - o.o.d.(a), each side averaged over the rest."""
+    col = next(iter(key))
+    rest = model
+    for k, v in key[col].items():
+        rest = rest[rest[k] == v]
+    side = {v: rest[rest[col] == v].groupby(["test_env", "seed"]).ood_acc.mean() for v in (a, b)}
+    return float((side[b] - side[a]).dropna().mean())
+
+
+# notebook -> the paired contrasts its summary must state: (sides as printed, {column: other conditions}, a, b)
+PAIRED = {
+    "02_dropout_sweep": lambda m: [("dropout 0.9 vs 0", {"dropout": {}}, 0.0, 0.9)],
+    "01_ood_comparison": lambda m: [("fine-tuning, dropout=0.9 vs fine-tuning, dropout=0", {"dropout": {}}, 0.0, 0.9)],
+    "06_linear_finetuning": lambda m: [(f"fine-tuning, head=multiblock{k}, dropout=0.9 vs fine-tuning, "
+                                        f"head=multiblock{k}, dropout=0", {"dropout": {"head": f"multiblock{k}"}}, 0.0, 0.9)
+                                       for k in (1, 2)],
+}
 
 
 def _check_selected_against_records(out: Path, selected: pd.DataFrame) -> None:
@@ -153,9 +215,36 @@ def test_report_notebook_on_hand_made_runs(tmp_path):
     sel = pd.read_csv(out / "selected.csv")
     assert set(sel.experiment) == {"02_dropout_sweep", "04_from_scratch", "06_linear_finetuning"}
     assert set(sel["head"]) == {"linear", "multiblock1", "multiblock3"}
+    # the rate curves keep pretrained and from-scratch runs apart (hand-made means: 0.7 + 0.05p + 0.005 and 0.5 - 0.1p)
+    curves = pd.read_csv(out / "rate_curves.csv").set_index(["experiment", "dropout"]).ood_acc_mean
+    assert curves[("02_dropout_sweep", 0.9)] == pytest.approx(0.75) and curves[("04_from_scratch", 0.9)] == pytest.approx(0.41)
+    assert (pd.read_csv(out / "tables.csv").n > 0).all()  # no empty rows
 
 
 # --------------------------------------------------------------------------- library units
+
+def test_one_path_or_name_rule(tmp_path, monkeypatch):
+    """Registered names are names (even beside a folder of that name); separators or a leading "."
+    make a path; every layer asks the same function."""
+    from vldlib.config import TrainConfig
+    from vldlib.data import resolve_benchmark
+    from vldlib.data.registry import benchmark_label, is_benchmark_path
+    from vldlib.experiments.grid import with_paths
+    from vldlib.loop.rundir import run_dir_for
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "PACS").mkdir()
+    (tmp_path / "mine").mkdir()
+    assert [is_benchmark_path(x) for x in ("PACS", "pacs", "mine", "data/PACS", "./PACS", str(tmp_path))] == \
+        [False, False, True, True, True, True]
+    assert resolve_benchmark("PACS", "d")[0] == Path("d") / "PACS" and resolve_benchmark("mine")[1] is None
+    assert benchmark_label(tmp_path / "x" / "fake") == "fake" and benchmark_label("emoji") == "emoji"
+    cfg = TrainConfig(benchmark=str(tmp_path / "fake"), out=str(tmp_path))
+    assert run_dir_for(cfg).name.startswith("fake-te") and with_paths(cfg).benchmark == str(tmp_path / "fake")
+    assert with_paths(TrainConfig(benchmark="emoji")).benchmark == "emoji"
+    with pytest.raises(KeyError, match="Did you mean"):
+        resolve_benchmark("PAC")  # a typo is a name that is not registered: say so, with the close ones
+
 
 def test_as_list_accepts_scalars_lists_and_sweep_style_nesting():
     assert figures.as_list(0.9) == [0.9]

@@ -96,8 +96,8 @@ def _check_10(out: Path) -> None:
     summary = (out / "summary.md").read_text()
     for b in (0.9, 0.95):
         pairs = u[u.dropout == b].set_index("test_env").ood_acc - u[u.dropout == 0].set_index("test_env").ood_acc
-        line = next(s for s in summary.splitlines() if s.startswith(f"- o.o.d. accuracy at dropout {b:g} vs 0"))
-        assert f"paired difference {100 * pairs.mean():+.3g}" in line and f"(n={len(pairs)})" in line, line
+        line = next(s for s in summary.splitlines() if s.startswith(f"- dropout {b:g} vs 0: o.o.d. accuracy"))
+        assert f"paired difference {100 * pairs.mean():+.1f}" in line and f"(n={len(pairs)} pairs" in line, line
 
 
 def _check_11(out: Path) -> None:

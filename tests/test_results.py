@@ -181,6 +181,10 @@ def test_domainbed_table(tmp_path):
     with pytest.raises(ValueError, match="mixes benchmarks"):
         R.domainbed_table(mixed)
     assert list(R.benchmark_table(mixed).columns) == ["method", "dropout", "PACS", "VLCS", "Avg"]
+    # one seed: mean alone (n=1 says why); rows never run are not listed (no n=0 rows)
+    one = R.domainbed_table(sel[(sel.seed == 0) & ~((sel.dropout == 0.9) & (sel.lr == 5e-4))], rows=["dropout", "lr"])
+    assert len(one) == 3 and one.n.tolist() == [1, 1, 1] and not one.stack().astype(str).str.contains("±").any()
+    assert one.set_index(["dropout", "lr"]).loc[(0.9, 1e-3), "art_painting"] == "59.2"  # .5+.09+.002
     md, tex = R.to_markdown(t), R.to_latex(t)
     assert "| method" in md and "59.6 ± 0.5" in md
     assert r"art\_painting" in tex and r"$\pm$" in tex and r"\toprule" in tex
@@ -203,29 +207,105 @@ def test_reference_and_comparison(tmp_path):
 
 # ---------------------------------------------------------------- plots and report
 
-def test_plots(tmp_path):
+def _legend_texts(fig) -> list[str]:
+    return [t.get_text() for leg in fig.legends + [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+            for t in leg.get_texts()]
+
+
+def test_iid_vs_ood_figure_shows_percent_rates_n_and_floors(tmp_path):
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+
+    from vldlib.evaluate.plots import MIN_SPAN, RATE_COLORS
+
+    sel = _sweep(tmp_path / "runs")
+    fig = R.plot_iid_vs_ood(sel, reference=False, majority=0.35, chance=0.25, path=tmp_path / "a.png")
+    ax = fig.axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("i.i.d. accuracy (%)", "o.o.d. accuracy (%)")
+    # the points are the sweep's known means in % (iid 0.805; ood 0.536 and 0.626, see _sweep), in the rates' colours
+    points = {(round(float(ln.get_xdata()[0]), 3), round(float(ln.get_ydata()[0]), 3)): to_hex(ln.get_color())
+              for ln in ax.lines if len(ln.get_xdata()) == 1 and ln.get_linestyle() in ("None", "")}
+    assert points[(80.5, 53.6)] == RATE_COLORS[0.0] and points[(80.5, 62.6)] == RATE_COLORS[0.9]
+    legend = _legend_texts(fig)
+    # what a student reads: the rate named as a rate, the method in words, the number of seeds
+    assert "dropout rate 0.9, fine-tuning (n=2)" in legend, legend
+    assert not any("=ens" in t or "dropout=" in t for t in legend)
+    assert "majority class (35.0%)" in legend and "chance (25.0%)" in legend
+    floor = [ln for ln in ax.lines if ln.get_linestyle() == ":"]
+    assert sorted(float(ln.get_ydata()[0]) for ln in floor) == [25.0, 35.0]
+    assert fig.legends and not ax.get_legend()  # one legend, outside the panel
+    # the means differ by 9 points on o.o.d. and not at all on i.i.d.: both axes still span >= MIN_SPAN
+    assert ax.get_xlim()[1] - ax.get_xlim()[0] >= MIN_SPAN and ax.get_ylim()[1] - ax.get_ylim()[0] >= MIN_SPAN
+    assert (tmp_path / "a.png").exists()
+    plt.close(fig)
+
+
+def test_rate_colours_are_fixed_and_distinct():
+    from matplotlib.colors import to_rgb
+
+    from vldlib.evaluate.plots import rate_color
+
+    a, b = to_rgb(rate_color(0.9)), to_rgb(rate_color(0.95))
+    assert sum((x - y) ** 2 for x, y in zip(a, b)) ** 0.5 > 0.3  # not two near-identical yellows
+    assert rate_color(0.9) == rate_color("0.9") == rate_color(0.90000001)
+
+
+def test_rate_curve_never_pools_settings(tmp_path):
     import matplotlib.pyplot as plt
 
     sel = _sweep(tmp_path / "runs")
-    fig = R.plot_iid_vs_ood(sel, path=tmp_path / "a.png")
-    fig2 = R.plot_rate_curve(sel, path=tmp_path / "b.png")
-    df = R.load_runs([tmp_path / "runs" / "p0.0_t0_s0_lr0.001"])
-    fig3 = R.plot_training_curves(df, path=tmp_path / "c.png")
-    import numpy as np
-    from PIL import Image
+    # half of the runs trained only the head: they must be a line of their own
+    mixed = pd.concat([sel, sel.assign(train_stages=0, ood_acc=sel.ood_acc - 0.2)], ignore_index=True)
+    fig = R.plot_rate_curve(mixed, hue=["method", "train_stages"], reference=False, majority=0.4)
+    ax = fig.axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("dropout rate", "o.o.d. accuracy (%)")
+    curves = [ln for ln in ax.lines if ln.get_marker() == "o"]  # not the floor lines or error-bar caps
+    assert len(curves) == 2  # (method, train_stages) pairs, each over the two rates
+    tops = sorted(round(float(ln.get_ydata()[1]), 1) for ln in curves)
+    assert tops == [42.6, 62.6]  # the two settings' rate-0.9 means, in %, not pooled into 52.6
+    legend = _legend_texts(fig)
+    assert any(t == "fine-tuning, head only (n=2)" for t in legend), legend
+    assert "majority class (40.0%)" in legend
+    plt.close(fig)
 
-    for f in ("a.png", "b.png", "c.png"):  # real images with something drawn, not blank canvases
-        with Image.open(tmp_path / f) as im:
-            px = np.asarray(im.convert("L"))
-        assert min(px.shape) > 100 and (px < 128).mean() > 0.005
-    # the i.i.d./o.o.d. points are the sweep's known means (iid 0.805; ood 0.536 and 0.626, see _sweep)
-    points = {(round(float(ln.get_xdata()[0]), 3), round(float(ln.get_ydata()[0]), 3))
-              for ln in fig.axes[0].lines if len(ln.get_xdata()) == 1}
-    assert {(80.5, 53.6), (80.5, 62.6)} <= points
+
+def test_training_curves_and_conditions_figures(tmp_path):
+    import matplotlib.pyplot as plt
+
+    sel = _sweep(tmp_path / "runs")
+    df = R.load_runs([tmp_path / "runs" / "p0.0_t0_s0_lr0.001"])
+    fig = R.plot_training_curves(df, path=tmp_path / "c.png")
+    assert fig.axes[0].get_ylabel() == "accuracy (%)" and not fig.axes[0].get_legend() and fig.legends
+    assert "art_painting in (test)" in _legend_texts(fig)
     with pytest.raises(ValueError, match="pass run="):
         R.plot_training_curves(R.load_runs([tmp_path / "runs"]))
-    for f in (fig, fig2, fig3):
+    fig2 = R.plot_conditions(sel, x="dropout", majority=0.3)
+    ax = fig2.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["dropout rate 0", "dropout rate 0.9"]
+    assert ax.get_ylabel() == "o.o.d. accuracy (%)"
+    assert [round(float(y), 1) for y in next(ln for ln in ax.lines if ln.get_marker() == "o").get_ydata()] == [53.6, 62.6]
+    assert "mean ± se (n=2)" in _legend_texts(fig2)
+    for f in (fig, fig2):
         plt.close(f)
+
+
+def test_validation_curves_one_line_per_head_and_rate(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from vldlib.evaluate import convergence
+
+    for head in ("multiblock1", "multiblock3"):
+        for p in (0.0, 0.9):
+            make_run(tmp_path, f"{head}_{p}", [make_record(s, accs(.5 + .1 * p, .4)) for s in (100, 200)],
+                     dropout=p, head=head)
+    curves = convergence.validation_curves(R.load_runs([tmp_path]))
+    fig = convergence.plot_validation_curves(curves, hue="dropout", style="head")
+    ax = fig.axes[0]
+    assert ax.get_ylabel() == "accuracy (%)"
+    drawn = [ln for ln in ax.lines if len(ln.get_xdata()) == 2]
+    assert len(drawn) == 4  # (head, rate): never the two heads pooled into one line per rate
+    assert sorted({round(float(ln.get_ydata()[0]), 1) for ln in drawn}) == [50.0, 59.0]
+    plt.close(fig)
 
 
 def test_report_cli(tmp_path, capsys):
@@ -254,4 +334,5 @@ def test_format_cell():
     assert R.format_cell(0.7871, 0.0032) == "78.7 ± 0.3"
     assert R.format_cell(float("nan"), 0.1) == "-"
     assert R.format_cell(0.5, float("nan"), percent=False, digits=3) == "0.500 ± 0.000"
+    assert R.format_cell(0.7871, 0.0, n=1) == "78.7"  # one seed: no "± 0.0"
     assert not math.isnan(paper_reference().ood_acc.sum())

@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 from vldlib.analysis.runs import load_run_data
 from vldlib.evaluate.effects import effect_sentence, paired_effect
+from vldlib.evaluate.plots import rate_palette  # THE rate -> colour map, shared by every figure
 
 
 def feature_importance(weight: torch.Tensor, feature_std: torch.Tensor) -> torch.Tensor:
@@ -134,14 +135,6 @@ def head_usage(run_data, ks: Iterable[int] | None = None, n_random: int = 5, spl
 
 
 # --------------------------------------------------------------------------- the notebook's tables, figures, text
-def rate_palette(rates: Iterable[float]) -> dict[str, tuple]:
-    """One clearly distinct colour per dropout rate (label "{rate:g}"), the same in every figure."""
-    import seaborn as sns
-
-    rates = sorted(set(rates))
-    return dict(zip([f"{r:g}" for r in rates], sns.color_palette("colorblind", len(rates))))
-
-
 def usage_tables(configs: Sequence, run_dirs: Sequence, domains: Sequence[str], n_random: int = 5,
                  device: str = "auto") -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """For every run: its `head_usage` summary (one row), its ablation table, and its sorted

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp
 from vldlib.analysis.runs import initial_net, load_run_data
+from vldlib.evaluate.plots import rate_palette
 
 
 class _Method(nn.Module):
@@ -281,9 +282,9 @@ def plot_taylor(taylor: pd.DataFrame):
     axes[0].set(title="o.o.d. accuracy (all rates; ± s.e.)", ylim=(0, 100), ylabel="accuracy (%)")
     axes[0].legend(fontsize=7)
     rate = taylor.assign(rate=taylor.dropout.map("{:g}".format))
-    sns.barplot(rate, x="init", y="agreement", hue="rate", errorbar="se", palette="colorblind", ax=axes[1])
+    sns.barplot(rate, x="init", y="agreement", hue="rate", errorbar="se", palette=rate_palette(taylor.dropout), ax=axes[1])
     axes[1].set(title="Taylor model agrees with fine-tuned (± s.e.)", ylim=(0, 1), ylabel="agreement (fraction)")
-    sns.barplot(rate, x="init", y="body_relative", hue="rate", errorbar="se", palette="colorblind", ax=axes[2])
+    sns.barplot(rate, x="init", y="body_relative", hue="rate", errorbar="se", palette=rate_palette(taylor.dropout), ax=axes[2])
     axes[2].set(title="relative distance of the trained stage", ylabel="||θ1-θ0|| / ||θ0||")
     for ax in axes[1:]:
         ax.legend(title="dropout rate", fontsize=7)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from vldlib.data.registry import BenchmarkSpec, get_spec
+from vldlib.data.registry import BenchmarkSpec, get_spec, is_benchmark_path
 from vldlib.utils import write_json_atomic
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -282,9 +282,9 @@ def scan_folder(
 
 def resolve_benchmark(name_or_path: str | os.PathLike, data_dir: str | os.PathLike | None = None
                       ) -> tuple[Path, BenchmarkSpec | None]:
-    """A registered name is looked up under `data_dir`; anything else is a folder path."""
+    """A registered name is looked up under `data_dir`; a path (`is_benchmark_path`) is itself."""
     p = Path(name_or_path)
-    if p.is_dir() or os.sep in str(name_or_path) or str(name_or_path).startswith("."):
+    if is_benchmark_path(name_or_path):
         return p, None
     spec = get_spec(str(name_or_path))
     if data_dir is None:
@@ -309,10 +309,7 @@ def prepare_benchmark(name_or_path: str | os.PathLike, data_dir: str | os.PathLi
     offline builder (emoji); relative paths are taken from the project root (`vldlib.paths`)."""
     from vldlib.paths import resolve
 
-    try:
-        spec = get_spec(str(name_or_path))
-    except KeyError:
-        spec = None  # a folder path
+    spec = None if is_benchmark_path(name_or_path) else get_spec(str(name_or_path))
     if spec is not None and spec.builder is not None:
         spec.builder(resolve(data_dir), progress=progress)
     return load_benchmark(str(name_or_path) if spec else resolve(name_or_path), resolve(data_dir), progress=progress)

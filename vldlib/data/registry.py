@@ -8,7 +8,9 @@ DomainBed benchmarks and DomainNet; `vldlib.data.emoji` registers the offline em
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 
@@ -75,6 +77,30 @@ def register_benchmark(spec: BenchmarkSpec) -> BenchmarkSpec:
 
 def list_benchmarks() -> list[str]:
     return sorted(BENCHMARKS)
+
+
+def is_benchmark_path(name_or_path: str | os.PathLike) -> bool:
+    """THE rule for "is this a folder path or a registered benchmark name" (every caller asks here).
+
+    A path contains a separator or starts with "." (`data/PACS`, `./mine`, `/abs/x`); a bare
+    word is a registered name when one is registered under it (names win over folders of the
+    same name in the current directory), otherwise a path when such a folder exists. A bare
+    word that is neither is taken as a name, so that `get_spec` answers with "did you mean".
+
+    >>> is_benchmark_path("PACS"), is_benchmark_path("data/PACS"), is_benchmark_path("./x")
+    (False, True, True)
+    """
+    s = str(name_or_path)
+    if "/" in s or os.sep in s or s.startswith("."):
+        return True
+    if s.lower() in {k.lower() for k in BENCHMARKS}:
+        return False
+    return Path(s).is_dir()
+
+
+def benchmark_label(name_or_path: str | os.PathLike) -> str:
+    """A short name for run folders and titles: the registered name, or the folder's last part."""
+    return Path(str(name_or_path)).name if is_benchmark_path(name_or_path) else str(name_or_path)
 
 
 def get_spec(name: str) -> BenchmarkSpec:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from vldlib.data.benchmarks import TOTAL
 from vldlib.data.folder import DataError, scan_folder
-from vldlib.data.registry import BenchmarkSpec, get_spec
+from vldlib.data.registry import BenchmarkSpec, get_spec, is_benchmark_path
 
 
 @dataclass
@@ -137,7 +137,7 @@ def verify_path(name_or_path: str | os.PathLike, data_dir: str | os.PathLike = "
     >>> print(verify_path("data/my_benchmark").table())     # doctest: +SKIP
     """
     p = Path(name_or_path)
-    if not (p.is_dir() or os.sep in str(name_or_path) or str(name_or_path).startswith(".")):
+    if not is_benchmark_path(name_or_path):
         return verify_benchmark(str(name_or_path), data_dir, check_images=check_images, progress=progress)
     from vldlib.data.registry import list_benchmarks
 

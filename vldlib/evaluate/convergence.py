@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
+from vldlib.evaluate.plots import min_span, rate_palette
 from vldlib.evaluate.scores import per_step_scores
 
 
@@ -53,17 +54,32 @@ def plateau_check(curves: pd.DataFrame, by: Sequence[str] = ("dropout",), tail: 
     return pd.DataFrame(rows)
 
 
-def plot_validation_curves(curves: pd.DataFrame, hue: str = "dropout") -> plt.Figure:
-    """i.i.d. validation and training-domain accuracy vs step, mean and spread over runs."""
-    long = curves.melt(id_vars=["run", "step", hue], value_vars=["iid_acc", "train_in_acc", "ood_acc"],
+def plot_validation_curves(curves: pd.DataFrame, hue: str = "dropout", style: str | None = None) -> plt.Figure:
+    """i.i.d. validation, training-domain and o.o.d. accuracy (%) vs step, mean ± se over runs:
+    one line per `hue` value (rates in their fixed colours), and per `style` value when given
+    (e.g. "head": one line per (head, rate), never pooled)."""
+    ids = ["run", "step", hue] + ([style] if style else [])
+    long = curves.melt(id_vars=ids, value_vars=["iid_acc", "train_in_acc", "ood_acc"],
                        var_name="accuracy", value_name="value")
+    long["value"] = 100 * long["value"]
     long["accuracy"] = long["accuracy"].map({"iid_acc": "i.i.d. validation (train domains, out split)",
                                              "train_in_acc": "training data (train domains, in split)",
                                              "ood_acc": "o.o.d. (held-out domain)"})
-    g = sns.relplot(data=long, x="step", y="value", hue=hue, col="accuracy", kind="line", errorbar="se",
-                    palette="viridis", height=3.2, aspect=1.2, facet_kws={"sharey": False})
+    if hue == "dropout":
+        long["dropout rate"] = long["dropout"].map(lambda r: f"{float(r):g}")
+        hue, palette = "dropout rate", rate_palette(long["dropout"])
+    else:
+        palette = "colorblind"
+    g = sns.relplot(data=long, x="step", y="value", hue=hue, style=style, col="accuracy", kind="line",
+                    errorbar="se", palette=palette, height=3.2, aspect=1.2, facet_kws={"sharey": False})
     g.set_titles("{col_name}")
-    g.set_axis_labels("step", "accuracy")
+    g.set_axis_labels("step", "accuracy (%)")
+    for ax in g.axes.flat:
+        min_span(ax, "y")
+    if g.legend is not None:  # outside the panels, saying what it averages
+        sns.move_legend(g, "upper left", bbox_to_anchor=(1.0, 0.95), frameon=False)
+        title = g.legend.get_title().get_text()
+        g.legend.set_title(f"{title}\n(mean ± se over runs)" if title else "mean ± se over runs")
     return g.figure
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -33,72 +33,178 @@ def _label(method: Any) -> str:
     return METHOD_LABELS.get(str(method), str(method))
 
 
+# --------------------------------------------------------------------------- one look for every figure
+
+# THE colour of each dropout rate, in every figure: neighbouring rates (0.9, 0.95) far apart in hue
+RATE_COLORS = {0.0: "#1f77b4", 0.1: "#17becf", 0.2: "#2ca02c", 0.3: "#bcbd22", 0.5: "#9467bd", 0.7: "#8c564b",
+               0.8: "#e377c2", 0.9: "#ff7f0e", 0.95: "#d62728", 0.99: "#000000"}
+_SPARE_COLORS = ["#7f7f7f", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173"]
+MIN_SPAN = 10.0  # points: the least an accuracy axis spans, so that noise never looks large
+
+
+def rate_color(rate: Any) -> str:
+    """The fixed colour of a dropout rate (`RATE_COLORS`); other rates get a spare dark colour."""
+    try:
+        r = round(float(rate), 4)
+    except (TypeError, ValueError):
+        return _SPARE_COLORS[0]
+    return RATE_COLORS.get(r, _SPARE_COLORS[int(r * 1000) % len(_SPARE_COLORS)])
+
+
+def rate_palette(rates: Any) -> dict[str, str]:
+    """{"0.9": colour, ...} for seaborn's `palette=` with rates written as "%g" strings."""
+    return {f"{float(r):g}": rate_color(r) for r in pd.Series(list(rates)).dropna().unique()}
+
+
+def describe(key: Mapping[str, Any]) -> str:
+    """A legend entry a student can read: {"dropout": 0.9, "method": "wa"} -> "dropout rate 0.9,
+    trajectory weight average"; other columns as "name value"."""
+    parts = []
+    for col, v in key.items():
+        if col == "dropout":
+            parts.append(f"dropout rate {float(v):g}")
+        elif col == "method":
+            parts.append(_label(v))
+        elif col == "pretrained":
+            parts.append("pretrained" if str(v).lower() in ("true", "1") else "from scratch")
+        elif col == "train_stages":
+            k = pd.to_numeric(v, errors="coerce")
+            parts.append("all stages trained" if pd.isna(k) else "head only" if k == 0 else f"last {k:g} stage(s) + head")
+        else:
+            parts.append(f"{col.replace('_', ' ')} {v:g}" if isinstance(v, float) else f"{col.replace('_', ' ')} {v}")
+    return ", ".join(parts)
+
+
+def _with_n(label: str, n: Any) -> str:
+    return f"{label} (n={int(n)})" if pd.notna(n) else label
+
+
+def legend_outside(fig: Any, axes: Sequence[Any], title: str | None = None) -> None:
+    """One legend for all panels, to the right of them (never over the data), each entry once."""
+    uniq: dict[str, Any] = {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            uniq.setdefault(lab, h)
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+    if uniq:
+        fig.legend(uniq.values(), uniq.keys(), loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=8,
+                   frameon=False, title=title)
+
+
+def floor_lines(ax: Any, majority: float | None = None, chance: float | None = None,
+                vertical: bool = False) -> None:
+    """The majority-class rate (dotted black) and chance 1/K (dotted grey), as fractions, drawn
+    in % where an accuracy axis is: a model below them learned nothing usable."""
+    line = ax.axvline if vertical else ax.axhline
+    if majority is not None and pd.notna(majority):
+        line(100 * majority, color="k", ls=":", lw=1.2, label=f"majority class ({100 * majority:.1f}%)")
+    if chance is not None and pd.notna(chance):
+        line(100 * chance, color="grey", ls=":", lw=1.0, label=f"chance ({100 * chance:.1f}%)")
+
+
+def min_span(ax: Any, axis: str = "y", span: float = MIN_SPAN) -> None:
+    """Widen an accuracy axis (in %) to at least `span` points around its data, inside 0-100."""
+    lo, hi = ax.get_ylim() if axis == "y" else ax.get_xlim()
+    if hi - lo < span:
+        mid = (lo + hi) / 2
+        lo, hi = mid - span / 2, mid + span / 2
+        if lo < 0:
+            lo, hi = 0.0, span
+        if hi > 100:
+            lo, hi = 100.0 - span, 100.0
+        (ax.set_ylim if axis == "y" else ax.set_xlim)(lo, hi)
+
+
+def _per_benchmark(value: Any, benchmark: Any) -> float | None:
+    return value.get(benchmark) if isinstance(value, Mapping) else value
+
+
 def _panels(n: int, width: float = 4.2, height: float = 3.6):
     sns.set_theme(style="whitegrid", context="paper")
     fig, axes = plt.subplots(1, max(n, 1), figsize=(width * max(n, 1), height), squeeze=False)
     return fig, list(axes[0])
 
 
+def _columns(hue: str | Sequence[str] | None) -> list[str]:
+    return [] if hue is None else [hue] if isinstance(hue, str) else list(hue)
+
+
 def plot_iid_vs_ood(selected: pd.DataFrame, hue: str = "dropout", style: str = "method",
-                    over: str | None = "seed", reference: bool = True, path: str | Path | None = None):
-    """i.i.d. vs o.o.d. accuracy, one panel per benchmark, like the paper's Fig 2.
+                    over: str | None = "seed", reference: bool = True, path: str | Path | None = None,
+                    majority: float | Mapping[str, float] | None = None, chance: float | Mapping | None = None):
+    """i.i.d. vs o.o.d. accuracy (%), one panel per benchmark, like the paper's Fig 2.
 
     One point per (hue, style) value, averaged over held-out domains and everything else not
-    named; error bars are ± se over `over`. With `reference`, the paper's points (fine-tuning
-    at each dropout rate) are drawn as grey crosses on the benchmarks it ran. Returns the Figure.
+    named; error bars are ± se over `over`, n in the legend. Rates keep their fixed colours. Both
+    axes span at least `MIN_SPAN` points. `majority`/`chance` (fractions, or per benchmark) draw
+    the o.o.d. floors. With `reference`, the paper's points are grey crosses. Returns the Figure.
     """
     check_columns(selected, [hue, style, "benchmark"], "plot_iid_vs_ood")
     benches = sorted(selected.benchmark.dropna().unique())
     fig, axes = _panels(len(benches))
     s = summarize(selected, by=["benchmark", hue, style], over=over)
     hues = sorted(s[hue].dropna().unique(), key=str)
-    colors = dict(zip(hues, sns.color_palette("viridis", max(len(hues), 1))))
+    colors = ({h: rate_color(h) for h in hues} if hue == "dropout"
+              else dict(zip(hues, sns.color_palette("colorblind", max(len(hues), 1)))))
     markers = dict(zip(sorted(s[style].dropna().unique(), key=str), "osD^vP*X"))
     for ax, b in zip(axes, benches):
         for _, r in s[s.benchmark == b].iterrows():
             ax.errorbar(100 * r.iid_acc_mean, 100 * r.ood_acc_mean, xerr=100 * r.iid_acc_se,
                         yerr=100 * r.ood_acc_se, fmt=markers.get(r[style], "o"), color=colors.get(r[hue]),
-                        ms=7, capsize=2, label=f"{hue}={r[hue]}, {_label(r[style])}")
+                        ms=7, capsize=2, label=_with_n(describe({hue: r[hue], style: r[style]}), r.n))
         ref_b = reference_benchmark(b)
         if reference and ref_b:
             ref = paper_reference().query("benchmark == @ref_b and method == 'model'")
             ax.scatter(100 * ref.iid_acc, 100 * ref.ood_acc, marker="x", color="grey", label="paper (fine-tuning)")
             for _, r in ref.iterrows():
                 ax.annotate(f"{r.dropout:g}", (100 * r.iid_acc, 100 * r.ood_acc), fontsize=7, color="grey")
+        floor_lines(ax, _per_benchmark(majority, b), _per_benchmark(chance, b))
         ax.set(title=str(b), xlabel="i.i.d. accuracy (%)", ylabel="o.o.d. accuracy (%)")
-    if benches:
-        handles, labels = axes[0].get_legend_handles_labels()
-        uniq = dict(zip(labels, handles))
-        fig.legend(uniq.values(), uniq.keys(), loc="upper center", bbox_to_anchor=(0.5, 0.0),
-                   ncol=min(len(uniq), 4), fontsize=8, frameon=False)
+        min_span(ax, "x")
+        min_span(ax, "y")
+    legend_outside(fig, axes, title=f"mean ± se over {over or 'runs'}")
     fig.tight_layout()
     _save(fig, path)
     return fig
 
 
-def plot_rate_curve(selected: pd.DataFrame, x: str = "dropout", hue: str = "method", metric: str = "ood_acc",
-                    over: str | None = "seed", reference: bool = True, path: str | Path | None = None):
-    """`metric` vs the dropout rate (or any numeric `x`), one panel per benchmark, like Fig 3.
+def plot_rate_curve(selected: pd.DataFrame, x: str = "dropout", hue: str | Sequence[str] | None = "method",
+                    metric: str = "ood_acc", over: str | None = "seed", reference: bool = True,
+                    path: str | Path | None = None, majority: float | Mapping[str, float] | None = None,
+                    chance: float | Mapping | None = None):
+    """`metric` (%) vs the dropout rate (or any numeric `x`), one panel per benchmark, like Fig 3.
 
-    Error bars are ± se over `over`; the paper's fine-tuning curve is drawn dashed in grey where
-    the benchmark matches. Returns the Figure.
+    One line per value of `hue` (a column or several: pass every column that tells runs apart,
+    e.g. ["method", "pretrained", "train_stages"], so that from-scratch, head-only and partial
+    runs are never pooled into one line). Error bars are ± se over `over`, n in the legend; the
+    paper's fine-tuning curve is dashed grey where the benchmark matches. Returns the Figure.
     """
-    check_columns(selected, [x, hue, metric, "benchmark"], "plot_rate_curve")
+    hues = _columns(hue)
+    check_columns(selected, [x, metric, "benchmark", *hues], "plot_rate_curve")
     benches = sorted(selected.benchmark.dropna().unique())
     fig, axes = _panels(len(benches))
-    s = summarize(selected, by=["benchmark", hue, x], over=over, metrics=[metric])
+    s = summarize(selected, by=["benchmark", *hues, x], over=over, metrics=[metric])
+    name = {"ood_acc": "o.o.d. accuracy (%)", "iid_acc": "i.i.d. accuracy (%)"}.get(metric, f"{metric} (%)")
     for ax, b in zip(axes, benches):
         sb = s[s.benchmark == b]
-        for h, g in sb.groupby(hue, sort=True):
+        groups = sb.groupby(hues, sort=True, dropna=False) if hues else [((), sb)]
+        for key, g in groups:
+            key = key if isinstance(key, tuple) else (key,)
             g = g.sort_values(x)
+            n = g.n.min() if g.n.min() == g.n.max() else f"{g.n.min()}-{g.n.max()}"
+            label = describe(dict(zip(hues, key))) or name
             ax.errorbar(g[x], 100 * g[f"{metric}_mean"], yerr=100 * g[f"{metric}_se"], marker="o",
-                        capsize=2, label=_label(h))
+                        capsize=2, label=f"{label} (n={n})")
         ref_b = reference_benchmark(b)
         if reference and ref_b and x == "dropout" and metric in ("ood_acc", "iid_acc"):
             ref = paper_reference().query("benchmark == @ref_b and method == 'model'").sort_values("dropout")
             ax.plot(ref.dropout, 100 * ref[metric], "--x", color="grey", label="paper (fine-tuning)")
-        ax.set(title=str(b), xlabel=x, ylabel=("o.o.d." if metric == "ood_acc" else metric) + " accuracy (%)")
-        ax.legend(fontsize=7)
+        if metric == "ood_acc":
+            floor_lines(ax, _per_benchmark(majority, b), _per_benchmark(chance, b))
+        ax.set(title=str(b), xlabel="dropout rate" if x == "dropout" else x, ylabel=name)
+        min_span(ax, "y")
+    legend_outside(fig, axes, title=f"mean ± se over {over or 'runs'}")
     fig.tight_layout()
     _save(fig, path)
     return fig
@@ -129,7 +235,6 @@ def plot_training_curves(df: pd.DataFrame, run: str | None = None, method: str =
                 lw=2.5 if test else 1.2, label=f"{g.domain.iloc[0]} {split}{' (test)' if test else ''}")
     steps = d.drop_duplicates("step").sort_values("step")
     ax.set(title=f"{Path(str(run)).name}: {_label(method)}", xlabel="step", ylabel="accuracy (%)")
-    ax.legend(fontsize=7)
     ax2.plot(steps.step, steps.loss, marker="o", ms=3, label="training loss")
     if steps.train_acc.notna().any():
         ax2b = ax2.twinx()
@@ -137,17 +242,19 @@ def plot_training_curves(df: pd.DataFrame, run: str | None = None, method: str =
         ax2b.plot(steps.step, 100 * steps.train_acc, marker="o", ms=3, color="C1", label="training accuracy")
         ax2b.set_ylabel("training accuracy (%)", color="C1")
     ax2.set(xlabel="step", ylabel="loss", title="training")
+    legend_outside(fig, [ax])
     fig.tight_layout()
     _save(fig, path)
     return fig
 
 
-def show_domains(bench: MultiDomainFolder, per_class: int = 1, max_classes: int = 8, size: float = 1.3) -> plt.Figure:
-    """A grid: one row per domain, the first images of the first classes, same order in every row.
-
-    With domains that share objects (emoji), the same object appears in each column.
+def show_domains(bench: MultiDomainFolder, per_class: int = 1, max_classes: int | None = None,
+                 size: float = 1.3) -> plt.Figure:
+    """A grid: one row per domain, the first images of every class (or the first `max_classes`),
+    same order in every row. With domains that share objects (emoji), the same object appears in
+    each column.
     """
-    classes = bench.classes[:max_classes]
+    classes = bench.classes[:max_classes] if max_classes else list(bench.classes)
     cols = [(y, k) for y in range(len(classes)) for k in range(per_class)]
     fig, axes = plt.subplots(len(bench.domains), len(cols), figsize=(size * len(cols), size * len(bench.domains)),
                              squeeze=False)
@@ -170,30 +277,39 @@ def show_domains(bench: MultiDomainFolder, per_class: int = 1, max_classes: int 
 
 
 def plot_conditions(selected: pd.DataFrame, x: str, hue: str | None = None, metric: str = "ood_acc",
-                    over: str | None = "seed", path: str | os.PathLike | None = None, title: str = ""):
-    """Mean ± se of `metric` per `x` (and `hue`), one panel per benchmark: the paper's bar-style
-    comparisons (Figs 6-8) as points with error bars."""
-    sns.set_theme(style="whitegrid", context="paper")
+                    over: str | None = "seed", path: str | os.PathLike | None = None, title: str = "",
+                    majority: float | Mapping[str, float] | None = None, chance: float | Mapping | None = None):
+    """Mean ± se (%) of `metric` per `x` (and `hue`), one panel per benchmark: the paper's bar-style
+    comparisons (Figs 6-8) as points with error bars, n in the legend, the floors as lines."""
     by = ["benchmark", x] + ([hue] if hue else [])
     data = selected.copy()
     if over is not None and over not in data.columns:
         over = None
     s = summarize(data, by=by, over=over, metrics=[metric])
     benches = sorted(s.benchmark.dropna().unique())
-    fig, axes = plt.subplots(1, max(1, len(benches)), figsize=(4.8 * max(1, len(benches)), 3.6), squeeze=False)
+    fig, axes = _panels(len(benches), width=4.8)
     hues = sorted(s[hue].dropna().unique(), key=str) if hue else [None]
+    colors = ({h: rate_color(h) for h in hues} if hue == "dropout"
+              else dict(zip(hues, sns.color_palette("colorblind", len(hues)))))
     xs = list(dict.fromkeys(s[x].tolist()))
-    for ax, b in zip(axes[0], benches):
+    name = {"ood_acc": "o.o.d. accuracy (%)", "iid_acc": "i.i.d. accuracy (%)"}.get(metric, f"{metric} (%)")
+    for ax, b in zip(axes, benches):
         sb = s[s.benchmark == b]
         for j, h in enumerate(hues):
             g = sb if h is None else sb[sb[hue] == h]
             pos = [xs.index(v) + (j - (len(hues) - 1) / 2) * 0.15 for v in g[x]]
+            n = g.n.min() if g.n.min() == g.n.max() else f"{g.n.min()}-{g.n.max()}"
+            label = describe({hue: h}) if h is not None else "mean ± se"
             ax.errorbar(pos, 100 * g[f"{metric}_mean"], yerr=100 * g[f"{metric}_se"], fmt="o", capsize=3,
-                        label=None if h is None else f"{hue}={h}")
-        ax.set_xticks(range(len(xs)), [METHOD_LABELS.get(str(v), str(v)) for v in xs], rotation=20, ha="right")
-        ax.set(title=title or str(b), xlabel=x, ylabel=("o.o.d." if metric == "ood_acc" else metric) + " accuracy (%)")
-        if hue:
-            ax.legend(fontsize=7)
+                        color=colors[h], label=f"{label} (n={n})")
+        if metric == "ood_acc":
+            floor_lines(ax, _per_benchmark(majority, b), _per_benchmark(chance, b))
+        ax.set_xticks(range(len(xs)), [describe({x: v}) if x == "dropout" else _label(v) for v in xs],
+                      rotation=20, ha="right")
+        ax.set(title=title or str(b), xlabel="" if x == "dropout" else x.replace("_", " "), ylabel=name,
+               xlim=(-0.5, len(xs) - 0.5))
+        min_span(ax, "y")
+    legend_outside(fig, axes, title=f"mean ± se over {over or 'runs'}")
     fig.tight_layout()
     _save(fig, path)
     return fig

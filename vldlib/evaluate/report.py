@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -22,6 +23,7 @@ from vldlib.evaluate.selection import SELECTIONS, select, summarize
 from vldlib.evaluate.tables import (
     benchmark_table,
     domainbed_table,
+    floors,
     format_cell,
     reference_comparison,
     to_latex,
@@ -29,7 +31,8 @@ from vldlib.evaluate.tables import (
 )
 from vldlib.utils import atomic_path, write_text_atomic
 
-__all__ = ["EXTRA_ROW_KEYS", "SELECTIONS", "benchmark_table", "default_rows", "domainbed_table", "enrich", "experiment_of", "find_files",
+__all__ = ["EXTRA_ROW_KEYS", "SELECTIONS", "benchmark_table", "collect_results", "default_rows", "domainbed_table",
+           "enrich", "experiment_of", "experiment_tables", "find_files", "floors",
            "find_run_dirs", "format_cell", "load_runs", "paper_setting", "per_step_scores", "plot_conditions",
            "plot_iid_vs_ood", "plot_rate_curve", "plot_training_curves", "reference_comparison", "report",
            "run_status", "select", "split_scores", "start_of", "summarize", "to_latex", "to_markdown"]
@@ -128,8 +131,10 @@ def report(paths: Sequence[str | Path], out: str | Path = "outputs/report", sele
             sel.to_csv(tmp, index=False)
         write_text_atomic(out / "table.md", text + "\n")
         write_text_atomic(out / "table.tex", "\n".join(tex))
-        for name, fn in (("ood_vs_iid.png", lambda p: plot_iid_vs_ood(sel, path=p)),
-                         ("rate_curve.png", lambda p: plot_rate_curve(sel, path=p))):
+        lines = floors(sel)
+        series = [c for c in rows if c != "dropout"]  # one curve per setting: never pool head-only with full runs
+        for name, fn in (("ood_vs_iid.png", lambda p: plot_iid_vs_ood(sel, path=p, **lines)),
+                         ("rate_curve.png", lambda p: plot_rate_curve(sel, hue=series, path=p, **lines))):
             if "dropout" in sel.columns:
                 plt.close(fn(out / name))
     except OSError as e:
@@ -229,6 +234,40 @@ def paper_setting(selected: pd.DataFrame) -> pd.DataFrame:
     if "train_stages" in selected:
         keep &= selected.train_stages.isna() | selected.train_stages.astype(str).isin(["", "None", "nan"])
     return selected[keep]
+
+
+def collect_results(results_dir: str | os.PathLike, out: str | os.PathLike, selection: str = "training_domain",
+                    include_unfinished: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """What the report notebook starts from: every run under `results_dir` (not under `out`),
+    finished ones only unless `include_unfinished`, labelled by `enrich` and selected.
+    Returns (status per run folder, selected rows); selected.csv is written into `out`."""
+    root, out = Path(results_dir), Path(out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # folders without runs (figures, reports) are expected
+        run_dirs = [r for r in find_run_dirs([root]) if out.resolve() not in r.resolve().parents]
+    status = run_status(run_dirs)
+    df = load_runs(run_dirs)
+    if df.empty:
+        raise ValueError(f"no evaluated runs under {root}; run the experiment notebooks first, or set results_dir")
+    if not include_unfinished:
+        df = df[df.done | df.failed]
+    selected = select(enrich(df, root), selection)
+    out.mkdir(parents=True, exist_ok=True)
+    selected.to_csv(out / "selected.csv", index=False)
+    return status, selected
+
+
+def experiment_tables(selected: pd.DataFrame) -> tuple[list[str], pd.DataFrame]:
+    """Per (experiment, benchmark), the o.o.d. and i.i.d. DomainBed tables, with rows for whatever
+    varies within the experiment: (Markdown lines, one tidy frame of every table)."""
+    md, tables = [], []
+    for (exp, bench), sel in selected.groupby(["experiment", "benchmark"]):
+        rows = default_rows(sel, extra=(*EXTRA_ROW_KEYS, "head", "start"))
+        for metric, name in [("ood_acc", "o.o.d."), ("iid_acc", "i.i.d.")]:
+            t = domainbed_table(sel, rows=rows, metric=metric)
+            tables.append(t.assign(experiment=exp, benchmark=bench, metric=metric))
+            md += [f"## {exp} / {bench}: {name} accuracy", "", to_markdown(t), ""]
+    return md, pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
 
 def find_files(results_dir: str | os.PathLike, name: str) -> list[Path]:

@@ -9,21 +9,54 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from vldlib.data.folder import DataError, load_benchmark
 from vldlib.evaluate.reference import METHOD_LABELS, paper_reference, reference_benchmark
 from vldlib.evaluate.selection import check_columns, summarize
 
 
-def format_cell(mean: float, se: float, percent: bool = True, digits: int = 1) -> str:
-    """ "78.7 ± 0.3" (percent) or "0.787 ± 0.003"; "-" for a missing mean.
+def format_cell(mean: float, se: float, percent: bool = True, digits: int = 1, n: int | None = None) -> str:
+    """ "78.7 ± 0.3" (percent) or "0.787 ± 0.003"; "-" for a missing mean; the mean alone when
+    `n` is 1 (one replicate has no standard error: "± 0.0" would claim a precision never measured).
 
-    >>> format_cell(0.7871, 0.0032)
-    '78.7 ± 0.3'
+    >>> format_cell(0.7871, 0.0032), format_cell(0.7871, 0.0, n=1)
+    ('78.7 ± 0.3', '78.7')
     """
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "-"
     scale = 100.0 if percent else 1.0
+    if n is not None and not pd.isna(n) and int(n) == 1:
+        return f"{mean * scale:.{digits}f}"
     se = 0.0 if se is None or (isinstance(se, float) and math.isnan(se)) else se
     return f"{mean * scale:.{digits}f} ± {se * scale:.{digits}f}"
+
+
+def domain_majority(counts: dict[str, int]) -> float:
+    """The majority-class rate of one domain from its per-class counts: what always answering its
+    most frequent class scores (the floor an accuracy must beat to mean anything)."""
+    total = sum(counts.values())
+    return max(counts.values()) / total if total else float("nan")
+
+
+def floors(selected: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """{"majority": {benchmark: rate}, "chance": {benchmark: 1/K}} for the benchmarks in
+    `selected` whose folders can still be read (from each run's data_dir): the majority rate is
+    averaged over the held-out domains present, like the o.o.d. accuracy it is the floor of.
+    Benchmarks that cannot be read are left out (their figures then have no floor lines)."""
+    out: dict[str, dict[str, float]] = {"majority": {}, "chance": {}}
+    if selected.empty or "benchmark" not in selected:
+        return out
+    for b, g in selected.groupby("benchmark"):
+        data_dir = g.data_dir.dropna().iloc[0] if "data_dir" in g and g.data_dir.notna().any() else None
+        try:
+            bench = load_benchmark(b, data_dir, check_images=False, progress=False)
+        except (DataError, KeyError, OSError):
+            continue
+        counts = bench.counts()
+        held = [d for d in g.get("test_domain", pd.Series(dtype=str)).dropna().unique() if d in counts]
+        if held:
+            out["majority"][b] = float(np.mean([domain_majority(counts[d]) for d in held]))
+        out["chance"][b] = 1.0 / len(bench.classes)
+    return out
 
 
 def _only_benchmark(selected: pd.DataFrame, benchmark: str | None) -> pd.DataFrame:
@@ -51,12 +84,14 @@ def _cell_table(summary: pd.DataFrame, rows: list[str], column: str, order: Sequ
                 percent: bool, digits: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(table of "mean ± se" cells, one column per value of `column` in `order`; the pivot of
     means and se's it was formatted from)."""
-    pivot = summary.pivot_table(index=rows, columns=column, values=[f"{metric}_mean", f"{metric}_se"],
+    pivot = summary.pivot_table(index=rows, columns=column, values=[f"{metric}_mean", f"{metric}_se", "n"],
                                 dropna=False, sort=True, aggfunc="first")
+    # dropna=False makes every combination of the row values; keep only rows some run filled
+    pivot = pivot[pivot["n"].fillna(0).max(axis=1) > 0]
     cells = pd.DataFrame(index=pivot.index)
     for value in order:
-        cells[value] = [format_cell(m, s, percent, digits) for m, s in
-                        zip(pivot[(f"{metric}_mean", value)], pivot[(f"{metric}_se", value)])]
+        cells[value] = [format_cell(m, s, percent, digits, n) for m, s, n in
+                        zip(pivot[(f"{metric}_mean", value)], pivot[(f"{metric}_se", value)], pivot[("n", value)])]
     return cells, pivot
 
 
@@ -87,12 +122,13 @@ def domainbed_table(selected: pd.DataFrame, rows: Sequence[str] = ("method", "dr
         g = data.groupby(rows + [over], dropna=False)
         avg = g[metric].mean()[g.test_domain.nunique() == len(order)].reset_index()
         s = summarize(avg, by=rows, over=over, metrics=[metric]).set_index(rows)
-        avg_cells = {i: (s.loc[i, f"{metric}_mean"], s.loc[i, f"{metric}_se"]) for i in s.index}
+        avg_cells = {i: (s.loc[i, f"{metric}_mean"], s.loc[i, f"{metric}_se"], s.loc[i, "n"]) for i in s.index}
     else:  # rows are the replicates: mean of the domain means, se of a mean of independent means
         means, ses = table[f"{metric}_mean"][order], table[f"{metric}_se"][order]
-        avg_cells = {i: (means.loc[i].mean(), math.sqrt((ses.loc[i] ** 2).sum()) / len(order))
+        avg_cells = {i: (means.loc[i].mean(), math.sqrt((ses.loc[i] ** 2).sum()) / len(order), None)
                      for i in table.index if means.loc[i].notna().all()}
-    out["Avg"] = [format_cell(*avg_cells[i], percent, digits) if i in avg_cells else "-" for i in out.index]
+    out["Avg"] = [format_cell(*avg_cells[i][:2], percent, digits, n=avg_cells[i][2]) if i in avg_cells else "-"
+                  for i in out.index]
     out["n"] = per.groupby(rows, dropna=False).n.max().reindex(out.index).fillna(0).astype(int)
     return _method_first(out.reset_index())
 
@@ -111,8 +147,9 @@ def benchmark_table(selected: pd.DataFrame, rows: Sequence[str] = ("method", "dr
     table, out = _cell_table(s, rows, "benchmark", benches, metric, percent, digits)
     means, ses = out[f"{metric}_mean"][benches], out[f"{metric}_se"][benches]
     full = means.notna().all(axis=1)
-    table["Avg"] = [format_cell(m, e, percent, digits) if ok else "-" for m, e, ok in
-                    zip(means.mean(axis=1), np.sqrt((ses ** 2).sum(axis=1)) / len(benches), full)]
+    single = out["n"][benches].fillna(0).max(axis=1) <= 1
+    table["Avg"] = [format_cell(m, e, percent, digits, n=1 if one else None) if ok else "-" for m, e, ok, one in
+                    zip(means.mean(axis=1), np.sqrt((ses ** 2).sum(axis=1)) / len(benches), full, single)]
     return _method_first(table.reset_index())
 
 
@@ -150,8 +187,8 @@ def reference_comparison(selected: pd.DataFrame, over: str | None = "seed") -> p
     pct = lambda v: "-" if pd.isna(v) else f"{100 * v:.1f}"  # noqa: E731
     out = pd.DataFrame({
         "benchmark": m.benchmark, "method": m.method, "dropout": m.dropout, "n": m.n,
-        "ours_iid": [format_cell(a, b) for a, b in zip(m.iid_acc_mean, m.iid_acc_se)],
-        "ours_ood": [format_cell(a, b) for a, b in zip(m.ood_acc_mean, m.ood_acc_se)],
+        "ours_iid": [format_cell(a, b, n=k) for a, b, k in zip(m.iid_acc_mean, m.iid_acc_se, m.n)],
+        "ours_ood": [format_cell(a, b, n=k) for a, b, k in zip(m.ood_acc_mean, m.ood_acc_se, m.n)],
         "paper_iid": m.iid_acc.map(pct), "paper_ood": m.ood_acc.map(pct),
         "diff_ood": [f"{100 * (a - b):+.1f}" for a, b in zip(m.ood_acc_mean, m.ood_acc)],
     })

@@ -21,6 +21,7 @@ from typing import Any, Iterable
 from tqdm.auto import tqdm
 
 from vldlib.config import TrainConfig
+from vldlib.data.registry import is_benchmark_path
 from vldlib.loop import TrainingDiverged, run_dir_for
 from vldlib.loop.train import train
 from vldlib.paths import resolve
@@ -51,7 +52,7 @@ def steps_for(steps: int | dict, rate: float) -> int:
 def with_paths(cfg: TrainConfig) -> TrainConfig:
     """Resolve data_dir/out (and a benchmark given as a relative path) against the project root."""
     bench = cfg.benchmark
-    if "/" in bench or bench.startswith("."):
+    if is_benchmark_path(bench):
         bench = str(resolve(bench))
     return dataclasses.replace(cfg, data_dir=str(resolve(cfg.data_dir)), out=str(resolve(cfg.out)), benchmark=bench)
 

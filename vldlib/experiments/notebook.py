@@ -30,19 +30,20 @@ import torch
 from IPython.display import Markdown, display
 
 from vldlib.config import TrainConfig
-from vldlib.data import MultiDomainFolder, get_spec
+from vldlib.data import MultiDomainFolder
 from vldlib.data import prepare_benchmark as prepare
+from vldlib.data.registry import is_benchmark_path
 from vldlib.evaluate import combine, convergence
 from vldlib.evaluate.scores import load_runs
 from vldlib.evaluate.selection import select
-from vldlib.evaluate.tables import to_markdown
+from vldlib.evaluate.tables import domain_majority, domainbed_table, to_markdown
 from vldlib.loop import evaluate_logits, load_run_model
 from vldlib.paths import resolve
 
 # What the CPU defaults are, against the paper: every experiment notebook's summary says it.
 SCALE_CAVEAT = ("Scale caveat: the paper fine-tunes all of ResNet50 for 10,000 steps on photographs at 224 px; the "
-                "CPU defaults train the last stage of EfficientNet-Lite0 for {steps} steps on emoji at {resolution} "
-                "px. An effect absent here says nothing against the paper; one present here is a hint, not a "
+                "CPU defaults train the last stage of EfficientNet-Lite0 for {steps} steps on {benchmark} at "
+                "{resolution} px. An effect absent here says nothing against the paper; one present here is a hint, not a "
                 "replication.")
 
 # --------------------------------------------------------------------------- parameters
@@ -70,11 +71,7 @@ def prepare_benchmark(benchmark: str, data_dir: str, progress: bool = False):
     """`vldlib.data.prepare_benchmark`, plus the name to put in TrainConfig (the registered name,
     or the resolved folder path)."""
     bench = prepare(benchmark, data_dir, progress=progress)
-    try:
-        get_spec(benchmark)
-        return bench, benchmark
-    except KeyError:
-        return bench, str(resolve(benchmark))
+    return bench, (str(resolve(benchmark)) if is_benchmark_path(benchmark) else benchmark)
 
 
 def held_out(test_envs: Any, n_domains: int) -> list[int]:
@@ -188,13 +185,32 @@ class Notebook:
             df = label(df)
         df.to_csv(self.out / "results.csv", index=False)
         curves = convergence.validation_curves(df)
-        fig = convergence.plot_validation_curves(curves, hue=hue)
+        style = next((c for c in by if c != hue and c in curves.columns), None)  # one line per (style, rate)
+        fig = convergence.plot_validation_curves(curves, hue=hue, style=style)
         fig.savefig(self.out / "curves.png", dpi=100, bbox_inches="tight")
         plt.show()
         plateau = convergence.plateau_check(curves, by=tuple(by))
         plateau.to_csv(self.out / "plateau.csv", index=False)
         display(plateau)
         return df, curves, plateau
+
+    def floors(self) -> dict[str, float]:
+        """{"majority": the held-out domains' mean majority-class rate, "chance": 1/K}: pass them to
+        a figure (`plot_rate_curve(..., **nb.floors())`) so every accuracy has its floor beside it."""
+        counts = self.bench.counts()
+        majority = sum(domain_majority(counts[self.domains[t]]) for t in self.envs) / max(len(self.envs), 1)
+        return {"majority": majority, "chance": 1.0 / len(self.bench.classes)}
+
+    def show_tables(self, selected: pd.DataFrame, rows: Sequence[str] = ("method", "dropout"),
+                    name: str = "table") -> pd.DataFrame:
+        """The o.o.d. and i.i.d. DomainBed tables (rows never run are left out), shown, the o.o.d.
+        one saved as `name`.csv and returned (it is the table the summary prints)."""
+        table = domainbed_table(selected, rows=rows)
+        table.to_csv(self.out / f"{name}.csv", index=False)
+        iid = domainbed_table(selected, rows=rows, metric="iid_acc")
+        display(Markdown("**o.o.d. accuracy**\n\n" + to_markdown(table) + "\n\n**i.i.d. accuracy**\n\n"
+                         + to_markdown(iid)))
+        return table
 
     def select(self, df: pd.DataFrame) -> pd.DataFrame:
         """One checkpoint per run by the notebook's `selection` (selected.csv)."""
@@ -204,14 +220,21 @@ class Notebook:
 
     def write_summary(self, title: str, selected: pd.DataFrame, table: pd.DataFrame, lines: Sequence[str],
                       caveat: str = SCALE_CAVEAT, extra: str = "", **facts: Any) -> str:
-        """summary.md: what ran, the o.o.d. table, one line per computed effect, the scale caveat
-        (formatted with the parameters, or `facts` over them); written, shown, and returned."""
-        p = {**self.params, **facts}
+        """summary.md: what ran, the error's n (one seed: no standard error), the held-out domains'
+        majority-class and chance rates, the o.o.d. table, one line per computed effect, the scale
+        caveat (formatted with the parameters, `facts` over them, and the benchmark's name);
+        written, shown, and returned."""
+        p = {**self.params, **facts, "benchmark": self.bench.name}  # the name a reader knows, not a folder path
         held = ", ".join(self.domains[t] for t in self.envs)
+        floor = self.floors()
+        seeds = selected.seed.nunique() if "seed" in selected else 0
+        error = ("mean ± standard error over seeds" if seeds > 1 else
+                 "one seed (n=1): no standard error, so differences below a few points may be noise")
         text = (f"# {title}\n\n{selected.run.nunique()} runs on `{self.bench.name}` (held out: {held}), backbone\n"
                 f"`{p.get('backbone')}`, {p.get('steps')} steps, resolution {p.get('resolution')}, "
                 f"train_stages={p.get('train_stages')}, selection: {p.get('selection', 'training_domain')}.\n"
-                f"Accuracy in %, mean ± standard error over seeds.\n\n{to_markdown(table)}\n\n"
+                f"Accuracy in %, {error}. Majority class of the held-out domain(s): "
+                f"{100 * floor['majority']:.1f}%; chance: {100 * floor['chance']:.1f}%.\n\n{to_markdown(table)}\n\n"
                 + "\n".join("- " + s for s in lines) + "\n\n" + (extra + "\n\n" if extra else "")
                 + caveat.format(**p) + "\n")
         (self.out / "summary.md").write_text(text)

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import torch
 
 from vldlib.config import TrainConfig, UsageError
+from vldlib.data.registry import benchmark_label
 from vldlib.utils import atomic_path, config_hash
 
 
@@ -98,7 +99,7 @@ def run_dir_for(cfg: TrainConfig) -> Path:
             raise UsageError(f"run_name {cfg.run_name!r} must be one plain folder name: the run folder is "
                              f"created inside --out {cfg.out}")
         return run_dir
-    bench = Path(cfg.benchmark).name if os.sep in cfg.benchmark else cfg.benchmark
+    bench = benchmark_label(cfg.benchmark)
     te = "+".join(map(str, cfg.test_envs))
     head = "" if cfg.head == "linear" else f"-{cfg.head}"
     name = f"{bench}-te{te}-p{cfg.dropout:g}-lr{cfg.lr:g}-s{cfg.seed}{head}-{config_hash(cfg.identity())}"
