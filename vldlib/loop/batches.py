@@ -172,6 +172,17 @@ def trunk_features(net: FineTuneNet, data: Data, cfg: TrainConfig, device: torch
     return {"evals": evals, "train": [evals[f"env{e}_in"] for e in data.train_envs]}
 
 
+def bn_inputs(data: Data, cfg: TrainConfig, features=None):
+    """The training domains' "in" images without augmentation (or their cached trunk outputs), in
+    batches of `eval_batch_size` across domains: what BatchNorm statistics of averaged weights are
+    recomputed on (`vldlib.loop.averaging.refresh_bn_statistics`)."""
+    if features is not None:
+        x = torch.cat([x for x, _ in features["train"]])
+        return [x[i:i + cfg.eval_batch_size] for i in range(0, len(x), cfg.eval_batch_size)]
+    ds = torch.utils.data.ConcatDataset([data.evals[f"env{e}_in"] for e in data.train_envs])
+    return torch.utils.data.DataLoader(ds, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=0)
+
+
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def predict_all(forward: Callable, evals: dict, cfg: TrainConfig, device: torch.device, features=None

@@ -38,8 +38,9 @@ class TrainStep:
         milestones = sorted({max(1, int(round(f * cfg.steps))) for f in cfg.lr_decay_at})
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones=milestones,
                                                               gamma=cfg.lr_decay)
-        # Parameters are averaged; buffers (BatchNorm statistics) follow the current model: they are
-        # frozen by default, and averaging integer counters is meaningless anyway.
+        # Parameters are averaged; buffers (BatchNorm statistics) are not: they are frozen by default,
+        # and otherwise the loop recomputes them for the averaged weights before evaluating them
+        # (`vldlib.loop.averaging.refresh_bn_statistics`).
         self.averaged = AveragedTrainable(net, multi_avg_fn=get_swa_multi_avg_fn(), use_buffers=False)
 
     def loss(self, step: int, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -63,6 +64,3 @@ class TrainStep:
         self.scheduler.step()
         if done_steps >= self.cfg.average_from:
             self.averaged.update_parameters(self.net)
-            if not self.cfg.freeze_bn:
-                for b_avg, b in zip(self.averaged.module.buffers(), self.net.buffers()):
-                    b_avg.copy_(b)
