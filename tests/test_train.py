@@ -530,3 +530,46 @@ def test_weight_average_with_unfrozen_batchnorm_gets_its_own_statistics(fake_ben
     # and they differ from the current model's (which the average used to copy)
     n0 = names[-1].removeprefix("model.")
     assert not torch.allclose(current[f"{n0}.running_mean"], ckpt[f"module.{names[-1]}.running_mean"], atol=1e-4)
+
+
+def test_unset_steps_and_eval_interval_are_the_benchmarks(fake_benchmark, tmp_path, monkeypatch):
+    """BenchmarkSpec's n_steps and checkpoint_freq are the defaults when the user sets neither; the
+    run is the same (same folder, same records) as one that sets them to those values."""
+    import shutil
+
+    from vldlib.data.registry import BENCHMARKS, BenchmarkSpec
+
+    monkeypatch.setitem(BENCHMARKS, "Tiny13", BenchmarkSpec("Tiny13", ("d0", "d1", "d2"), n_steps=6, checkpoint_freq=3))
+    shutil.copytree(fake_benchmark, tmp_path / "data" / "Tiny13")
+    unset = tiny_config(tmp_path, benchmark="Tiny13", data_dir=str(tmp_path / "data"), steps=None, eval_every=None,
+                        average_from=3, augment=False, train_stages=1)
+    assert (unset.steps, unset.eval_every) == (None, None)  # "not set" is None in the config
+    explicit = replace(unset, steps=6, eval_every=3)
+    assert run_dir_for(unset) == run_dir_for(explicit)
+    run = train(unset)
+    assert [r["step"] for r in read_jsonl(run / "records.jsonl")] == [0, 3, 6]
+    assert json.loads((run / "config.json").read_text())["steps"] == 6
+    # the DomainNet defaults, and a folder's (the paper's)
+    assert (TrainConfig(benchmark="DomainNet").resolved().steps, TrainConfig(benchmark="DomainNet").resolved().eval_every) == (30000, 1000)
+    assert (TrainConfig(benchmark=str(fake_benchmark)).resolved().steps, TrainConfig(benchmark=str(fake_benchmark)).resolved().eval_every) == (10000, 300)
+    # from the command line and YAML: unset, null and a value
+    from vldlib.config import add_arguments, from_args, load_file
+    import argparse
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, TrainConfig)
+    assert from_args(TrainConfig, parser.parse_args([])).steps is None
+    assert from_args(TrainConfig, parser.parse_args(["--steps", "600"])).steps == 600
+    (tmp_path / "c.yaml").write_text("benchmark: DomainNet\nsteps: null\nlr_decay_at: [5000, 10000]\n")
+    cfg = load_file(TrainConfig, tmp_path / "c.yaml")
+    assert cfg.steps is None and cfg.resolved().steps == 30000 and cfg.lr_milestones() == [5000, 10000]
+
+
+def test_lr_milestones_in_step_numbers(fake_benchmark, tmp_path, monkeypatch):
+    """lr_decay_at values >= 1 are step numbers (the official DomainNet schedule: x0.1 after 5,000 and
+    10,000): here after 3 and 6 of 8 steps, read from the optimizer at every update."""
+    spy = _Spy(monkeypatch)
+    cfg = tiny_config(tmp_path, steps=8, eval_every=8, average_from=1, lr=0.01, lr_decay_at=[3, 6])
+    train(cfg)
+    assert [u["groups"][0]["lr"] for u in spy.updates] == pytest.approx([0.01] * 3 + [0.001] * 3 + [0.0001] * 2)
+    with pytest.raises(ValueError, match="step number"):
+        tiny_config(tmp_path, steps=8, lr_decay_at=[5000]).validate()

@@ -140,7 +140,7 @@ def across_runs(selected: pd.DataFrame, group: Sequence[str] = ("benchmark", "te
 
 # parameters-cell names that are TrainConfig fields, copied into `base_config` as they are
 CONFIG_PARAMS = ("data_dir", "backbone", "pretrained", "resolution", "train_stages", "cache_trunk", "augment",
-                 "batch_size", "eval_every", "device", "freeze_bn")
+                 "batch_size", "eval_every", "device", "freeze_bn", "lr_decay_at")
 
 
 @dataclass
@@ -163,9 +163,9 @@ class Notebook:
         evaluation every `eval_every` steps, runs under `runs_out`, last.pt not kept."""
         p = self.params
         fields = {k: p[k] for k in CONFIG_PARAMS if k in p}
-        if not isinstance(p.get("steps"), dict) and "steps" in p:
+        if not isinstance(p.get("steps"), dict) and p.get("steps") is not None:  # None: the benchmark's
             fields["steps"] = int(p["steps"])
-        fields.update(benchmark=self.benchmark, average_from=p.get("eval_every", 300), out=str(self.runs_out),
+        fields.update(benchmark=self.benchmark, average_from=p.get("eval_every") or 300, out=str(self.runs_out),
                       keep_last=False, num_threads=p.get("num_threads") or 0)
         return dataclasses.replace(TrainConfig(**fields), **overrides)
 

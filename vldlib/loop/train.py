@@ -84,6 +84,7 @@ def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> Pa
 
     `should_stop` (e.g. a threading.Event's is_set) is asked before each step; when it says yes the
     run returns unfinished, resumable from its last checkpoint (the explorer's stop button)."""
+    cfg = cfg.resolved()  # the benchmark's steps and evaluation interval where they were left unset
     cfg.validate()
     run_dir = run_dir_for(cfg)
     if (run_dir / "done").exists():
