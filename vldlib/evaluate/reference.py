@@ -8,7 +8,8 @@ training-domain validation, so compare them with our means over the same things
 
 Method names follow `vldlib.evaluate.selection.select` and `vldlib.evaluate.combine`: "model" is plain fine-tuning (the
 current weights, at the given dropout rate); "soup_uniform" and "ens_runs" are the uniform weight
-average and the logit ensemble across runs (1x head learning rate, no dropout).
+average and the logit ensemble across runs (1x head learning rate, no dropout), compared with ours
+of each run's best.pt; the "_last" variants (the runs' final weights) have no paper number.
 
 >>> ref = paper_reference()
 >>> float(ref.query("benchmark == 'PACS' and dropout == 0.9 and method == 'model'").ood_acc.iloc[0])
@@ -52,6 +53,9 @@ METHOD_LABELS = {
     "soup_uniform": "weight avg. (across runs)",
     "soup_greedy": "greedy soup (across runs)",
     "ens_runs": "ensemble (across runs)",
+    "soup_uniform_last": "weight avg. (across runs, final weights)",
+    "soup_greedy_last": "greedy soup (across runs, final weights)",
+    "ens_runs_last": "ensemble (across runs, final weights)",
 }
 
 

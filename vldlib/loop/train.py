@@ -251,7 +251,9 @@ def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> Pa
                                   "train_acc": correct.item() / max(1, seen), "step_time": step_time})
             loss_sum, correct, seen, t_interval, last_eval = zero(), zero(), 0, time.perf_counter(), done_steps
         bar.close()
-        if not cfg.keep_last:
+        if not cfg.keep_last:  # keep the final weights only (across-run soups of the last weights read them)
+            final = load_checkpoint(run_dir / "last.pt")
+            save_checkpoint(run_dir / "final.pt", {k: final[k] for k in ("model", "step", "config")})
             (run_dir / "last.pt").unlink(missing_ok=True)
         with writing(run_dir / "done"):
             write_text_atomic(run_dir / "done", time.strftime("%Y-%m-%d %H:%M:%S\n"))
@@ -260,13 +262,19 @@ def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> Pa
 
 # ----------------------------------------------------------------------------- reuse of finished runs
 def load_run_model(run_dir: str | os.PathLike, which: str = "best") -> tuple[FineTuneNet, dict]:
-    """The network of a run at its best (training-domain validation) or last checkpoint."""
+    """The network of a run at its best (training-domain validation) or last checkpoint (`which`
+    "best" or "last": last.pt, or final.pt, its weights, when the run did not keep last.pt)."""
+    if which not in ("best", "last"):
+        raise ValueError(f"which must be 'best' (best.pt) or 'last' (the final weights), got {which!r}")
     run_dir = Path(run_dir)
+    path = run_dir / f"{which}.pt"
+    if which == "last" and not path.exists() and (run_dir / "final.pt").exists():
+        path = run_dir / "final.pt"
     cfg = config_io.load_file(TrainConfig, run_dir / "config.json")
     meta = json.loads((run_dir / "meta.json").read_text())
     model = create_model(cfg.backbone, len(meta["classes"]), pretrained=False, dropout=cfg.dropout)
     net = build_net(model, cfg.head, cfg.train_stages, cfg.freeze_bn)
-    net.model.load_state_dict(load_checkpoint(run_dir / f"{which}.pt")["model"])
+    net.model.load_state_dict(load_checkpoint(path)["model"])
     net.eval()
     return net, asdict(cfg)
 
