@@ -279,3 +279,11 @@ def test_format_cell():
     assert R.format_cell(float("nan"), 0.1) == "-"
     assert R.format_cell(0.5, float("nan"), percent=False, digits=3) == "0.500 ± 0.000"
     assert not math.isnan(paper_reference().ood_acc.sum())
+
+
+def test_report_says_how_validation_images_were_evaluated(tmp_path):
+    plain = make_run(tmp_path / "runs", "plain", [make_record(300, accs(.9, .8))])
+    aug = make_run(tmp_path / "runs", "aug", [make_record(300, accs(.9, .8))], val_augment=True, seed=1)
+    assert "(resized, no augmentation)" in R.report([plain], out=tmp_path / "a")
+    assert "with the training augmentation: val_augment" in R.report([aug], out=tmp_path / "b")
+    assert "some runs with the training augmentation" in R.report([plain, aug], out=tmp_path / "c")

@@ -573,3 +573,40 @@ def test_lr_milestones_in_step_numbers(fake_benchmark, tmp_path, monkeypatch):
     assert [u["groups"][0]["lr"] for u in spy.updates] == pytest.approx([0.01] * 3 + [0.001] * 3 + [0.0001] * 2)
     with pytest.raises(ValueError, match="step number"):
         tiny_config(tmp_path, steps=8, lr_decay_at=[5000]).validate()
+
+
+def test_val_augment_evaluates_training_domains_out_split_augmented(fake_benchmark, tmp_path):
+    """val_augment: the training domains' "out" items are the training transform of the image,
+    drawn from a per-item seed (the same at every evaluation); the held-out domain and the "in"
+    splits stay resized only. A run with it is another run."""
+    from PIL import Image
+
+    from vldlib.data import load_benchmark
+    from vldlib.data.splits import split_domain
+    from vldlib.data.transforms import eval_transform, train_transform
+    from vldlib.loop.batches import make_data
+    from vldlib.utils import seed_hash
+
+    cfg = tiny_config(tmp_path, val_augment=True, augment=True)
+    plain = replace(cfg, val_augment=False)
+    assert run_dir_for(cfg) != run_dir_for(plain)
+    bench = load_benchmark(cfg.benchmark, progress=False)
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    data = make_data(cfg, bench, mean, std)
+    for env in range(3):
+        _, outs = split_domain(len(bench.samples[env]), cfg.trial_seed, env, cfg.holdout, bench.groups(env))
+        ds = data.evals[f"env{env}_out"]
+        for i in (0, 1):
+            img = Image.open(bench.samples[env][outs[i]][0]).convert("RGB")
+            if env in cfg.test_envs:
+                expected = eval_transform(cfg.resolution, mean, std)(img)
+            else:
+                torch.manual_seed(seed_hash(seed_hash(cfg.seed, "val_augment", env), i))
+                expected = train_transform(cfg.resolution, mean, std)(img)
+                assert not torch.allclose(expected, eval_transform(cfg.resolution, mean, std)(img))
+            assert torch.allclose(ds[i][0], expected) and torch.equal(ds[i][0], ds[i][0])
+    assert torch.equal(data.evals["env1_in"][0][0], make_data(plain, bench, mean, std).evals["env1_in"][0][0])
+    with pytest.raises(ValueError, match="val_augment"):
+        tiny_config(tmp_path, val_augment=True, augment=False).validate()
+    run = train(cfg)
+    assert json.loads((run / "config.json").read_text())["val_augment"] is True

@@ -162,6 +162,7 @@ class TrainConfig:
     holdout: float = 0.2  # fraction of every domain held out ("out" split)
     resolution: int = 224  # input size in pixels
     augment: bool = True  # DomainBed's training augmentation (off: eval resize only)
+    val_augment: bool = False  # evaluate the training domains' "out" split with the training augmentation (the official code without --outsplit_noaug)
     augment_on: str = "workers"  # where augmentation runs: "workers" (PIL/tensors per image) or "device" (batched)
     cache_images: bool = False  # decode every image once into a memory-mapped uint8 cache
     skip_bad: bool = False  # skip unreadable images (counted and printed) instead of failing
@@ -262,6 +263,9 @@ class TrainConfig:
         if self.cache_trunk and self.augment:
             raise ValueError("cache_trunk computes the frozen stages once per image, so it cannot "
                              "augment: set augment=False (--augment false) or cache_trunk=False.")
+        if self.val_augment and not self.augment:
+            raise ValueError("val_augment evaluates the validation split with the training augmentation, but "
+                             "augment is off: set augment=True (--augment) or val_augment=False.")
         if self.cache_trunk and self.train_stages is None:
             raise ValueError("cache_trunk needs a frozen trunk: set train_stages (e.g. 1, or 0 for the head only).")
 

@@ -36,9 +36,21 @@ __all__ = ["EXTRA_ROW_KEYS", "SELECTIONS", "benchmark_table", "default_rows", "d
 
 # config keys that change *what* is being compared; the report adds them to the rows if they vary
 EXTRA_ROW_KEYS = ("backbone", "pretrained", "weights_file", "head", "head_lr_mult", "train_stages", "freeze_bn",
-                  "steps", "resolution")
+                  "steps", "resolution", "val_augment")
 
 
+
+
+def validation_images(selected: pd.DataFrame) -> str:
+    """How the i.i.d. (validation) images were evaluated, for the report's header: resized only
+    (vldlib's default), with the training augmentation (`val_augment`, the official code's default),
+    or a mix (then `val_augment` is a table row)."""
+    used = selected["val_augment"].map(lambda v: v in (True, 1, "True", "true")) if "val_augment" in selected else None
+    if used is None or not used.any():
+        return "(resized, no augmentation)"
+    if used.all():
+        return "(with the training augmentation: val_augment, as the official code without --outsplit_noaug)"
+    return "(some runs with the training augmentation: see the val_augment rows)"
 
 
 def default_rows(selected: pd.DataFrame, base: Sequence[str] = ("method", "dropout"),
@@ -87,7 +99,8 @@ def report(paths: Sequence[str | Path], out: str | Path = "outputs/report", sele
 
     md = [f"# Report ({selection.replace('_', '-')} selection)", "",
           f"{sel.run.nunique()} runs; accuracy in %, mean ± standard error over "
-          f"{over_eff or 'runs'}; o.o.d. = held-out domain's 'in' split, i.i.d. = training domains' 'out' split.",
+          f"{over_eff or 'runs'}; o.o.d. = held-out domain's 'in' split, i.i.d. = training domains' 'out' split "
+          f"{validation_images(sel)}.",
           *[f"- {n}" for n in notes], ""]
     tex = []
     for b in sorted(sel.benchmark.dropna().unique()):

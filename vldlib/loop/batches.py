@@ -71,8 +71,27 @@ def make_data(cfg: TrainConfig, bench: MultiDomainFolder, mean, std) -> Data:
                                  f"{bench.domains[env]!r} ({len(ins)} images); use --batch-size <= {len(ins)}")
             train.append(subset(env, ins, tf_train))
         evals[f"env{env}_in"] = subset(env, ins, tf_eval)
-        evals[f"env{env}_out"] = subset(env, outs, tf_eval)
+        if cfg.val_augment and env in train_envs:  # the official code's default (no --outsplit_noaug)
+            evals[f"env{env}_out"] = SeededItems(subset(env, outs, tf_train), seed_hash(cfg.seed, "val_augment", env))
+        else:
+            evals[f"env{env}_out"] = subset(env, outs, tf_eval)
     return Data(train, evals, bench.domains, bench.classes, train_envs, config_hash({"s": split_files}, n=16))
+
+
+class SeededItems(torch.utils.data.Dataset):
+    """A dataset whose random transform draws, for item i, from its own seed (`seed_hash(seed, i)`):
+    the validation split evaluated with the training augmentation (`val_augment`) is then the same
+    augmented images at every evaluation and after a resume, whatever worker reads them. (The
+    official code draws new ones at each evaluation; a fixed draw keeps checkpoints comparable.)"""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        return self.dataset[(i, seed_hash(self.seed, i))]
 
 
 class StepBatches(torch.utils.data.Sampler):
