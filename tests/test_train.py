@@ -426,9 +426,6 @@ def test_half_written_files_of_a_killed_process_are_removed_on_resume(fake_bench
     assert not orphan.exists() and (run / "done").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13 item 3: cache_images still changes results (the cached square is "
-                                       "resampled twice: resize, then crop and resize), but TrainConfig.NON_IDENTITY "
-                                       "lists it, so cached and uncached runs share a run folder")
 def test_cache_images_is_part_of_the_run_identity(tmp_path):
     assert run_dir_for(tiny_config(tmp_path, cache_images=True)) != run_dir_for(tiny_config(tmp_path))
 
@@ -610,3 +607,47 @@ def test_val_augment_evaluates_training_domains_out_split_augmented(fake_benchma
         tiny_config(tmp_path, val_augment=True, augment=False).validate()
     run = train(cfg)
     assert json.loads((run / "config.json").read_text())["val_augment"] is True
+
+
+def test_cached_training_items_crop_like_the_reference_path_on_wide_images(tmp_path, monkeypatch):
+    """cache_images with augment_on="workers": the crop box is drawn on the original 2:1 image, as
+    torchvision draws it (same seed, same draws), so the augmented item matches the reference path's
+    (decode, train_transform) up to resampling; cropping the cached square instead (the old path)
+    does not. The device path is handed the same original sizes."""
+    from PIL import Image
+
+    from vldlib.data import load_benchmark
+    from vldlib.data.datasets import ArrayDataset, ImageDataset
+    from vldlib.data.transforms import train_transform
+    from vldlib.loop import batches as B
+
+    monkeypatch.setenv("VLDLIB_CACHE", str(tmp_path / "cache"))
+    yy, xx = np.mgrid[0:48, 0:96]
+    for d in ("d0", "d1", "d2"):
+        for c in ("a", "b"):
+            (tmp_path / "wide" / d / c).mkdir(parents=True)
+            for i in range(5):
+                rgb = np.stack([xx * 2.5 + 10 * i, yy * 5.0, (xx + yy) * 1.5], -1).clip(0, 255).astype(np.uint8)
+                Image.fromarray(rgb).save(tmp_path / "wide" / d / c / f"{i}.png")
+    cfg = tiny_config(tmp_path, benchmark=str(tmp_path / "wide"), cache_images=True, augment=True, resolution=32)
+    bench = load_benchmark(cfg.benchmark, progress=False)
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    data = B.make_data(cfg, bench, mean, std)
+    fast = data.train[0]
+    assert isinstance(fast, B.CachedTrainItems) and fast.sizes.tolist()[0] == [48, 96]
+    from vldlib.data.splits import split_domain
+    ins, _ = split_domain(len(bench.samples[1]), cfg.trial_seed, 1, cfg.holdout, bench.groups(1))
+    reference = ImageDataset([bench.samples[1][i] for i in ins], train_transform(32, mean, std))
+    squashed = ArrayDataset(fast.images, fast.labels, train_transform(32, mean, std))
+    new_err, old_err = [], []
+    for seed in range(40):
+        ref = reference[(0, seed)][0]
+        new_err.append((fast[(0, seed)][0] - ref).abs().mean().item())
+        old_err.append((squashed[(0, seed)][0] - ref).abs().mean().item())
+    print(f"mean abs error vs reference: original-coordinates crop {np.mean(new_err):.3f}, square crop {np.mean(old_err):.3f}")
+    assert np.mean(new_err) < 0.5 * np.mean(old_err), (np.mean(new_err), np.mean(old_err))
+    # the device path gets the same sizes
+    captured = {}
+    monkeypatch.setattr(B, "DeviceBatches", lambda sources, *a, **k: captured.setdefault("s", sources) and iter(()))
+    list(B._device_batches(data, replace(cfg, augment_on="device"), 0, torch.device("cpu")))
+    assert [s.sizes.tolist() for s in captured["s"]] == [d.sizes.tolist() for d in data.train]

@@ -204,7 +204,9 @@ class TrainConfig:
 
     # Fields that do not change results: left out of the run's identity hash.
     NON_IDENTITY = ("data_dir", "device", "num_workers", "out", "run_name", "progress", "keep_last",
-                    "eval_batch_size", "cache_images", "cache_trunk", "num_threads", "compile")
+                    "eval_batch_size", "cache_trunk", "num_threads", "compile")
+    # cache_images is part of the identity: the cached square is resampled twice (resize, then crop
+    # and resize), so its pixels differ slightly from the reference path's even with the same crops
 
     def resolved(self) -> "TrainConfig":
         """This config with the fields left unset (None) filled in: `steps` and `eval_every` from the
