@@ -525,9 +525,10 @@ def test_non_finite_loss_is_reported_at_its_step_even_when_checked_in_batches(be
     with pytest.raises(TrainingDiverged, match=r"non-finite loss \(nan\) at step 6;"):
         train(cfg)
     run = run_dir_for(cfg)
-    assert read_jsonl(run / "records.jsonl") == [
+    start, *rest = read_jsonl(run / "records.jsonl")  # the start (step 0) is evaluated before any update
+    assert start["step"] == 0 and rest == [
         {"type": "failure", "step": 6, "reason": f"non-finite loss (nan) at step 6; lr {cfg.lr} is probably too high."}]
-    assert not (run / "last.pt").exists() and not (run / "best.pt").exists() and not (run / "done").exists()
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 0 and not (run / "done").exists()
 
 
 # -------------------------------------------------------------- 8. output not writable, disk full

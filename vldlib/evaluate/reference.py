@@ -99,11 +99,12 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
 def _column(frame: pd.DataFrame, name: str) -> pd.Series:
-    """A config column, with TrainConfig's default where a run predates the field (or the column
-    is absent); None stays None."""
+    """A config column, with TrainConfig's default where it is absent or empty: a run that predates
+    the field, or a hand-made row (e.g. a soup's) that does not record it. An unset field whose
+    default is None (train_stages, weights_file) stays None."""
     if name not in frame:
         return pd.Series([_DEFAULTS[name]] * len(frame), index=frame.index, dtype=object)
-    return frame[name].astype(object).where(frame[name].notna(), None)
+    return frame[name].astype(object).where(frame[name].notna(), _DEFAULTS[name])
 
 
 def _is_unset(v) -> bool:
