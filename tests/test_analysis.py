@@ -207,7 +207,7 @@ def test_initial_net_is_the_runs_start(tiny_runs):
 
 
 def test_head_usage_and_taylor_on_runs(tiny_runs):
-    rd = load_run_data(tiny_runs["head"])
+    rd = load_run_data(tiny_runs["head"], which="last")  # best may be step 0, the start
     summary, table, s = fu.head_usage(rd, ks=[1, 2, 8], n_random=2)
     assert 1 <= summary["participation_ratio"] <= summary["n_features"]
     full = table[(table.k == 8) & (table.order == "top")]
@@ -219,7 +219,7 @@ def test_head_usage_and_taylor_on_runs(tiny_runs):
     assert rep["agreement"] == 1.0 and rep["rel_logit_error"] < 1e-4
     assert rep["acc_trained"] == pytest.approx(summary["ood_acc"])
 
-    st = load_run_data(tiny_runs["stage"])
+    st = load_run_data(tiny_runs["stage"], which="last")
     net0 = initial_net(st.cfg, len(st.meta["classes"]))
     rep = lin.taylor_report(net0.tail, st.net.tail, *st.inputs("iid"))
     # the Taylor model by central finite differences in float64, independent of taylor_logits' jvp
@@ -268,13 +268,13 @@ def test_explorer_runs_without_a_front_end(tiny_runs, capsys):
     ex.dropout.value, ex.test_env.value = 0.5, 0
     run = ex.run()
     assert (run / "done").exists() and ex.progress.value == 4
-    assert list(ex.last_curve.step) == [1, 2, 3, 4] and "done" in ex.status.value
+    assert list(ex.last_curve.step) == [0, 1, 2, 3, 4] and "done" in ex.status.value  # step 0: the start
     assert len(earlier_curves([root / "runs"], str(root / "fake"), 0).run.unique()) == 3
     assert len(earlier_curves([root / "runs"], str(root / "fake"), 0, match={"train_stages": 0}).run.unique()) == 1
 
 
 def test_finetune_distances_split_body_and_head(tiny_runs):
-    st = load_run_data(tiny_runs["stage"])
+    st = load_run_data(tiny_runs["stage"], which="last")
     net0 = initial_net(st.cfg, len(st.meta["classes"]))
     d = lin.finetune_distances(net0, st.net)
     assert d["body_distance"] > 0 and d["head_distance"] > 0 and d["body_params"] > 0

@@ -62,7 +62,7 @@ def _comparable(records: list[dict]) -> list[dict]:
 def test_train_device_augment_resumes_exactly(fake_benchmark, tmp_path, monkeypatch):
     full = T.train(_cfg(fake_benchmark, tmp_path, run_name="full"))
     want = _comparable(read_jsonl(full / "records.jsonl"))
-    assert [r["step"] for r in want] == [3, 6]
+    assert [r["step"] for r in want] == [0, 3, 6]  # step 0: the start, evaluated too
 
     # kill the second run while it writes its step-6 record (last.pt still holds step 3)
     real_append = T.append_jsonl

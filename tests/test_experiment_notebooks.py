@@ -172,7 +172,7 @@ def _run(root: Path, name: str, test_env: int, dropout: float, seed: int, ood: f
     run.mkdir(parents=True)
     cfg = {"benchmark": benchmark, "data_dir": "/data", "test_envs": [test_env], "backbone": "resnet50.tv2_in1k",
            "pretrained": True, "dropout": dropout, "lr": 1e-3, "head_lr_mult": 1.0, "weight_decay": 1e-4,
-           "steps": 600, "seed": seed, "trial_seed": 0, "resolution": 224, "train_stages": None,
+           "steps": 10000, "seed": seed, "trial_seed": 0, "resolution": 224, "train_stages": None,
            "weights_file": None, **config}
     (run / "config.json").write_text(json.dumps(cfg))
     (run / "meta.json").write_text(json.dumps({"benchmark": benchmark, "domains": DOMAINS, "classes": ["a", "b"],

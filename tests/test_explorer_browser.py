@@ -183,7 +183,8 @@ def _drive(lab, browser) -> None:
     status = lambda: browser.find_element(By.CSS_SELECTOR, ".vldlib-explorer-status").text
     _wait(lambda: image.get_attribute("src") != before and "training" in status(), 180,
           "the plot did not update while training")
-    _wait(lambda: _eval_steps(tmp / "runs", 5000), 120, "the run recorded no evaluation")
+    _wait(lambda: any(s > 0 for s in _eval_steps(tmp / "runs", 5000)), 120,  # step 0 is the start
+          "the run recorded no evaluation")
     browser.save_screenshot(str(SHOTS / "explorer_running.png"))
     button("stop").click()
     _wait(lambda: status().startswith("stopped"), 120, f"the run did not stop: {status()!r}")

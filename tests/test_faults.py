@@ -502,8 +502,8 @@ def test_diverging_run_stops_at_the_first_non_finite_loss(bench, tmp_path, capsy
     records = read_jsonl(run / "records.jsonl")
     *evals, failure = records
     assert failure["type"] == "failure" and all(r["type"] == "eval" for r in evals)
-    assert [r["step"] for r in evals] == list(range(1, failure["step"] + 1))  # stopped at the first
-    assert all(np.isfinite(r["loss"]) for r in evals) and failure["step"] < 40
+    assert [r["step"] for r in evals] == list(range(0, failure["step"] + 1))  # step 0, then stopped at the first
+    assert all(np.isfinite(r["loss"]) for r in evals[1:]) and failure["step"] < 40
     assert not (run / "done").exists()
     rc, _, err = run_cli(capsys, *argv)
     assert rc == 1 and "failed earlier" in err and "Delete the folder" in err
@@ -525,9 +525,10 @@ def test_non_finite_loss_is_reported_at_its_step_even_when_checked_in_batches(be
     with pytest.raises(TrainingDiverged, match=r"non-finite loss \(nan\) at step 6;"):
         train(cfg)
     run = run_dir_for(cfg)
-    assert read_jsonl(run / "records.jsonl") == [
+    start, *rest = read_jsonl(run / "records.jsonl")  # the start (step 0) is evaluated before any update
+    assert start["step"] == 0 and rest == [
         {"type": "failure", "step": 6, "reason": f"non-finite loss (nan) at step 6; lr {cfg.lr} is probably too high."}]
-    assert not (run / "last.pt").exists() and not (run / "best.pt").exists() and not (run / "done").exists()
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 0 and not (run / "done").exists()
 
 
 # -------------------------------------------------------------- 8. output not writable, disk full
@@ -557,7 +558,7 @@ def test_disk_full_keeps_previous_results_and_resumes(bench, reference, tmp_path
     def full_save(obj, f, *a, **k):
         if Path(f).name.startswith(".last.pt"):
             saves.append(f)
-            if len(saves) == 2:
+            if len(saves) == 3:  # steps 0 and 4 saved, step 8 fails
                 Path(f).write_bytes(b"\0" * 100)
                 raise _enospc(f)
         return real_save(obj, f, *a, **k)
@@ -568,7 +569,7 @@ def test_disk_full_keeps_previous_results_and_resumes(bench, reference, tmp_path
     monkeypatch.undo()
     assert torch.load(run / "last.pt", weights_only=True)["step"] == 4  # the previous checkpoint
     assert not list(run.glob(".*.tmp"))  # the partial file was removed
-    assert [r["step"] for r in read_jsonl(run / "records.jsonl")] == [4, 8]
+    assert [r["step"] for r in read_jsonl(run / "records.jsonl")] == [0, 4, 8]
 
     # (b) records.jsonl: the disk fills half-way through a line
     def full_append(path, record):
@@ -581,7 +582,7 @@ def test_disk_full_keeps_previous_results_and_resumes(bench, reference, tmp_path
     with pytest.raises(T.RunOutputError, match=r"cannot write .*records\.jsonl.*No space left"):
         train(cfg)
     monkeypatch.undo()
-    assert [r["step"] for r in read_jsonl(run / "records.jsonl")] == [4]  # the half line is ignored
+    assert [r["step"] for r in read_jsonl(run / "records.jsonl")] == [0, 4]  # the half line is ignored
 
     # (c) config.json: the rename of the complete temporary file fails
     real_replace = os.replace
@@ -630,7 +631,7 @@ def test_really_full_disk_names_the_file_and_resumes(bench, reference, tiny_disk
 
     def fill_disk_then_predict(*a, **k):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 4:  # step 0: model; step 4: model, wa; step 8: model
             with open(tiny_disk / "filler", "wb") as f:
                 try:
                     while True:
@@ -646,7 +647,7 @@ def test_really_full_disk_names_the_file_and_resumes(bench, reference, tiny_disk
     monkeypatch.undo()
     run = run_dir_for(cfg)
     assert torch.load(run / "last.pt", weights_only=True)["step"] == 4
-    assert [r["step"] for r in read_jsonl(run / "records.jsonl")] in ([4], [4, 8])
+    assert [r["step"] for r in read_jsonl(run / "records.jsonl")] in ([0, 4], [0, 4, 8])
     (tiny_disk / "filler").unlink()  # space is back
     train(cfg)
     assert stable(read_jsonl(run / "records.jsonl")) == stable(read_jsonl(reference / "records.jsonl"))

@@ -30,7 +30,7 @@ def make_run(root: Path, name: str, records: list[dict], test_env: int = 3, done
     run.mkdir(parents=True)
     cfg = {"benchmark": benchmark, "data_dir": "/data", "test_envs": [test_env], "backbone": "resnet50.tv2_in1k",
            "pretrained": True, "dropout": 0.0, "lr": 1e-3, "head_lr_mult": 1.0, "weight_decay": 1e-4,
-           "steps": 900, "batch_size": 32, "seed": 0, "trial_seed": 0, "resolution": 224, "train_stages": None}
+           "steps": 10000, "batch_size": 32, "seed": 0, "trial_seed": 0, "resolution": 224, "train_stages": None}
     cfg.update(config)
     (run / "config.json").write_text(json.dumps(cfg))
     meta = {"benchmark": benchmark, "domains": DOMAINS, "classes": ["dog", "cat"], "test_envs": [test_env],
@@ -205,6 +205,30 @@ def test_reference_and_comparison(tmp_path):
     assert R.reference_comparison(sel.assign(benchmark="emoji")).empty
 
 
+PAPER_ROW = {"benchmark": "PACS", "backbone": "resnet50.tv2_in1k", "pretrained": True, "weights_file": None,
+             "head": "linear", "train_stages": None, "head_lr_mult": 1.0, "freeze_bn": True, "augment": True,
+             "resolution": 224, "steps": 10000}
+
+
+@pytest.mark.parametrize("change", [{}, {"backbone": "resnet50.tv_in1k"}, {"benchmark": "terraincognita"},
+                                    {"backbone": "efficientnet_lite0.offline"}, {"resolution": 96}, {"steps": 600},
+                                    {"train_stages": 1}, {"head": "multiblock3"}, {"augment": False},
+                                    {"pretrained": False}, {"head_lr_mult": 10.0}, {"weights_file": "w-noise0.1.pt"},
+                                    {"freeze_bn": False}, {"benchmark": "emoji"}])
+def test_one_beside_the_paper_rule(tmp_path, change):
+    """The paper's columns only for runs in its setting (issue 13 item 9): each departure alone
+    excludes a run, in the rule, in reference_comparison and in the report's table."""
+    expected = not change or change in ({"backbone": "resnet50.tv_in1k"}, {"benchmark": "terraincognita"})
+    row = pd.DataFrame([{**PAPER_ROW, **change}])
+    assert bool(R.in_paper_setting(row).iloc[0]) is expected
+    assert len(R.paper_setting(row)) == int(expected)
+    if change.get("benchmark") is None and not change.get("backbone"):
+        run = make_run(tmp_path / "runs", "r", [make_record(10000, accs(.9, .8))], **{**PAPER_ROW, **change})
+        text = R.report([run], out=tmp_path / "report")
+        assert ("Beside the paper" in text) is expected
+        assert (not R.reference_comparison(R.select(R.load_runs([run]))).empty) is expected
+
+
 # ---------------------------------------------------------------- plots and report
 
 def _legend_texts(fig) -> list[str]:
@@ -336,3 +360,11 @@ def test_format_cell():
     assert R.format_cell(0.5, float("nan"), percent=False, digits=3) == "0.500 ± 0.000"
     assert R.format_cell(0.7871, 0.0, n=1) == "78.7"  # one seed: no "± 0.0"
     assert not math.isnan(paper_reference().ood_acc.sum())
+
+
+def test_report_says_how_validation_images_were_evaluated(tmp_path):
+    plain = make_run(tmp_path / "runs", "plain", [make_record(300, accs(.9, .8))])
+    aug = make_run(tmp_path / "runs", "aug", [make_record(300, accs(.9, .8))], val_augment=True, seed=1)
+    assert "(resized, no augmentation)" in R.report([plain], out=tmp_path / "a")
+    assert "with the training augmentation: val_augment" in R.report([aug], out=tmp_path / "b")
+    assert "some runs with the training augmentation" in R.report([plain, aug], out=tmp_path / "c")

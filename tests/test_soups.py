@@ -16,12 +16,12 @@ SPLITS = [f"env{e}_{s}" for e in range(3) for s in ("in", "out")]  # test env 2
 
 
 def make_run(root: Path, name: str, fingerprint: str = "fp0", backbone: str = "tiny", test_envs=(2,),
-             trial_seed: int = 0, seed: int = 0, dropout: float = 0.9, meta: bool = True) -> Path:
+             trial_seed: int = 0, seed: int = 0, dropout: float = 0.9, meta: bool = True, **config) -> Path:
     run = root / name
     run.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({
         "benchmark": "PACS", "test_envs": list(test_envs), "backbone": backbone, "trial_seed": trial_seed,
-        "seed": seed, "dropout": dropout, "lr": 1e-3}))
+        "seed": seed, "dropout": dropout, "lr": 1e-3, **config}))
     if meta:
         (run / "meta.json").write_text(json.dumps({
             "benchmark": "PACS", "domains": ["art_painting", "cartoon", "photo"], "test_envs": list(test_envs),
@@ -195,6 +195,56 @@ def test_incompatible_runs_refused(tmp_path):
         S.uniform_soup([a, e], load_fn=fns.load_fn, eval_fn=fns.eval_fn)
     with pytest.raises(ValueError, match="listed twice"):
         S.uniform_soup([a, a], load_fn=fns.load_fn, eval_fn=fns.eval_fn)
+
+
+def test_soups_refuse_other_holdout_stages_head_or_resolution(tmp_path):
+    """Same benchmark, domains and start, but another split fraction, trained part, head or input
+    size: averaging such weights (or, for the split, ensembling them) is meaningless."""
+    a = make_run(tmp_path, "a")  # written before these fields existed: the defaults
+    fns = Fns({}, linear_eval)
+    for i, (key, value) in enumerate([("holdout", 0.3), ("train_stages", 1), ("head", "multiblock3"),
+                                      ("resolution", 96)]):
+        other = make_run(tmp_path, f"o{i}", **{key: value})
+        with pytest.raises(ValueError, match=f"{key} differs"):
+            S.uniform_soup([a, other], load_fn=fns.load_fn, eval_fn=fns.eval_fn)
+    with pytest.raises(ValueError, match="holdout differs"):
+        S.logit_ensemble([a, tmp_path / "o0"], load_fn=fns.load_fn, eval_fn=fns.eval_fn)
+    same = make_run(tmp_path, "same", holdout=0.2, head="linear", train_stages=None, resolution=224)
+    assert S.check_compatible([a, same])["resolution"] == 224  # explicit defaults equal missing ones
+    with pytest.raises(ValueError, match="which must be"):
+        S.uniform_soup([a, same], "final", load_fn=fns.load_fn, eval_fn=fns.eval_fn)
+    assert fns.loads == 0
+
+
+def test_soups_of_best_or_last_weights_of_real_runs(fake_benchmark, tmp_path):
+    """which="best" averages the runs' best.pt, which="last" their final weights (final.pt, since
+    keep_last=False drops last.pt), checked against the checkpoint files read here."""
+    from vldlib.config import TrainConfig
+    from vldlib.loop import evaluate_logits, load_run_model
+    from vldlib.loop.train import train
+
+    runs = [train(TrainConfig(benchmark=str(fake_benchmark), backbone="test_resnet", pretrained=False, resolution=32,
+                              steps=4, eval_every=2, average_from=2, batch_size=4, num_workers=0, out=str(tmp_path / "r"),
+                              progress=False, lr=lr, seed=0, train_stages=1, augment=False, keep_last=False,
+                              device="cpu", num_threads=1)) for lr in (0.05, 0.02)]  # one start: same seed
+    best_steps = [torch.load(r / "best.pt", weights_only=True)["step"] for r in runs]
+    assert best_steps != [4, 4]  # so best and last differ for some run
+    for which, file in (("best", "best.pt"), ("last", "final.pt")):
+        seen = {}
+
+        def spy(model, cfg):
+            seen.update({k: v.clone() for k, v in model.model.state_dict().items()})
+            return evaluate_logits(model, cfg, device="cpu")
+
+        res = S.uniform_soup(runs, which, load_fn=load_run_model, eval_fn=spy)
+        ckpts = [torch.load(r / file, weights_only=True)["model"] for r in runs]
+        w = "fc.weight" if "fc.weight" in ckpts[0] else next(k for k in ckpts[0] if k.endswith("weight"))
+        assert torch.allclose(seen[w], (ckpts[0][w] + ckpts[1][w]) / 2)
+        assert res["which"] == which
+    final = [torch.load(r / "final.pt", weights_only=True) for r in runs]
+    assert [f["step"] for f in final] == [4, 4] and not (runs[0] / "last.pt").exists()
+    frame = S.soup_frame([res])
+    assert frame.method.tolist() == ["soup_uniform_last"] and frame.which.tolist() == ["last"]
 
 
 def test_soup_frame_joins_selected_rows(tmp_path):

@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 import yaml
 
 from vldlib.cliargs import UsageError, add_flag, bool_from_text, error_exit_code, parse_bool, print_error
+from vldlib.data import BenchmarkSpec, get_spec
+from vldlib.data.registry import is_benchmark_path
 from vldlib.model import check_backbone, check_dropout, check_head
 
 T = TypeVar("T")
@@ -140,6 +142,7 @@ class TrainConfig:
     holdout: float = 0.2  # fraction of every domain held out ("out" split)
     resolution: int = 224  # input size in pixels
     augment: bool = True  # DomainBed's training augmentation (off: eval resize only)
+    val_augment: bool = False  # evaluate the training domains' "out" split with the training augmentation (the official code without --outsplit_noaug)
     augment_on: str = "workers"  # where augmentation runs: "workers" (PIL/tensors per image) or "device" (batched)
     cache_images: bool = False  # decode every image once into a memory-mapped uint8 cache
     skip_bad: bool = False  # skip unreadable images (counted and printed) instead of failing
@@ -153,16 +156,16 @@ class TrainConfig:
     head: str = "linear"  # "linear" (Dropout + Linear), or "multiblock<k>" (paper Figs 9-10, needs train_stages 0)
     cache_trunk: bool = False  # compute the frozen stages once and train on their outputs (needs augment off)
     # --- optimisation
-    steps: int = 10_000  # SGD steps
+    steps: int | None = None  # SGD steps (None: the benchmark's, BenchmarkSpec.n_steps; 10,000 for a folder)
     batch_size: int = 32  # per training domain (3 domains: 96 images a step)
     lr: float = 1e-3  # learning rate
     head_lr_mult: float = 1.0  # classifier lr = lr x this (paper Fig 6: 10)
     weight_decay: float = 1e-4  # on every parameter
     momentum: float = 0.9  # SGD momentum
-    lr_decay_at: list[float] = field(default_factory=lambda: [0.5])  # fractions of steps where lr *= lr_decay
+    lr_decay_at: list[float] = field(default_factory=lambda: [0.5])  # where lr *= lr_decay: fractions of steps (< 1) or step numbers (>= 1)
     lr_decay: float = 0.1  # lr multiplier at each of lr_decay_at
     # --- evaluation and averaging
-    eval_every: int = 300  # evaluate (and checkpoint) every this many steps, and at the last step
+    eval_every: int | None = None  # evaluate and checkpoint every this many steps, at 0 and at the last (None: BenchmarkSpec.checkpoint_freq; 300)
     average_from: int = 300  # weight average and logit ensemble start at this step
     eval_batch_size: int = 256  # batch size for evaluation
     keep_last: bool = True  # keep last.pt after the run finished (needed only to extend it)
@@ -181,10 +184,37 @@ class TrainConfig:
 
     # Fields that do not change results: left out of the run's identity hash.
     NON_IDENTITY = ("data_dir", "device", "num_workers", "out", "run_name", "progress", "keep_last",
-                    "eval_batch_size", "cache_images", "cache_trunk", "num_threads", "compile")
+                    "eval_batch_size", "cache_trunk", "num_threads", "compile")
+    # cache_images is part of the identity: the cached square is resampled twice (resize, then crop
+    # and resize), so its pixels differ slightly from the reference path's even with the same crops
+
+    def resolved(self) -> "TrainConfig":
+        """This config with the fields left unset (None) filled in: `steps` and `eval_every` from the
+        registered benchmark's `BenchmarkSpec` (n_steps, checkpoint_freq; DomainNet: 30,000 and
+        1,000), the paper's 10,000 and 300 for a folder. What a run saves and hashes is the resolved
+        config, so leaving them unset and setting the benchmark's values give the same run.
+
+        >>> TrainConfig(benchmark="DomainNet").resolved().steps, TrainConfig(steps=600).resolved().steps
+        (30000, 600)
+        """
+        if self.steps is not None and self.eval_every is not None:
+            return self
+        spec = benchmark_spec(self.benchmark)
+        return dataclasses.replace(
+            self, steps=self.steps if self.steps is not None else (spec.n_steps if spec else DEFAULT_STEPS),
+            eval_every=self.eval_every if self.eval_every is not None else (spec.checkpoint_freq if spec else DEFAULT_EVAL_EVERY))
+
+    def lr_milestones(self) -> list[int]:
+        """The steps after which lr *= lr_decay: each `lr_decay_at` value below 1 is a fraction of
+        the run (0.5 of 10,000: 5,000), one of 1 or more a step number (the official DomainNet
+        schedule: [5000, 10000]). Steps 1..m use the rate before milestone m, m+1.. the next."""
+        steps = self.resolved().steps
+        return sorted({max(1, int(round(f * steps))) if f < 1 else int(f) for f in self.lr_decay_at})
 
     def validate(self) -> None:
-        """Errors before any work starts, each naming the value and the fix."""
+        """Errors before any work starts, each naming the value and the fix (on the resolved config)."""
+        if self.steps is None or self.eval_every is None:
+            return self.resolved().validate()
         check_dropout(self.dropout)
         check_backbone(self.backbone)
         check_head(self.head, self.train_stages)
@@ -202,8 +232,10 @@ class TrainConfig:
             raise UsageError(f"holdout fraction must be in (0, 1), got {self.holdout}; e.g. --holdout 0.2 (the paper's)")
         if not self.test_envs:
             raise UsageError("test_envs is empty: name at least one held-out domain index")
-        if any(not 0 < f < 1 for f in self.lr_decay_at):
-            raise UsageError(f"lr_decay_at are fractions of the run in (0, 1), got {self.lr_decay_at}")
+        bad = [f for f in self.lr_decay_at if not (0 < f < 1 or (f >= 1 and float(f).is_integer() and f < self.steps))]
+        if bad:
+            raise UsageError(f"lr_decay_at {bad}: each must be a fraction of the run in (0, 1) (e.g. 0.5) or a step "
+                             f"number from 1 to steps - 1 = {self.steps - 1} (e.g. 5000); got {self.lr_decay_at}")
         if self.eval_every <= 0 or self.average_from < 0:
             raise UsageError("eval_every must be > 0 and average_from >= 0")
         if self.augment_on not in ("workers", "device"):
@@ -220,8 +252,25 @@ class TrainConfig:
         if self.cache_trunk and self.augment:
             raise UsageError("cache_trunk computes the frozen stages once per image, so it cannot "
                              "augment: set augment=False (--augment false) or cache_trunk=False.")
+        if self.val_augment and not self.augment:
+            raise UsageError("val_augment evaluates the validation split with the training augmentation, but "
+                             "augment is off: set augment=True (--augment) or val_augment=False.")
         if self.cache_trunk and self.train_stages is None:
             raise UsageError("cache_trunk needs a frozen trunk: set train_stages (e.g. 1, or 0 for the head only).")
 
     def identity(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in self.NON_IDENTITY}
+        """The fields that change results, of the resolved config (unset steps = the benchmark's)."""
+        return {k: v for k, v in asdict(self.resolved()).items() if k not in self.NON_IDENTITY}
+
+
+DEFAULT_STEPS, DEFAULT_EVAL_EVERY = 10_000, 300  # the paper's, for a benchmark that is a folder
+
+
+def benchmark_spec(benchmark: str) -> BenchmarkSpec | None:
+    """The registered benchmark's spec, or None for a folder path or an unknown name."""
+    if is_benchmark_path(benchmark):
+        return None
+    try:
+        return get_spec(benchmark)
+    except KeyError:
+        return None

@@ -94,7 +94,7 @@ def load_run_data(run_dir: str | Path, which: str = "best", device: str = "cpu")
     The trunk outputs come from the same on-disk cache the training used (computed if missing).
     """
     run_dir = Path(run_dir)
-    if not (run_dir / f"{which}.pt").exists():
+    if not (run_dir / f"{which}.pt").exists() and not (which == "last" and (run_dir / "final.pt").exists()):
         raise FileNotFoundError(f"{run_dir / (which + '.pt')} not found: the run has no {which!r} checkpoint. "
                                 f"Use which='best' (always kept) or train the run first.")
     net, cfg_dict = load_run_model(run_dir, which)

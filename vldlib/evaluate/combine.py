@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -30,16 +31,22 @@ import pandas as pd
 import torch
 from torch import nn
 
+from vldlib.config import TrainConfig
 from vldlib.evaluate.scores import accuracies, ood_split, readable, split_scores
 from vldlib.utils import read_json
 
 LoadFn = Callable[..., "tuple[nn.Module, dict[str, Any]]"]
 EvalFn = Callable[[nn.Module, dict[str, Any]], "dict[str, tuple[torch.Tensor, torch.Tensor]]"]
 
-# what must agree across runs: the evaluation data (benchmark, held-out envs, split seed) for
-# any combination; the architecture and starting point as well for weight averaging
-ENSEMBLE_KEYS = ("benchmark", "test_envs", "trial_seed")
-SOUP_KEYS = ENSEMBLE_KEYS + ("backbone", "init_fingerprint")
+# what must agree across runs: the evaluation data (benchmark, held-out envs, split seed and
+# fraction) for any combination; the architecture, what was trained, the input size and the
+# starting point as well for weight averaging
+ENSEMBLE_KEYS = ("benchmark", "test_envs", "trial_seed", "holdout")
+SOUP_KEYS = ENSEMBLE_KEYS + ("backbone", "head", "train_stages", "resolution", "init_fingerprint")
+# runs written before a field existed used its default
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+             if f.name in ("holdout", "head", "train_stages", "resolution")}
+WHICH = ("best", "last")  # best.pt (DiWA's choice) or the final weights (the paper's Fig 1)
 
 
 # --------------------------------------------------------------------------- compatibility
@@ -48,7 +55,7 @@ SOUP_KEYS = ENSEMBLE_KEYS + ("backbone", "init_fingerprint")
 
 def _run_facts(run: Path) -> dict[str, Any]:
     """config.json then meta.json (which wins: it records what the run actually did)."""
-    return {**read_json(run / "config.json"), **read_json(run / "meta.json")}
+    return {**_DEFAULTS, **read_json(run / "config.json"), **read_json(run / "meta.json")}
 
 
 def check_compatible(run_dirs: Sequence[str | Path], keys: Sequence[str] = SOUP_KEYS) -> dict[str, Any]:
@@ -161,6 +168,11 @@ def _test_envs(cfg: dict[str, Any]) -> list[int]:
     return [int(x) for x in (t if isinstance(t, (list, tuple)) else [t])]
 
 
+def _check_which(which: str) -> None:
+    if which not in WHICH:
+        raise ValueError(f"which must be 'best' (each run's best.pt) or 'last' (its final weights), got {which!r}")
+
+
 def _result(method: str, members: Sequence[Path], candidates: Sequence[Path], acc: dict[str, float],
             cfg: dict[str, Any], shared: dict[str, Any], which: str, **extra: Any) -> dict[str, Any]:
     return {"method": method, "members": [str(m) for m in members], "candidates": [str(c) for c in candidates],
@@ -189,6 +201,7 @@ def uniform_soup(run_dirs: Iterable[str | Path], which: str = "best", *, load_fn
     Returns {"method": "soup_uniform", "members", "acc": {"env0_in": ..}, "iid_acc", "ood_acc",
     "oracle_acc", "shared": the config values common to all members, ...}.
     """
+    _check_which(which)
     runs = [Path(r) for r in run_dirs]
     check_compatible(runs, SOUP_KEYS)
     avg, base, base_cfg = StateDictAverage(), None, None
@@ -213,6 +226,7 @@ def greedy_soup(run_dirs: Iterable[str | Path], which: str = "best", *, load_fn:
     iid_acc); otherwise every run is evaluated first. The result adds "scores" and "history"
     ([{"run", "soup_iid_acc", "added"}]) to `uniform_soup`'s keys.
     """
+    _check_which(which)
     runs = [Path(r) for r in run_dirs]
     check_compatible(runs, SOUP_KEYS)
     if scores is None:
@@ -260,6 +274,7 @@ def logit_ensemble(run_dirs: Iterable[str | Path], which: str = "best", *, load_
     Runs need the same evaluation data (benchmark, held-out envs, split seed), not the same
     architecture or initialisation. Same return keys as `uniform_soup`, method "ens_runs".
     """
+    _check_which(which)
     runs = [Path(r) for r in run_dirs]
     check_compatible(runs, ENSEMBLE_KEYS)
     total: dict[str, torch.Tensor] = {}
@@ -288,7 +303,8 @@ def logit_ensemble(run_dirs: Iterable[str | Path], which: str = "best", *, load_
 def soup_frame(results: Iterable[dict[str, Any]]) -> pd.DataFrame:
     """Soup/ensemble results as rows shaped like `vldlib.evaluate.selection.select`'s, to concatenate with it.
 
-    Each row: run ("<method> of N runs"), method, iid_acc, ood_acc, oracle_acc, n_members, and
+    Each row: run ("<method> of N runs"), method (suffixed "_last" for the members' final weights,
+    so tables and plots keep them apart from best.pt's), which, iid_acc, ood_acc, oracle_acc, n_members, and
     the config values shared by the members (benchmark, dropout, test_envs, ...; test_env when
     single). Values that differ across members (seed, lr, ...) are absent (NaN after concat).
 
@@ -298,8 +314,9 @@ def soup_frame(results: Iterable[dict[str, Any]]) -> pd.DataFrame:
     for r in results:
         row = dict(r.get("shared", {}))
         t = _test_envs({"test_envs": [int(x) for x in str(row.get("test_envs", "")).split(",") if x != ""]})
-        row.update({"run": f"{r['method']} of {len(r['members'])} runs", "method": r["method"],
-                    "selection": r.get("which", ""), "iid_acc": r["iid_acc"], "ood_acc": r["ood_acc"],
+        method = r["method"] + ("_last" if r.get("which") == "last" else "")  # final weights: their own rows
+        row.update({"run": f"{method} of {len(r['members'])} runs", "method": method,
+                    "selection": r.get("which", ""), "which": r.get("which", ""), "iid_acc": r["iid_acc"], "ood_acc": r["ood_acc"],
                     "oracle_acc": r.get("oracle_acc"), "n_members": len(r["members"]),
                     "test_env": t[0] if len(t) == 1 else pd.NA})
         rows.append(row)

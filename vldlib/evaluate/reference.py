@@ -8,7 +8,8 @@ training-domain validation, so compare them with our means over the same things
 
 Method names follow `vldlib.evaluate.selection.select` and `vldlib.evaluate.combine`: "model" is plain fine-tuning (the
 current weights, at the given dropout rate); "soup_uniform" and "ens_runs" are the uniform weight
-average and the logit ensemble across runs (1x head learning rate, no dropout).
+average and the logit ensemble across runs (1x head learning rate, no dropout), compared with ours
+of each run's best.pt; the "_last" variants (the runs' final weights) have no paper number.
 
 >>> ref = paper_reference()
 >>> float(ref.query("benchmark == 'PACS' and dropout == 0.9 and method == 'model'").ood_acc.iloc[0])
@@ -17,7 +18,11 @@ average and the logit ensemble across runs (1x head learning rate, no dropout).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pandas as pd
+
+from vldlib.config import TrainConfig
 
 BENCHMARKS = ("VLCS", "OfficeHome", "PACS", "TerraIncognita")
 
@@ -52,6 +57,9 @@ METHOD_LABELS = {
     "soup_uniform": "weight avg. (across runs)",
     "soup_greedy": "greedy soup (across runs)",
     "ens_runs": "ensemble (across runs)",
+    "soup_uniform_last": "weight avg. (across runs, final weights)",
+    "soup_greedy_last": "greedy soup (across runs, final weights)",
+    "ens_runs_last": "ensemble (across runs, final weights)",
 }
 
 
@@ -82,3 +90,52 @@ def reference_benchmark(name: str) -> str | None:
     ('OfficeHome', None)
     """
     return {b.lower(): b for b in BENCHMARKS}.get(str(name).lower())
+
+
+# ----------------------------------------------------------------------------- the paper's setting
+PAPER_BACKBONES = ("resnet50.tv_in1k", "resnet50.tv2_in1k")  # ResNet #1 and #2
+PAPER_STEPS = 10_000  # on the four benchmarks with reference numbers
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
+def _column(frame: pd.DataFrame, name: str) -> pd.Series:
+    """A config column, with TrainConfig's default where it is absent or empty: a run that predates
+    the field, or a hand-made row (e.g. a soup's) that does not record it. An unset field whose
+    default is None (train_stages, weights_file) stays None."""
+    if name not in frame:
+        return pd.Series([_DEFAULTS[name]] * len(frame), index=frame.index, dtype=object)
+    return frame[name].astype(object).where(frame[name].notna(), _DEFAULTS[name])
+
+
+def _is_unset(v) -> bool:
+    return v is None or str(v) in ("", "None", "nan", "null")
+
+
+def in_paper_setting(frame: pd.DataFrame) -> pd.Series:
+    """THE rule for showing the paper's numbers beside a run (used by `report`, report.ipynb and
+    `vldlib.evaluate.tables.reference_comparison`): one of the paper's four benchmarks, ResNet50
+    #1 or #2 pretrained on ImageNet (no other weights file), every stage fine-tuned with the plain
+    Dropout + Linear head at 1x its lr, BatchNorm frozen, 224 px, DomainBed's augmentation, the
+    paper's 10,000 steps. Any other run is shown without paper columns: a 96 px, 600-step or partly
+    fine-tuned run measures something else. A boolean per row of `frame` (config columns).
+
+    >>> row = pd.DataFrame([{"benchmark": "PACS", "backbone": "resnet50.tv2_in1k", "steps": 10000}])
+    >>> bool(in_paper_setting(row).iloc[0]), bool(in_paper_setting(row.assign(steps=600)).iloc[0])
+    (True, False)
+    """
+    col = lambda name: _column(frame, name)  # noqa: E731
+    truthy = lambda v: v in (True, 1, "True", "true")  # noqa: E731
+    keep = col("benchmark").map(lambda b: b is not None and reference_benchmark(str(b)) is not None)
+    keep &= col("backbone").isin(PAPER_BACKBONES)
+    keep &= col("pretrained").map(truthy) & col("weights_file").map(_is_unset)
+    keep &= col("head").map(lambda h: _is_unset(h) or h == "linear") & col("train_stages").map(_is_unset)
+    keep &= pd.to_numeric(col("head_lr_mult"), errors="coerce").fillna(1.0) == 1.0
+    keep &= col("freeze_bn").map(lambda v: v is None or truthy(v)) & col("augment").map(lambda v: v is None or truthy(v))
+    keep &= pd.to_numeric(col("resolution"), errors="coerce") == 224
+    keep &= pd.to_numeric(col("steps"), errors="coerce").fillna(PAPER_STEPS) == PAPER_STEPS
+    return keep.astype(bool)
+
+
+def paper_setting(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of `frame` in the paper's setting (`in_paper_setting`)."""
+    return frame[in_paper_setting(frame)] if len(frame) else frame

@@ -17,7 +17,7 @@ import pandas as pd
 
 from vldlib.config import UsageError, add_flag, print_error
 from vldlib.evaluate.plots import plot_conditions, plot_iid_vs_ood, plot_rate_curve, plot_training_curves
-from vldlib.evaluate.reference import READ_OFF_NOTE
+from vldlib.evaluate.reference import READ_OFF_NOTE, in_paper_setting, paper_setting
 from vldlib.evaluate.scores import find_run_dirs, load_runs, per_step_scores, run_status, split_scores
 from vldlib.evaluate.selection import SELECTIONS, select, summarize
 from vldlib.evaluate.tables import (
@@ -33,15 +33,27 @@ from vldlib.utils import atomic_path, write_text_atomic
 
 __all__ = ["EXTRA_ROW_KEYS", "SELECTIONS", "benchmark_table", "collect_results", "default_rows", "domainbed_table",
            "enrich", "experiment_of", "experiment_tables", "find_files", "floors",
-           "find_run_dirs", "format_cell", "load_runs", "paper_setting", "per_step_scores", "plot_conditions",
+           "find_run_dirs", "format_cell", "in_paper_setting", "load_runs", "paper_setting", "per_step_scores", "plot_conditions",
            "plot_iid_vs_ood", "plot_rate_curve", "plot_training_curves", "reference_comparison", "report",
            "run_status", "select", "split_scores", "start_of", "summarize", "to_latex", "to_markdown"]
 
 # config keys that change *what* is being compared; the report adds them to the rows if they vary
 EXTRA_ROW_KEYS = ("backbone", "pretrained", "weights_file", "head", "head_lr_mult", "train_stages", "freeze_bn",
-                  "steps", "resolution")
+                  "steps", "resolution", "val_augment")
 
 
+
+
+def validation_images(selected: pd.DataFrame) -> str:
+    """How the i.i.d. (validation) images were evaluated, for the report's header: resized only
+    (vldlib's default), with the training augmentation (`val_augment`, the official code's default),
+    or a mix (then `val_augment` is a table row)."""
+    used = selected["val_augment"].map(lambda v: v in (True, 1, "True", "true")) if "val_augment" in selected else None
+    if used is None or not used.any():
+        return "(resized, no augmentation)"
+    if used.all():
+        return "(with the training augmentation: val_augment, as the official code without --outsplit_noaug)"
+    return "(some runs with the training augmentation: see the val_augment rows)"
 
 
 def default_rows(selected: pd.DataFrame, base: Sequence[str] = ("method", "dropout"),
@@ -106,7 +118,8 @@ def report(paths: Sequence[str | Path], out: str | Path = "outputs/report", sele
 
     md = [f"# Report ({selection.replace('_', '-')} selection)", "",
           f"{sel.run.nunique()} runs; accuracy in %, mean ± standard error over "
-          f"{over_eff or 'runs'}; o.o.d. = held-out domain's 'in' split, i.i.d. = training domains' 'out' split.",
+          f"{over_eff or 'runs'}; o.o.d. = held-out domain's 'in' split, i.i.d. = training domains' 'out' split "
+          f"{validation_images(sel)}.",
           *[f"- {n}" for n in notes], ""]
     tex = []
     for b in sorted(sel.benchmark.dropna().unique()):
@@ -118,8 +131,12 @@ def report(paths: Sequence[str | Path], out: str | Path = "outputs/report", sele
     md += ["## o.o.d. accuracy per benchmark", "", to_markdown(summary), ""]
     tex += ["% o.o.d. accuracy per benchmark", to_latex(summary)]
     ref = reference_comparison(sel, over=over_eff)
+    outside = sel.loc[~in_paper_setting(sel), "run"].nunique()
     if len(ref):
         md += ["## Beside the paper", "", to_markdown(ref), "", READ_OFF_NOTE, ""]
+        if outside:
+            md += [f"{outside} run(s) outside the paper's setting (ResNet50 #1/#2, full fine-tuning, 224 px, "
+                   f"augmentation, 10,000 steps, 1x head lr) are not compared with its numbers.", ""]
         tex += ["% beside the paper", to_latex(ref)]
     text = "\n".join(md)
 
@@ -220,20 +237,6 @@ def enrich(df: pd.DataFrame, results_dir: str | os.PathLike) -> pd.DataFrame:
         "start": [start_of(runs.loc[r, cols].to_dict()) for r in runs.index]}, index=runs.index)
     return df.drop(columns=[c for c in info.columns if c in df.columns]).merge(
         info, left_on="run", right_index=True, how="left")
-
-
-def paper_setting(selected: pd.DataFrame) -> pd.DataFrame:
-    """Runs set up like the paper's reference numbers: pretrained (no noise), the plain linear
-    head, 1x head lr, every stage trained. (reference_comparison also filters pretrained and
-    head lr; this adds the head and the partial fine-tuning.)"""
-    keep = pd.Series(True, index=selected.index)
-    if "head" in selected:
-        keep &= selected["head"].fillna("linear") == "linear"
-    if "weights_file" in selected:
-        keep &= selected.weights_file.isna() | (selected.weights_file.astype(str).isin(["", "None"]))
-    if "train_stages" in selected:
-        keep &= selected.train_stages.isna() | selected.train_stages.astype(str).isin(["", "None", "nan"])
-    return selected[keep]
 
 
 def collect_results(results_dir: str | os.PathLike, out: str | os.PathLike, selection: str = "training_domain",

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from vldlib.data.folder import DataError, load_benchmark
-from vldlib.evaluate.reference import METHOD_LABELS, paper_reference, reference_benchmark
+from vldlib.evaluate.reference import METHOD_LABELS, paper_reference, paper_setting, reference_benchmark
 from vldlib.evaluate.selection import check_columns, summarize
 
 
@@ -153,21 +153,12 @@ def benchmark_table(selected: pd.DataFrame, rows: Sequence[str] = ("method", "dr
     return _method_first(table.reset_index())
 
 
-def _comparable(selected: pd.DataFrame) -> pd.DataFrame:
-    """Runs set up like the paper's reference numbers: pretrained, 1x head lr."""
-    keep = pd.Series(True, index=selected.index)
-    if "pretrained" in selected:
-        keep &= selected.pretrained.astype("boolean").fillna(True).astype(bool)
-    if "head_lr_mult" in selected:
-        keep &= pd.to_numeric(selected.head_lr_mult, errors="coerce").fillna(1.0) == 1.0
-    return selected[keep]
-
-
 def reference_comparison(selected: pd.DataFrame, over: str | None = "seed") -> pd.DataFrame:
     """Our means beside the paper's, for every (benchmark, method, dropout) the paper reports.
 
-    Only pretrained runs with a 1x head learning rate are compared (the paper's setting); the
-    benchmark names match case-insensitively. Columns: benchmark, method, dropout, n, ours_iid,
+    Only runs in the paper's setting are compared (`vldlib.evaluate.reference.in_paper_setting`:
+    ResNet50 #1/#2, full fine-tuning, 224 px, augmentation, 10,000 steps, ...); the benchmark names
+    match case-insensitively. Columns: benchmark, method, dropout, n, ours_iid,
     ours_ood (mean ± se, percent), paper_iid, paper_ood, diff_ood (ours - paper, points).
     Empty when nothing matches.
     """
@@ -175,7 +166,7 @@ def reference_comparison(selected: pd.DataFrame, over: str | None = "seed") -> p
             "diff_ood"]
     if selected.empty or "dropout" not in selected:
         return pd.DataFrame(columns=cols)
-    sel = _comparable(selected).copy()
+    sel = paper_setting(selected).copy()
     sel["benchmark"] = sel.benchmark.map(reference_benchmark)
     sel = sel[sel.benchmark.notna()]
     if sel.empty:

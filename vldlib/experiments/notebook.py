@@ -88,13 +88,15 @@ def held_out(test_envs: Any, n_domains: int) -> list[int]:
 
 def across_runs(selected: pd.DataFrame, group: Sequence[str] = ("benchmark", "test_envs", "dropout"),
                 methods: Sequence[str] = ("soup_uniform", "soup_greedy", "ens_runs"), min_runs: int = 2,
-                load_fn=None, eval_fn=None) -> pd.DataFrame:
+                load_fn=None, eval_fn=None, which: Sequence[str] = combine.WHICH) -> pd.DataFrame:
     """Uniform/greedy soups and logit ensembles of the finished runs in each group, as rows like
     `select`'s (vldlib.combine.soup_frame), with `group`'s values.
 
     The runs of a group are the seeds and learning rates/weight decays that share `group`; the
     greedy soup is ordered by each run's selected i.i.d. accuracy (never the test domain).
-    Groups with fewer than `min_runs` runs are skipped.
+    Groups with fewer than `min_runs` runs are skipped. `which`: each run's best.pt (DiWA's choice),
+    its final weights (the paper's Fig 1), or both (the default; column `which` tells them apart;
+    the greedy soup of final weights orders runs by their final weights' i.i.d. accuracy).
     """
     load_fn, eval_fn = load_fn or load_run_model, eval_fn or evaluate_logits
     cols = [c for c in group if c in selected.columns]
@@ -116,12 +118,14 @@ def across_runs(selected: pd.DataFrame, group: Sequence[str] = ("benchmark", "te
             except ValueError as e:  # e.g. from-scratch runs: every seed starts elsewhere
                 print(f"weight averaging skipped for {dict(zip(cols, key))}: {e}")
                 weight_methods = []
-        if "soup_uniform" in weight_methods:
-            res.append(combine.uniform_soup(runs, load_fn=load_fn, eval_fn=eval_fn))
-        if "soup_greedy" in weight_methods:
-            res.append(combine.greedy_soup(runs, load_fn=load_fn, eval_fn=eval_fn, scores=scores))
-        if "ens_runs" in methods:
-            res.append(combine.logit_ensemble(runs, load_fn=load_fn, eval_fn=eval_fn))
+        for w in as_list(which):
+            if "soup_uniform" in weight_methods:
+                res.append(combine.uniform_soup(runs, w, load_fn=load_fn, eval_fn=eval_fn))
+            if "soup_greedy" in weight_methods:
+                res.append(combine.greedy_soup(runs, w, load_fn=load_fn, eval_fn=eval_fn,
+                                               scores=scores if w == "best" else None))
+            if "ens_runs" in methods:
+                res.append(combine.logit_ensemble(runs, w, load_fn=load_fn, eval_fn=eval_fn))
         if not res:
             continue
         frame = combine.soup_frame(res)
@@ -129,7 +133,7 @@ def across_runs(selected: pd.DataFrame, group: Sequence[str] = ("benchmark", "te
             frame[c] = v
         rows.append(frame)
     if not rows:
-        return pd.DataFrame(columns=["run", "method", "iid_acc", "ood_acc", *cols])
+        return pd.DataFrame(columns=["run", "method", "which", "iid_acc", "ood_acc", *cols])
     return pd.concat(rows, ignore_index=True)
 
 
@@ -137,7 +141,7 @@ def across_runs(selected: pd.DataFrame, group: Sequence[str] = ("benchmark", "te
 
 # parameters-cell names that are TrainConfig fields, copied into `base_config` as they are
 CONFIG_PARAMS = ("data_dir", "backbone", "pretrained", "resolution", "train_stages", "cache_trunk", "augment",
-                 "batch_size", "eval_every", "device", "freeze_bn")
+                 "batch_size", "eval_every", "device", "freeze_bn", "lr_decay_at")
 
 
 @dataclass
@@ -160,9 +164,9 @@ class Notebook:
         evaluation every `eval_every` steps, runs under `runs_out`, last.pt not kept."""
         p = self.params
         fields = {k: p[k] for k in CONFIG_PARAMS if k in p}
-        if not isinstance(p.get("steps"), dict) and "steps" in p:
+        if not isinstance(p.get("steps"), dict) and p.get("steps") is not None:  # None: the benchmark's
             fields["steps"] = int(p["steps"])
-        fields.update(benchmark=self.benchmark, average_from=p.get("eval_every", 300), out=str(self.runs_out),
+        fields.update(benchmark=self.benchmark, average_from=p.get("eval_every") or 300, out=str(self.runs_out),
                       keep_last=False, num_threads=p.get("num_threads") or 0)
         return dataclasses.replace(TrainConfig(**fields), **overrides)
 

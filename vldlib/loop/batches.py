@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 
 from vldlib.config import TrainConfig, UsageError
 from vldlib.data import MultiDomainFolder, split_domain
-from vldlib.data.cache import cache_root, cached_benchmark, cached_domain
+from vldlib.data.cache import cache_root, cached_benchmark, cached_domain, image_sizes
 from vldlib.data.datasets import ArrayDataset, ImageDataset
-from vldlib.data.gpu_augment import ArraySource, DeviceBatches, normalisation_of
+from vldlib.data.gpu_augment import ArraySource, DeviceBatches, augment_batch, normalisation_of, sample_params
 from vldlib.data.order import batch_indices
 from vldlib.data.transforms import eval_transform, train_transform
 from vldlib.loop.device import cpu_plan
@@ -55,9 +55,13 @@ def make_data(cfg: TrainConfig, bench: MultiDomainFolder, mean, std) -> Data:
     if cfg.cache_images:
         arrays = cached_benchmark(bench, cfg.resolution, progress=cfg.progress)
 
-        def subset(env: int, idx: np.ndarray, tf) -> ArrayDataset:
+        def subset(env: int, idx: np.ndarray, tf) -> ArrayDataset | CachedTrainItems:
             images, labels = arrays[env]
-            return ArrayDataset(images[idx] if len(idx) < len(labels) else images, labels[idx], tf)
+            images = images[idx] if len(idx) < len(labels) else images
+            if tf is tf_train and cfg.augment:  # crops drawn in the original image's coordinates
+                sizes = image_sizes([bench.samples[env][i] for i in idx], progress=cfg.progress)
+                return CachedTrainItems(images, labels[idx], sizes, cfg.resolution, mean, std)
+            return ArrayDataset(images, labels[idx], tf)
     else:
         def subset(env: int, idx: np.ndarray, tf) -> ImageDataset:
             return ImageDataset([bench.samples[env][i] for i in idx], tf)
@@ -72,8 +76,47 @@ def make_data(cfg: TrainConfig, bench: MultiDomainFolder, mean, std) -> Data:
                                  f"{bench.domains[env]!r} ({len(ins)} images); use --batch-size <= {len(ins)}")
             train.append(subset(env, ins, tf_train))
         evals[f"env{env}_in"] = subset(env, ins, tf_eval)
-        evals[f"env{env}_out"] = subset(env, outs, tf_eval)
+        if cfg.val_augment and env in train_envs:  # the official code's default (no --outsplit_noaug)
+            evals[f"env{env}_out"] = SeededItems(subset(env, outs, tf_train), seed_hash(cfg.seed, "val_augment", env))
+        else:
+            evals[f"env{env}_out"] = subset(env, outs, tf_eval)
     return Data(train, evals, bench.domains, bench.classes, train_envs, config_hash({"s": split_files}, n=16))
+
+
+class CachedTrainItems(torch.utils.data.Dataset):
+    """Training items from the decoded-image cache (squashed squares), augmented like the device
+    path: the RandomResizedCrop box is drawn on the original image's size (`sizes`) and mapped into
+    the square (`vldlib.data.gpu_augment.sample_params`), so a non-square image gets torchvision's
+    crop geometry, not the square's. `augment_on="workers"` and `"device"` then crop alike."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, sizes: np.ndarray, resolution: int, mean, std):
+        self.images, self.labels, self.sizes = images, labels, np.asarray(sizes, dtype=np.int64)
+        self.resolution, self.mean, self.std = resolution, tuple(mean), tuple(std)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key):
+        idx, seed = key if isinstance(key, tuple) else (key, int(torch.randint(0, 2**31 - 1, ())))
+        img = torch.from_numpy(np.array(self.images[idx]))[None]  # copy out of the read-only memory map
+        params = sample_params([seed], img.shape[2], img.shape[3], self.sizes[idx:idx + 1])
+        return augment_batch(img, params, self.resolution, self.mean, self.std)[0], int(self.labels[idx])
+
+
+class SeededItems(torch.utils.data.Dataset):
+    """A dataset whose random transform draws, for item i, from its own seed (`seed_hash(seed, i)`):
+    the validation split evaluated with the training augmentation (`val_augment`) is then the same
+    augmented images at every evaluation and after a resume, whatever worker reads them. (The
+    official code draws new ones at each evaluation; a fixed draw keeps checkpoints comparable.)"""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        return self.dataset[(i, seed_hash(self.seed, i))]
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -99,15 +142,18 @@ def _device_batches(data: Data, cfg: TrainConfig, start: int, device: torch.devi
 
     sources = []
     for env, ds in zip(data.train_envs, data.train):
-        if isinstance(ds, ArrayDataset):
+        if isinstance(ds, CachedTrainItems):
+            sources.append(ArraySource(ds.images, ds.labels, sizes=ds.sizes))
+        elif isinstance(ds, ArrayDataset):  # augmentation off: no crop, sizes not needed
             sources.append(ArraySource(ds.images, ds.labels))
         elif isinstance(ds, ImageDataset):  # not cached yet: decode this split once (same cache)
             images, labels = cached_domain(ds.samples, cfg.resolution, name=f"train-env{env}", progress=cfg.progress)
-            sources.append(ArraySource(images, labels))
+            sizes = image_sizes(ds.samples, progress=cfg.progress) if cfg.augment else None
+            sources.append(ArraySource(images, labels, sizes=sizes))
         else:
             raise ValueError(f"augment_on='device' needs image datasets, got {type(ds).__name__}; "
                              f"use augment_on='workers'")
-    mean, std = normalisation_of(data.train[0].transform)
+    mean, std = normalisation_of(data.evals[f"env{data.train_envs[0]}_in"].transform)  # the eval splits' own
     yield from DeviceBatches(sources, data.train_envs, batch_size=cfg.batch_size, seed=cfg.seed, start=start,
                              stop=cfg.steps, device=device, size=cfg.resolution, mean=mean, std=std,
                              augment=cfg.augment, index_fn=batch_indices, overlap=True)
@@ -171,6 +217,17 @@ def trunk_features(net: FineTuneNet, data: Data, cfg: TrainConfig, device: torch
     # The cache holds every (domain, split) and is shared by runs holding out different domains;
     # which of them are trained on is decided here, per run, never stored with the cache.
     return {"evals": evals, "train": [evals[f"env{e}_in"] for e in data.train_envs]}
+
+
+def bn_inputs(data: Data, cfg: TrainConfig, features=None):
+    """The training domains' "in" images without augmentation (or their cached trunk outputs), in
+    batches of `eval_batch_size` across domains: what BatchNorm statistics of averaged weights are
+    recomputed on (`vldlib.loop.averaging.refresh_bn_statistics`)."""
+    if features is not None:
+        x = torch.cat([x for x, _ in features["train"]])
+        return [x[i:i + cfg.eval_batch_size] for i in range(0, len(x), cfg.eval_batch_size)]
+    ds = torch.utils.data.ConcatDataset([data.evals[f"env{e}_in"] for e in data.train_envs])
+    return torch.utils.data.DataLoader(ds, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=0)
 
 
 # ----------------------------------------------------------------------------- evaluation

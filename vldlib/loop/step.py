@@ -3,7 +3,7 @@
 The loop (`vldlib.loop.train`) checks the loss for NaN between the two halves; the benchmark
 (`vldlib.tools.bench`) times exactly this object, so "the loop's own step" is one piece of code:
 SGD with momentum, the same weight decay on every parameter, the lr schedule (x`lr_decay` at each
-fraction in `lr_decay_at`), and the running weight average from `average_from` on.
+fraction or step number in `lr_decay_at`), and the running weight average from `average_from` on.
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ class TrainStep:
         self.device = next(net.parameters()).device
         self.optimizer = torch.optim.SGD(param_groups(net, cfg.lr, cfg.head_lr_mult), lr=cfg.lr,
                                          momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        milestones = sorted({max(1, int(round(f * cfg.steps))) for f in cfg.lr_decay_at})
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones=milestones,
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones=cfg.lr_milestones(),
                                                               gamma=cfg.lr_decay)
-        # Parameters are averaged; buffers (BatchNorm statistics) follow the current model: they are
-        # frozen by default, and averaging integer counters is meaningless anyway.
+        # Parameters are averaged; buffers (BatchNorm statistics) are not: they are frozen by default,
+        # and otherwise the loop recomputes them for the averaged weights before evaluating them
+        # (`vldlib.loop.averaging.refresh_bn_statistics`).
         self.averaged = AveragedTrainable(net, multi_avg_fn=get_swa_multi_avg_fn(), use_buffers=False)
 
     def loss(self, step: int, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -63,6 +63,3 @@ class TrainStep:
         self.scheduler.step()
         if done_steps >= self.cfg.average_from:
             self.averaged.update_parameters(self.net)
-            if not self.cfg.freeze_bn:
-                for b_avg, b in zip(self.averaged.module.buffers(), self.net.buffers()):
-                    b_avg.copy_(b)

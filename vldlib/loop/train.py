@@ -37,8 +37,8 @@ from vldlib.config import TrainConfig
 from vldlib.data import load_benchmark
 from vldlib.data.splits import out_files
 from vldlib.evaluate.scores import accuracies, ood_split, validation_score
-from vldlib.loop.averaging import AveragedTrainable  # noqa: F401  (tests import it from here)
-from vldlib.loop.batches import make_data, predict_all, train_batches, trunk_features
+from vldlib.loop.averaging import AveragedTrainable, refresh_bn_statistics  # noqa: F401  (tests import it from here)
+from vldlib.loop.batches import bn_inputs, make_data, predict_all, train_batches, trunk_features
 from vldlib.loop.device import cpu_plan, peak_memory_mb, resolve_device
 from vldlib.loop.rundir import (  # noqa: F401
     ResumeRefused,
@@ -88,6 +88,7 @@ def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> Pa
 
     `should_stop` (e.g. a threading.Event's is_set) is asked before each step; when it says yes the
     run returns unfinished, resumable from its last checkpoint (the explorer's stop button)."""
+    cfg = cfg.resolved()  # the benchmark's steps and evaluation interval where they were left unset
     cfg.validate()
     run_dir = run_dir_for(cfg)
     if (run_dir / "done").exists():
@@ -172,6 +173,48 @@ def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> Pa
                 "trainable_params": sum(p.numel() for p in net.parameters() if p.requires_grad)})
 
         bar = tqdm(total=cfg.steps, initial=start, desc=run_dir.name, disable=not cfg.progress, dynamic_ncols=True)
+
+        def evaluate(done_steps: int, interval: dict | None) -> None:
+            """Evaluate the current weights (and, from `average_from`, the weight average and the
+            logit ensemble); append the record; save best.pt when validation improves, and last.pt.
+            `interval`: the training statistics since the last evaluation (None at step 0)."""
+            nonlocal best_score
+            net.eval()
+            preds = predict_all(forward, data.evals, cfg, device, features)
+            acc = {"model": accuracies(preds)}
+            if done_steps >= max(1, cfg.average_from):  # the average and the ensemble start after an update
+                averaged.eval()
+                wa_forward = averaged.module.tail if features is not None else averaged.module
+                if not cfg.freeze_bn:  # BatchNorm statistics of the averaged weights, not the current ones'
+                    refresh_bn_statistics(averaged.module, wa_forward, bn_inputs(data, cfg, features), device)
+                acc["wa"] = accuracies(predict_all(wa_forward, data.evals, cfg, device, features))
+                for k, (lg, y_k) in preds.items():
+                    ensemble_logits[k] = ensemble_logits.get(k, torch.zeros_like(lg)) + lg
+                acc["ens"] = accuracies({k: (ensemble_logits[k], preds[k][1]) for k in preds})
+            net.train()
+            # step 0 (the official code evaluates it too, and it is a selection candidate) has no
+            # training statistics; `lr` is the rate the optimizer used at this step (at step 0: the first)
+            record = {"type": "eval", "step": done_steps, "acc": acc, "peak_mem_mb": peak_memory_mb(device),
+                      "lr": cfg.lr if interval is None else interval["lr"]}
+            if interval is not None:
+                record.update(loss=interval["loss"], train_acc=interval["train_acc"], step_time=interval["step_time"])
+            score = validation_score(acc["model"], data.train_envs)
+            if score > best_score:
+                best_score = score
+                save_checkpoint(run_dir / "best.pt", {"model": net.model.state_dict(), "step": done_steps,
+                                                      "config": asdict(cfg), "score": score})
+            with writing(records_path):
+                append_jsonl(records_path, record)
+            save_checkpoint(run_dir / "last.pt", {
+                "model": net.model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "averaged": averaged.state_dict(),
+                "ensemble_logits": ensemble_logits, "best_score": best_score, "step": done_steps,
+                "config": asdict(cfg)})
+            bar.set_postfix(val=f"{score:.3f}", **({} if interval is None else {"loss": f"{interval['loss']:.3f}"}),
+                            test=f"{np.mean([acc['model'][f'env{t}_{held_out_split}'] for t in cfg.test_envs]):.3f}")
+
+        if start == 0 and not (run_dir / "last.pt").exists():
+            evaluate(0, None)  # the pretrained start: a selection candidate, as in the official code
         # Running sums stay on the device: reading a GPU value each step would stall the pipeline.
         # For the same reason the finiteness check reads the recent losses in batches on a GPU.
         check_every = 1 if device.type == "cpu" else 25
@@ -196,6 +239,7 @@ def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> Pa
                 bar.close()
                 raise TrainingDiverged(f"{run_dir}: {reason} A failure record was written.")
             done_steps = step + 1
+            lr_used = optimizer.param_groups[-1]["lr"] / cfg.head_lr_mult  # before the scheduler moves it
             sgd.update(loss, done_steps)
             if len(recent) >= check_every or at_eval:
                 recent.clear()
@@ -211,39 +255,15 @@ def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> Pa
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # the queued steps belong to this interval's time
             step_time = (time.perf_counter() - t_interval) / max(1, n_interval)
-            net.eval()
-            preds = predict_all(forward, data.evals, cfg, device, features)
-            acc = {"model": accuracies(preds)}
-            if done_steps >= cfg.average_from:
-                averaged.eval()
-                wa_forward = averaged.module.tail if features is not None else averaged.module
-                acc["wa"] = accuracies(predict_all(wa_forward, data.evals, cfg, device, features))
-                for k, (lg, y_k) in preds.items():
-                    ensemble_logits[k] = ensemble_logits.get(k, torch.zeros_like(lg)) + lg
-                acc["ens"] = accuracies({k: (ensemble_logits[k], preds[k][1]) for k in preds})
-            net.train()
-            record = {"type": "eval", "step": done_steps, "loss": loss_sum.item() / max(1, n_interval),
-                      "lr": optimizer.param_groups[-1]["lr"] / cfg.head_lr_mult,
-                      "train_acc": correct.item() / max(1, seen),
-                      "step_time": step_time, "peak_mem_mb": peak_memory_mb(device), "acc": acc}
-            score = validation_score(acc["model"], data.train_envs)
-            if score > best_score:
-                best_score = score
-                save_checkpoint(run_dir / "best.pt", {"model": net.model.state_dict(), "step": done_steps,
-                                                      "config": asdict(cfg), "score": score})
-            with writing(records_path):
-                append_jsonl(records_path, record)
-            save_checkpoint(run_dir / "last.pt", {
-                "model": net.model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "averaged": averaged.state_dict(),
-                "ensemble_logits": ensemble_logits, "best_score": best_score, "step": done_steps,
-                "config": asdict(cfg)})
-            bar.set_postfix(loss=f"{record['loss']:.3f}", val=f"{score:.3f}",
-                            test=f"{np.mean([acc['model'][f'env{t}_{held_out_split}'] for t in cfg.test_envs]):.3f}")
+            evaluate(done_steps, {"loss": loss_sum.item() / max(1, n_interval), "lr": lr_used,
+                                  "train_acc": correct.item() / max(1, seen), "step_time": step_time})
             loss_sum, correct, seen, t_interval, last_eval = zero(), zero(), 0, time.perf_counter(), done_steps
         bar.close()
-        # `done` first: a kill between the two leaves a finished run with a spare last.pt, never
-        # a run without last.pt that would restart from scratch
+        if not cfg.keep_last:  # keep the final weights only (across-run soups of the last weights read them)
+            final = load_checkpoint(run_dir / "last.pt")
+            save_checkpoint(run_dir / "final.pt", {k: final[k] for k in ("model", "step", "config")})
+        # `done` before removing last.pt: a kill between the two leaves a finished run with a spare
+        # last.pt, never a run without last.pt that would restart from scratch
         with writing(run_dir / "done"):
             write_text_atomic(run_dir / "done", time.strftime("%Y-%m-%d %H:%M:%S\n"))
         if not cfg.keep_last:
@@ -253,13 +273,19 @@ def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> Pa
 
 # ----------------------------------------------------------------------------- reuse of finished runs
 def load_run_model(run_dir: str | os.PathLike, which: str = "best") -> tuple[FineTuneNet, dict]:
-    """The network of a run at its best (training-domain validation) or last checkpoint."""
+    """The network of a run at its best (training-domain validation) or last checkpoint (`which`
+    "best" or "last": last.pt, or final.pt, its weights, when the run did not keep last.pt)."""
+    if which not in ("best", "last"):
+        raise ValueError(f"which must be 'best' (best.pt) or 'last' (the final weights), got {which!r}")
     run_dir = Path(run_dir)
+    path = run_dir / f"{which}.pt"
+    if which == "last" and not path.exists() and (run_dir / "final.pt").exists():
+        path = run_dir / "final.pt"
     cfg = config_io.load_file(TrainConfig, run_dir / "config.json")
     meta = json.loads((run_dir / "meta.json").read_text())
     model = create_model(cfg.backbone, len(meta["classes"]), pretrained=False, dropout=cfg.dropout)
     net = build_net(model, cfg.head, cfg.train_stages, cfg.freeze_bn)
-    net.model.load_state_dict(load_checkpoint(run_dir / f"{which}.pt")["model"])
+    net.model.load_state_dict(load_checkpoint(path)["model"])
     net.eval()
     return net, asdict(cfg)
 

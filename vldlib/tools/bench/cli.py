@@ -144,6 +144,7 @@ def _cli_steps_scaling(args: argparse.Namespace, cfg: BenchConfig, which: str) -
         res = steps_scaling(tcfg, (n, m), tmp)
     res["config"] = asdict(tcfg)
     cpu = torch.device(c.device).type == "cpu"
+    tcfg = tcfg.resolved()  # the benchmark's steps when unset
     run_s = res["fixed_s"] + res["slope_s_per_step"] * tcfg.steps
     res["note"] = (f"A run of this configuration ({tcfg.steps} steps, evaluated once): {run_s:.0f} s.\n"
                    + sweep_note(run_s, unit="CPU core" if cpu and tcfg.num_threads == 1 else "GPU" if not cpu
