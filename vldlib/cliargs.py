@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
@@ -63,6 +64,24 @@ def add_flag(parser: argparse.ArgumentParser | Any, flag: str, *, dest: str | No
 
 
 # ----------------------------------------------------------------------------- KEY=VALUE options
+def read_yaml_mapping(path: str | Path, what: str = "key: value") -> dict[str, Any]:
+    """A `--config` YAML file as a dict, each error naming the file and the fix: an unreadable
+    file is a failure (ValueError, exit 1); bad YAML or a non-mapping is bad usage (exit 2).
+    An empty file is {}."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except OSError as e:
+        raise ValueError(f"--config {p}: cannot read it ({e.strerror or e}); check the path.") from None
+    except yaml.YAMLError as e:
+        raise UsageError(f"--config {p}: not valid YAML ({' '.join(str(e).split())}); fix the file.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {p}: expected a mapping of {what}, got a {type(data).__name__}.")
+    return data
+
+
 class YamlLoader(yaml.SafeLoader):
     """SafeLoader that reads `1e-3` as a float: YAML 1.1 insists on `1.0e-3` and would hand the
     notebook the *string* '1e-3', a silent bug for every learning-rate grid."""

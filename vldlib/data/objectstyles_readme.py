@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from vldlib.data.builds import FILL
+
 
 def _table(manifest: dict) -> str:
     doms, classes, counts = manifest["domains"], manifest["classes"], manifest["counts"]
@@ -88,7 +90,7 @@ scored on its "in" split, as DomainBed reports it, with no identity leak (the wh
 be leak-free too).
 
 Every image is RGB on white, {manifest['resolution']}x{manifest['resolution']} px JPEG (quality {O.JPEG_QUALITY}), the object cropped to
-its visible pixels and centred with its longest side at {int(O.FILL * 100)}% of the image (the same
+its visible pixels and centred with its longest side at {int(FILL * 100)}% of the image (the same
 crop-and-fit in every domain).
 
 ## Sources (versions pinned; licences checked in each package)

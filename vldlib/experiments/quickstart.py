@@ -19,7 +19,7 @@ from pathlib import Path
 import papermill as pm
 import yaml
 
-from vldlib.cliargs import UsageError, add_flag, parse_sets, print_error
+from vldlib.cliargs import UsageError, add_flag, parse_sets, print_error, read_yaml_mapping
 from vldlib.config import TrainConfig
 from vldlib.experiments.grid import steps_for, with_paths
 from vldlib.paths import project_root, resolve
@@ -111,17 +111,10 @@ class _CellLog(logging.Handler):
 def read_params_file(path: str | Path) -> dict:
     """A YAML file of notebook parameters (`00_quickstart.gpu.yaml`); errors name the file."""
     p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text())
-    except OSError as e:
-        raise ValueError(f"--config {p}: cannot read it ({e.strerror or e}); check the path.") from None
-    except yaml.YAMLError as e:
-        raise ValueError(f"--config {p}: not valid YAML ({' '.join(str(e).split())}); fix the file.") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"--config {p}: expected a mapping of parameter: value, got {type(data).__name__}.")
+    data = read_yaml_mapping(p, "parameter: value")
     unknown = sorted(set(data) - set(DEFAULTS) - {"runs_dir"})
     if unknown:
-        raise ValueError(f"--config {p}: unknown parameters {unknown}; the notebook's are {sorted(DEFAULTS)}.")
+        raise UsageError(f"--config {p}: unknown parameters {unknown}; the notebook's are {sorted(DEFAULTS)}.")
     return data
 
 

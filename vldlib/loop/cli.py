@@ -7,9 +7,9 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-import yaml
 
 from vldlib import config as config_io
+from vldlib.cliargs import read_yaml_mapping
 from vldlib.config import TrainConfig, UsageError
 from vldlib.data import DataError
 from vldlib.loop.rundir import TrainingDiverged
@@ -31,16 +31,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
 def _read_config_file(path: str) -> dict:
     """The --config file as a dict; a missing file, bad YAML or an unknown key names the file."""
     p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text())
-    except OSError as e:
-        raise ValueError(f"--config {p}: cannot read it ({e.strerror or e}); check the path.") from None
-    except yaml.YAMLError as e:
-        raise UsageError(f"--config {p}: not valid YAML ({' '.join(str(e).split())}); fix the file.") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UsageError(f"--config {p}: expected a mapping of field: value, got a {type(data).__name__}.")
+    data = read_yaml_mapping(p, "field: value")
     try:  # unknown keys and bad values, named with the file
         config_io.from_dict(TrainConfig, data, source=str(p))
     except ValueError as e:
