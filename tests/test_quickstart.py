@@ -66,3 +66,27 @@ def test_gpu_parameter_file_runs_the_same_study_fully_fine_tuned(tmp_path):
     bad.write_text("stepz: 3\n")
     with pytest.raises(ValueError, match=r"bad.yaml: unknown parameters \['stepz'\]"):
         read_params_file(bad)
+
+
+def test_another_benchmark_never_overwrites_the_committed_example(tmp_path):
+    """outputs/quickstart holds the committed summary of the default benchmark; any other
+    benchmark (a name or a folder) writes beside it, under its own name."""
+    from vldlib.experiments.quickstart import DEFAULTS, _output_dir, default_output_dir
+
+    assert default_output_dir({}) == "outputs/quickstart"
+    assert default_output_dir({"benchmark": DEFAULTS["benchmark"]}) == "outputs/quickstart"
+    assert default_output_dir({"benchmark": "emoji"}) == "outputs/quickstart-emoji"
+    assert default_output_dir({"benchmark": str(tmp_path / "Five")}) == "outputs/quickstart-Five"
+    assert _output_dir({"benchmark": "emoji"}, False, None).name == "quickstart-emoji"
+    assert _output_dir({"benchmark": "emoji"}, False, str(tmp_path / "mine")) == tmp_path / "mine"
+
+
+def test_help_lists_every_parameter(capsys):
+    from vldlib.cli import main
+    from vldlib.experiments.quickstart import DEFAULTS
+
+    with pytest.raises(SystemExit):
+        main(["quickstart", "--help"])
+    text = capsys.readouterr().out
+    for key, value in DEFAULTS.items():
+        assert f"  {key} = {value!r}" in text

@@ -21,6 +21,7 @@ import yaml
 
 from vldlib.cliargs import UsageError, add_flag, parse_sets, print_error, read_yaml_mapping
 from vldlib.config import TrainConfig
+from vldlib.data.registry import benchmark_label
 from vldlib.experiments.grid import steps_for, with_paths
 from vldlib.paths import project_root, resolve
 
@@ -91,10 +92,20 @@ def _parse_params(items: list[str]) -> dict:
     return params
 
 
+def default_output_dir(params: dict) -> str:
+    """outputs/quickstart for the default benchmark (its summary and figure are committed), and
+    outputs/quickstart-<benchmark> for any other, so a study on another benchmark never overwrites them."""
+    bench = params.get("benchmark", DEFAULTS["benchmark"])
+    if bench == DEFAULTS["benchmark"]:
+        return DEFAULTS["output_dir"]
+    return f"{DEFAULTS['output_dir']}-{benchmark_label(str(bench))}"
+
+
 def _output_dir(params: dict, paper: bool, out: str | None) -> Path:
     """Where run_quickstart writes (its --out, a --param output_dir, the paper file's, or the default)."""
     paper_params = yaml.safe_load(notebook_path(PAPER_PARAMS).read_text()) if paper else {}
-    return resolve(out or params.get("output_dir") or paper_params.get("output_dir") or DEFAULTS["output_dir"])
+    return resolve(out or params.get("output_dir") or paper_params.get("output_dir")
+                   or default_output_dir({**paper_params, **params}))
 
 
 class _CellLog(logging.Handler):
@@ -129,7 +140,7 @@ def run_quickstart(params: dict | None = None, *, paper: bool = False, output_di
         params = {**yaml.safe_load(notebook_path(PAPER_PARAMS).read_text()), **params}
     if output_dir is not None:
         params["output_dir"] = output_dir
-    out = resolve(params.get("output_dir", "outputs/quickstart"))
+    out = resolve(params.get("output_dir") or default_output_dir(params))
     params["output_dir"] = str(out)
     out.mkdir(parents=True, exist_ok=True)
     handler = _CellLog()
@@ -153,7 +164,10 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                        epilog="examples:\n  python -m vldlib quickstart\n"
                               "  python -m vldlib quickstart --param seeds=[0,1,2,3,4,5,6] --param steps=600\n"
                               "  python -m vldlib quickstart --config notebooks/00_quickstart.gpu.yaml   # GPU, fully fine-tuned\n"
-                              "  python -m vldlib quickstart --paper --data-dir /datasets   # GPU, real PACS")
+                              "  python -m vldlib quickstart --paper --data-dir /datasets   # GPU, real PACS\n\n"
+                              "parameters (--param KEY=VALUE; the notebook's parameters cell, defaults shown):\n"
+                              + "".join(f"  {k} = {v!r}\n" for k, v in DEFAULTS.items())
+                              + "  (output_dir: outputs/quickstart-<benchmark> when the benchmark is not the default)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="override a parameter of the notebook (value read as YAML); repeatable")
     add_flag(p, "--paper", help=f"use the paper's configuration ({PAPER_PARAMS})")
@@ -177,6 +191,11 @@ def _cli(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         out = run_quickstart(params, paper=args.paper, output_dir=args.out)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not the kernel's traceback
+        print(f"\ninterrupted: finished runs are kept; run the same command again to resume "
+              f"(partial notebook: {_output_dir(params, args.paper, args.out) / '00_quickstart.ipynb'})",
+              file=sys.stderr)
+        return 130
     except Exception as e:  # papermill raises PapermillExecutionError with the cell's traceback
         print(f"error: the quickstart notebook failed: {e}", file=sys.stderr)
         print(f"the executed notebook, showing the error in place, is "
