@@ -16,6 +16,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from vldlib.data.registry import BenchmarkSpec, get_spec, is_benchmark_path
+from vldlib.data.splits import ObjectGroups, object_of
 from vldlib.utils import write_json_atomic
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -57,8 +58,6 @@ class MultiDomainFolder:
     def groups(self, d: int) -> list[str] | None:
         """Split groups of domain d: file stems shared across domains (emoji demo), objects within
         the domain (`ObjectGroups`, ObjectStyles), or None (DomainBed's item split)."""
-        from vldlib.data.splits import ObjectGroups, object_of
-
         if self.group_by_stem:
             return [f"{self.classes[y]}/{Path(p).stem}" for p, y in self.samples[d]]
         if self.group_by_object:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from vldlib.data import objectstyles_rules as O
 from vldlib.data.builds import FILL
+from vldlib.data.objectstyles_sources import PACKAGES
 
 
 def _table(manifest: dict) -> str:
@@ -24,7 +26,6 @@ def _points(manifest: dict) -> str:
 
 def _emoji_counts(manifest: dict) -> str:
     """Distinct emoji and images per vendor in each emoji domain."""
-    from vldlib.data import objectstyles as O
 
     parts = []
     for d in O.EMOJI_DOMAINS:
@@ -46,8 +47,6 @@ def _photo_note(manifest: dict) -> str:
 
 
 def readme(manifest: dict) -> str:
-    from vldlib.data import objectstyles as O
-    from vldlib.data.objectstyles_sources import PACKAGES
 
     v = manifest["versions"]
     pk = PACKAGES

@@ -17,14 +17,22 @@ groups instead of the items, so no object is both trained on ("in") and used to 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol, Sequence
 
 import numpy as np
 
 from vldlib.utils import seed_hash
 
-if TYPE_CHECKING:
-    from vldlib.data.folder import MultiDomainFolder
+
+class Domains(Protocol):
+    """What out_files needs of a loaded benchmark (`folder.MultiDomainFolder` is one); a protocol,
+    so that this module, which the loader imports, does not import the loader."""
+
+    root: Path
+    domains: list[str]
+    samples: list[list[tuple[str, int]]]
+
+    def groups(self, d: int) -> Sequence[str] | None: ...
 
 
 def object_of(stem: str) -> str:
@@ -96,7 +104,7 @@ def split_domain(n: int, trial_seed: int, domain_index: int, holdout: float = 0.
     return idx[~out_mask], idx[out_mask]
 
 
-def out_files(bench: MultiDomainFolder, trial_seed: int, holdout: float = 0.2) -> dict[str, list[str]]:
+def out_files(bench: Domains, trial_seed: int, holdout: float = 0.2) -> dict[str, list[str]]:
     """Each domain's "out" files, as paths relative to the domain folder ("dog/pic_001.jpg"), in
     ImageFolder order: what a run records in meta.json so anyone can check its split (DomainBed's
     `out` split of the same trial seed holds exactly these files)."""
