@@ -41,8 +41,8 @@ def stopped_after(n_steps: int):
 
 def half_run(tmp_path: Path, bench: Path, **kw):
     cfg = cfg_for(tmp_path, bench, **kw)
-    run = train(cfg, should_stop=stopped_after(8))  # evaluated at 4 and 8, last.pt at 8
-    assert not (run / "done").exists() and [r["step"] for r in read_jsonl(run / "records.jsonl")] == [4, 8]
+    run = train(cfg, should_stop=stopped_after(8))  # evaluated at 0 (the start), 4 and 8; last.pt at 8
+    assert not (run / "done").exists() and [r["step"] for r in read_jsonl(run / "records.jsonl")] == [0, 4, 8]
     return cfg, run
 
 
@@ -56,9 +56,9 @@ def test_resume_refuses_when_records_do_not_reach_the_checkpoint(own_bench, tmp_
     if damage == "deleted":
         records.unlink()
     else:
-        records.write_text(records.read_text().splitlines(keepends=True)[1])
+        records.write_text("".join(records.read_text().splitlines(keepends=True)[1:]))  # step 0's record lost
     before = sorted((p.name, p.stat().st_mtime_ns) for p in run.iterdir())
-    with pytest.raises(RuntimeError, match=r"records\.jsonl (is missing|lacks the evaluations at step\(s\) 4), "
+    with pytest.raises(RuntimeError, match=r"records\.jsonl (is missing|lacks the evaluations at step\(s\) 0), "
                                            r"but last\.pt is at step 8.*delete"):
         train(cfg)
     assert not (run / "done").exists()
@@ -67,9 +67,9 @@ def test_resume_refuses_when_records_do_not_reach_the_checkpoint(own_bench, tmp_
 
 
 def _gap_runs(root: Path) -> None:
-    full = [make_record(s, accs(.8, .6)) for s in (300, 600, 900)]
+    full = [make_record(s, accs(.8, .6)) for s in (0, 300, 600, 900)]
     make_run(root, "whole", full, eval_every=300, steps=900)
-    make_run(root, "gappy", [full[0], full[2]], eval_every=300, steps=900, dropout=0.9)
+    make_run(root, "gappy", [full[0], full[1], full[3]], eval_every=300, steps=900, dropout=0.9)
     lost = make_run(root, "lost", full, eval_every=300, steps=900, seed=1)
     (lost / "records.jsonl").unlink()  # a finished run whose records are gone
 
@@ -243,7 +243,7 @@ def test_a_kill_between_done_and_deleting_last_pt_does_not_restart_the_run(own_b
     monkeypatch.setattr(T, "write_text_atomic", killed_at_done)
     run = train(cfg)
     assert (run / "done").exists() and not (run / "last.pt").exists()
-    assert [r["step"] for r in read_jsonl(run / "records.jsonl")] == [4, 8, 12]
+    assert [r["step"] for r in read_jsonl(run / "records.jsonl")] == [0, 4, 8, 12]
 
 
 # ----------------------------------------------------------------------------- issue 16: threads + workers

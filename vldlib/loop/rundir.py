@@ -22,6 +22,7 @@ import torch
 
 from vldlib.config import TrainConfig, UsageError
 from vldlib.data.registry import benchmark_label
+from vldlib.evaluate.scores import expected_eval_steps
 from vldlib.utils import atomic_path, config_hash
 
 
@@ -136,20 +137,12 @@ def ends_with_newline(path: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------- resuming safely
-def expected_eval_steps(cfg: TrainConfig, upto: int) -> list[int]:
-    """The steps <= `upto` at which the loop writes an "eval" record: every eval_every, and the last."""
-    steps = list(range(cfg.eval_every, min(upto, cfg.steps) + 1, cfg.eval_every))
-    if upto >= cfg.steps and cfg.steps not in steps:
-        steps.append(cfg.steps)
-    return steps
-
-
 def check_records_reach(records_path: Path, records: list[dict], cfg: TrainConfig, step: int) -> None:
     """Refuse to resume from a checkpoint at `step` when records.jsonl lacks evaluations before it
     (deleted, truncated, edited): the run would finish with a partial trajectory that a report
     reads as complete, and the lost evaluations cannot be recomputed from last.pt."""
     have = {r.get("step") for r in records if r.get("type", "eval") == "eval"}
-    missing = [s for s in expected_eval_steps(cfg, step) if s not in have]
+    missing = [s for s in expected_eval_steps(cfg.eval_every, cfg.steps, step) if s not in have]
     if missing:
         shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
         what = "is missing" if not records_path.exists() else f"lacks the evaluations at step(s) {shown}"
