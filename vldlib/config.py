@@ -178,13 +178,14 @@ class TrainConfig:
     bf16: bool = False  # bfloat16 autocast (off until a short run shows accuracy within noise)
     compile: bool = False  # torch.compile the training forward (GPU speed; the first step compiles for a minute)
     tf32: bool = True  # TensorFloat-32 matmuls/convolutions on Ampere+ GPUs
+    cudnn_benchmark: bool = False  # let cuDNN time its kernels for each new input shape (faster for one long run of a dense net; minutes of start-up for depthwise nets, many eval shapes or several runs on one GPU)
     out: str = "outputs/runs"  # parent folder of run directories
     run_name: str | None = None  # run folder name (default: readable summary + config hash)
     progress: bool = True  # show a progress bar
 
     # Fields that do not change results: left out of the run's identity hash.
     NON_IDENTITY = ("data_dir", "device", "num_workers", "out", "run_name", "progress", "keep_last",
-                    "eval_batch_size", "cache_trunk", "num_threads", "compile")
+                    "eval_batch_size", "cache_trunk", "num_threads", "compile", "cudnn_benchmark")
     # cache_images is part of the identity: the cached square is resampled twice (resize, then crop
     # and resize), so its pixels differ slightly from the reference path's even with the same crops
 

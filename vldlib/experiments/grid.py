@@ -1,28 +1,33 @@
 """Run a grid of training runs from a notebook: each run resumable, finished ones skipped.
 
 Notebooks describe an experiment as a base `TrainConfig` plus axes (dropout rates, held-out
-domains, seeds, ...); this module expands and runs them one after the other with one progress bar,
-and keeps going when a run fails (a diverged run is a result, recorded in its folder).
+domains, seeds, ...); this module expands and runs them, one after the other or several at once
+in worker processes, with one progress bar, and keeps going when a run fails (a diverged run is
+a result, recorded in its folder).
 
 >>> base = TrainConfig(benchmark="emoji", backbone="efficientnet_lite0.offline")   # doctest: +SKIP
 >>> cfgs = grid(base, dropout=[0.0, 0.9], test_envs=[[0], [1], [2]], seed=[0, 1, 2])  # doctest: +SKIP
 >>> run_dirs = run_grid(cfgs)                                                       # doctest: +SKIP
+>>> run_dirs = run_grid(cfgs, parallel_runs=None)   # one run per CPU core at once    # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import multiprocessing
+import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from tqdm.auto import tqdm
 
 from vldlib.config import TrainConfig
 from vldlib.data.registry import is_benchmark_path
-from vldlib.loop import TrainingDiverged, run_dir_for
+from vldlib.loop import TrainingDiverged, resolve_device, run_dir_for
 from vldlib.loop.train import train
 from vldlib.paths import resolve
 
@@ -57,34 +62,93 @@ def with_paths(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, data_dir=str(resolve(cfg.data_dir)), out=str(resolve(cfg.out)), benchmark=bench)
 
 
-def run_grid(configs: list[TrainConfig], *, progress: bool = True, quiet_runs: bool = True) -> list[Path]:
-    """Train every config (skipping finished runs); return their run directories.
+def parallel_runs_for(configs: list[TrainConfig], parallel_runs: int | None) -> int:
+    """How many runs to train at once. None: one per CPU core (divided by each run's torch threads)
+    when the runs are on the CPU, one on an accelerator (several processes can share a GPU: say so
+    with a number). Never more than there are runs."""
+    if parallel_runs is not None:
+        if int(parallel_runs) < 1:
+            raise ValueError(f"parallel_runs={parallel_runs}: give 1 or more (None: one per CPU core)")
+        return max(1, min(int(parallel_runs), len(configs)))
+    if not configs or resolve_device(configs[0].device).type != "cpu":
+        return 1
+    threads = max(1, configs[0].num_threads or 1)
+    return max(1, min((os.cpu_count() or 1) // threads, len(configs)))
+
+
+def _train_one(cfg: TrainConfig) -> tuple[Path, str, float]:
+    """One run of the grid: (run folder, "done" or the failure, seconds). Module level, so that a
+    worker process can import it."""
+    t_run = time.perf_counter()
+    try:
+        return train(cfg), "done", time.perf_counter() - t_run
+    except TrainingDiverged as e:
+        return run_dir_for(cfg), f"FAILED: {e}", time.perf_counter() - t_run
+
+
+def _default_start_method() -> None:
+    """In a worker: the platform's own way to start processes again. A spawned process inherits
+    "spawn" from its parent, and then each evaluation's DataLoader would start its workers as fresh
+    interpreters that import torch (seconds each; minutes per run with several runs on one machine)."""
+    multiprocessing.set_start_method(None, force=True)
+
+
+def _in_processes(configs: list[TrainConfig], n: int) -> Iterator[tuple[int, tuple[Path, str, float]]]:
+    """(index, result) of each run as it finishes, `n` at a time in fresh processes ("spawn":
+    safe with CUDA and with a Jupyter kernel). Ctrl-C cancels the runs not started; the runs
+    in flight stop with their processes and resume from their last checkpoint next time."""
+    ctx = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_default_start_method)
+    try:
+        futures = {pool.submit(_train_one, cfg): i for i, cfg in enumerate(configs)}
+        for fut in as_completed(futures):
+            yield futures[fut], fut.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run_grid(configs: list[TrainConfig], *, progress: bool = True, quiet_runs: bool = True,
+             parallel_runs: int | None = 1) -> list[Path]:
+    """Train every config (skipping finished runs); return their run directories, in order.
 
     One bar for the whole grid; each run's own bar is hidden when `quiet_runs`. A run that
-    diverges is reported and left with its failure record; the others go on.
+    diverges is reported and left with its failure record; the others go on. `parallel_runs`
+    trains that many runs at once, each in its own process (None: `parallel_runs_for`'s choice);
+    every run is the same as when trained alone (its own seed, data order and threads).
     """
     configs = [with_paths(c) for c in configs]
-    run_dirs, failures = [], []
+    if quiet_runs:
+        configs = [dataclasses.replace(c, progress=False) for c in configs]
+    results: dict[int, tuple[Path, str, float]] = {}
+    for i, cfg in enumerate(configs):  # finished runs are answered here, without a process each
+        if (run_dir_for(cfg) / "done").exists():
+            results[i] = (run_dir_for(cfg), "done", 0.0)
+    todo = [i for i in range(len(configs)) if i not in results]
+    n = parallel_runs_for([configs[i] for i in todo], parallel_runs)
     t0 = time.perf_counter()
-    bar = tqdm(configs, desc="runs", disable=not progress, unit="run")
-    for cfg in bar:
-        if quiet_runs:
-            cfg = dataclasses.replace(cfg, progress=False)
-        bar.set_postfix_str(f"te={cfg.test_envs} p={cfg.dropout:g} seed={cfg.seed}")
-        t_run = time.perf_counter()
-        try:
-            run_dirs.append(train(cfg))
-            status = "done"
-        except TrainingDiverged as e:
-            failures.append(str(e))
-            run_dirs.append(run_dir_for(cfg))
-            status = "FAILED"
+    bar = tqdm(total=len(configs), initial=len(results), desc=f"runs ({n} at once)" if n > 1 else "runs",
+               disable=not progress, unit="run")
+    if results and progress:
+        tqdm.write(f"{len(results)} of {len(configs)} runs finished before: reused")
+    if n == 1:
+        def one_by_one() -> Iterator[tuple[int, tuple[Path, str, float]]]:
+            for i in todo:
+                cfg = configs[i]
+                bar.set_postfix_str(f"te={cfg.test_envs} p={cfg.dropout:g} seed={cfg.seed}")
+                yield i, _train_one(cfg)
+        finished = one_by_one()
+    else:
+        finished = ((todo[j], res) for j, res in _in_processes([configs[i] for i in todo], n))
+    for i, (run_dir, status, seconds) in finished:
+        results[i] = (run_dir, status, seconds)
+        bar.update(1)
         if progress:  # one line per run: readable in a terminal log (papermill) and in JupyterLab
-            tqdm.write(f"[{len(run_dirs)}/{len(configs)}] {run_dirs[-1].name}: {status} "
-                       f"({time.perf_counter() - t_run:.0f} s)")
+            tqdm.write(f"[{len(results)}/{len(configs)}] {run_dir.name}: {status.split(':')[0]} ({seconds:.0f} s)")
     bar.close()
+    failures = [status[len("FAILED: "):] for _, status, _ in results.values() if status != "done"]
     if failures:
         print(f"{len(failures)} run(s) failed:", *failures, sep="\n  ", file=sys.stderr)
     if progress:
-        print(f"{len(configs)} runs in {time.perf_counter() - t0:.0f} s")
-    return run_dirs
+        print(f"{len(todo)} runs trained in {time.perf_counter() - t0:.0f} s" + (f", {n} at a time" if n > 1 else "")
+              + (f"; {len(configs) - len(todo)} reused" if len(todo) < len(configs) else ""))
+    return [results[i][0] for i in range(len(configs))]

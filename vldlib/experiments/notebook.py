@@ -27,7 +27,6 @@ from typing import Any, Callable, Mapping, Sequence
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
-from IPython.display import Markdown, display
 
 from vldlib.config import TrainConfig
 from vldlib.data import MultiDomainFolder
@@ -39,6 +38,25 @@ from vldlib.evaluate.selection import select
 from vldlib.evaluate.tables import domain_majority, domainbed_table, to_markdown
 from vldlib.loop import evaluate_logits, load_run_model
 from vldlib.paths import resolve
+
+def display(obj) -> None:
+    """IPython's display in a notebook; print where IPython is missing (a GPU box or cluster node
+    running `quickstart --runs-only` without Jupyter imports this module too)."""
+    try:
+        from IPython.display import display as show
+    except ImportError:
+        print(getattr(obj, "data", obj))
+        return
+    show(obj)
+
+
+def Markdown(text: str):  # noqa: N802 - IPython's name
+    try:
+        from IPython.display import Markdown as md
+    except ImportError:
+        return text
+    return md(text)
+
 
 # What the CPU defaults are, against the paper: every experiment notebook's summary says it.
 SCALE_CAVEAT = ("Scale caveat: the paper fine-tunes all of ResNet50 for 10,000 steps on photographs at 224 px; the "
@@ -141,7 +159,8 @@ def across_runs(selected: pd.DataFrame, group: Sequence[str] = ("benchmark", "te
 
 # parameters-cell names that are TrainConfig fields, copied into `base_config` as they are
 CONFIG_PARAMS = ("data_dir", "backbone", "pretrained", "resolution", "train_stages", "cache_trunk", "augment",
-                 "batch_size", "eval_every", "device", "freeze_bn", "lr_decay_at")
+                 "augment_on", "cache_images", "channels_last", "batch_size", "eval_every", "device", "freeze_bn",
+                 "lr_decay_at")
 
 
 @dataclass

@@ -16,13 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-import papermill as pm
 import yaml
 
 from vldlib.cliargs import UsageError, add_flag, parse_sets, print_error, read_yaml_mapping
 from vldlib.config import TrainConfig
 from vldlib.data.registry import benchmark_label
-from vldlib.experiments.grid import steps_for, with_paths
+from vldlib.experiments.grid import grid, run_grid, steps_for, with_paths
 from vldlib.paths import project_root, resolve
 
 NOTEBOOK = "notebooks/00_quickstart.ipynb"
@@ -41,6 +40,8 @@ DEFAULTS = {
     "train_stages": 1,
     "cache_trunk": True,
     "augment": False,
+    "augment_on": "workers",
+    "cache_images": False,
     "dropout_rates": [0.0, 0.9],
     "test_envs": None,
     "seeds": [0, 1, 2, 3, 4, 5],
@@ -53,6 +54,7 @@ DEFAULTS = {
     "target_se": 0.007,
     "device": "auto",
     "num_threads": 1,
+    "parallel_runs": None,
 }
 
 
@@ -69,6 +71,29 @@ def quickstart_config(device: str = "auto", params: dict | None = None) -> Train
         average_from=p["eval_every"], test_envs=[0] if p["test_envs"] is None else [p["test_envs"][0]],
         device=p["device"] if device == "auto" else device, num_threads=p["num_threads"], keep_last=False,
         progress=False))
+
+
+def study_grid(nb) -> list[TrainConfig]:
+    """The study's runs from the notebook's set-up (`vldlib.experiments.notebook.setup`): every
+    (seed, held-out domain, rate) with the same step budget. Seeds vary slowest, so a study stopped
+    early (a time limit, Ctrl-C) has whole seeds finished: complete pairs for the comparison."""
+    p = nb.params
+    if isinstance(p["steps"], dict):
+        raise ValueError(f"steps={p['steps']}: the study gives every rate the same budget; pass one number")
+    h = nb.hparams()
+    return grid(nb.base_config(), seed=h["seed"], test_envs=nb.test_env_axis(), dropout=list(p["dropout_rates"]),
+                lr=h["lr"], weight_decay=h["weight_decay"])
+
+
+def run_study_runs(params: dict) -> list[Path]:
+    """`quickstart --runs-only`: train the study's runs without the notebook (a GPU box or a cluster
+    node without Jupyter). Running the quickstart again with the same parameters then finds them
+    finished and only evaluates, tabulates and plots."""
+    from vldlib.experiments import notebook
+
+    p = {**DEFAULTS, **params}
+    nb = notebook.setup(p, progress=True)
+    return run_grid(study_grid(nb), parallel_runs=p.get("parallel_runs"))
 
 
 def notebook_path(name: str = NOTEBOOK) -> Path:
@@ -143,6 +168,8 @@ def run_quickstart(params: dict | None = None, *, paper: bool = False, output_di
     out = resolve(params.get("output_dir") or default_output_dir(params))
     params["output_dir"] = str(out)
     out.mkdir(parents=True, exist_ok=True)
+    import papermill as pm  # here, not at the top: `--runs-only` works where Jupyter is not installed
+
     handler = _CellLog()
     logger = logging.getLogger("papermill")
     if log_output:
@@ -174,6 +201,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", metavar="FILE.yaml",
                    help="parameters from a YAML file, e.g. notebooks/00_quickstart.gpu.yaml (the study fully "
                         "fine-tuned on a GPU); --param overrides it")
+    add_flag(p, "--runs-only", help="train the study's runs and stop, without the notebook (needs no Jupyter); "
+                                    "the same command without it then renders the notebook from the finished runs")
     p.add_argument("--data-dir", help="where benchmarks live (default: data/)")
     p.add_argument("--out", help="output folder (default: outputs/quickstart)")
     p.set_defaults(func=_cli)
@@ -189,6 +218,8 @@ def _cli(args: argparse.Namespace) -> int:
     if args.data_dir:
         params["data_dir"] = args.data_dir
     t0 = time.perf_counter()
+    if args.runs_only:
+        return _cli_runs_only(params, args, t0)
     try:
         out = run_quickstart(params, paper=args.paper, output_dir=args.out)
     except KeyboardInterrupt:  # Ctrl-C: one line, not the kernel's traceback
@@ -206,3 +237,18 @@ def _cli(args: argparse.Namespace) -> int:
     print((out / "summary.md").read_text())
     print(f"[vldlib] quickstart finished in {time.perf_counter() - t0:.0f} s; notebook, tables and figures in {out}")
     return 0
+
+
+def _cli_runs_only(params: dict, args: argparse.Namespace, t0: float) -> int:
+    if args.paper:
+        params = {**yaml.safe_load(notebook_path(PAPER_PARAMS).read_text()), **params}
+    params["output_dir"] = str(_output_dir(params, False, args.out))
+    try:
+        run_dirs = run_study_runs(params)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished runs are kept; run the same command again to resume", file=sys.stderr)
+        return 130
+    done = sum((d / "done").exists() for d in run_dirs)
+    print(f"[vldlib] {done} of {len(run_dirs)} runs finished in {time.perf_counter() - t0:.0f} s, under "
+          f"{params['output_dir']}; the same command without --runs-only renders the notebook from them")
+    return 0 if done == len(run_dirs) else 1
