@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import os
 from pathlib import Path
 
@@ -90,3 +91,30 @@ def test_how_many_runs_at_once(tmp_path):
     assert parallel_runs_for([tiny(tmp_path, num_threads=2)] * 64, None) == max(1, (os.cpu_count() or 1) // 2)
     with pytest.raises(ValueError, match="parallel_runs=0"):
         parallel_runs_for(cpu, 0)
+
+
+def _compute_if_missing(path: str, log: str) -> None:
+    import time
+
+    from vldlib.utils import atomic_path, computed_once
+
+    with computed_once(path):
+        if not Path(path).exists():
+            with open(log, "a") as f:
+                f.write("computed\n")
+            time.sleep(0.5)  # long enough for the other process to ask meanwhile
+            with atomic_path(path) as tmp:
+                tmp.write_text("cache")
+
+
+def test_a_cache_file_asked_for_by_two_processes_at_once_is_computed_once(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    target, log = tmp_path / "cache" / "trunk.pt", tmp_path / "log.txt"
+    procs = [ctx.Process(target=_compute_if_missing, args=(str(target), str(log))) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert target.read_text() == "cache"
+    assert log.read_text() == "computed\n"  # one of the two computed it; the other found it written

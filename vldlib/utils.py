@@ -51,6 +51,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+@contextlib.contextmanager
+def computed_once(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock (`fcntl.flock` on PATH.lock) while computing the file `path`, so that
+    processes asking for the same cache file at once (runs trained in parallel) compute it once:
+    the others wait, then find it written. The kernel drops the lock when its holder dies."""
+    import fcntl
+
+    lock = Path(f"{path}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
 def current_umask() -> int:
     """The process umask, read from /proc without setting it (os.umask sets it, racing other threads)."""
     try:

@@ -17,7 +17,7 @@ from PIL import Image
 
 from vldlib.data.folder import MultiDomainFolder, to_rgb
 from vldlib.data.transforms import to_uint8_tensor
-from vldlib.utils import atomic_path, write_json_atomic
+from vldlib.utils import atomic_path, computed_once, write_json_atomic
 
 
 def cache_root() -> Path:
@@ -57,14 +57,16 @@ def cached_domain(samples: list[tuple[str, int]], resolution: int, *, name: str 
     meta_file = folder / "meta.json"
     labels = np.array([y for _, y in samples], dtype=np.int64)
     shape = (len(samples), 3, resolution, resolution)
-    if not meta_file.exists():  # meta is written last: its presence means the data is complete
-        folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(data_file) as tmp:
-            arr = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape)
-            decode_images(samples, resolution, desc=f"caching {name} at {resolution}px", progress=progress, out=arr)
-            arr.flush()
-            del arr
-        write_json_atomic(meta_file, {"shape": shape, "n": len(samples), "resolution": resolution})
+    folder.mkdir(parents=True, exist_ok=True)
+    with computed_once(data_file):  # runs started together decode it once
+        if not meta_file.exists():  # meta is written last: its presence means the data is complete
+            with atomic_path(data_file) as tmp:
+                arr = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape)
+                decode_images(samples, resolution, desc=f"caching {name} at {resolution}px", progress=progress,
+                              out=arr)
+                arr.flush()
+                del arr
+            write_json_atomic(meta_file, {"shape": shape, "n": len(samples), "resolution": resolution})
     images = np.memmap(data_file, dtype=np.uint8, mode="r", shape=shape)
     return images, labels
 

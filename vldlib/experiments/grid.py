@@ -7,8 +7,8 @@ a result, recorded in its folder).
 
 >>> base = TrainConfig(benchmark="emoji", backbone="efficientnet_lite0.offline")   # doctest: +SKIP
 >>> cfgs = grid(base, dropout=[0.0, 0.9], test_envs=[[0], [1], [2]], seed=[0, 1, 2])  # doctest: +SKIP
->>> run_dirs = run_grid(cfgs)                                                       # doctest: +SKIP
->>> run_dirs = run_grid(cfgs, parallel_runs=None)   # one run per CPU core at once    # doctest: +SKIP
+>>> run_dirs = run_grid(cfgs)                   # on a CPU: one run per core at once  # doctest: +SKIP
+>>> run_dirs = run_grid(cfgs, parallel_runs=6)  # six processes sharing one GPU        # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -107,14 +107,26 @@ def _in_processes(configs: list[TrainConfig], n: int) -> Iterator[tuple[int, tup
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def share_cores(cfg: TrainConfig, n: int) -> TrainConfig:
+    """A CPU run among `n` at once: its share of the cores for torch (when it asked for the automatic
+    number) and its images loaded in its own process (when it asked for automatic loader workers),
+    so that n runs do not start n x cores threads. Neither field changes a run's results."""
+    if n == 1 or resolve_device(cfg.device).type != "cpu":
+        return cfg
+    cores = os.cpu_count() or 1
+    return dataclasses.replace(cfg, num_threads=cfg.num_threads or max(1, cores // n),
+                               num_workers=0 if cfg.num_workers < 0 else cfg.num_workers)
+
+
 def run_grid(configs: list[TrainConfig], *, progress: bool = True, quiet_runs: bool = True,
-             parallel_runs: int | None = 1) -> list[Path]:
+             parallel_runs: int | None = None) -> list[Path]:
     """Train every config (skipping finished runs); return their run directories, in order.
 
     One bar for the whole grid; each run's own bar is hidden when `quiet_runs`. A run that
     diverges is reported and left with its failure record; the others go on. `parallel_runs`
-    trains that many runs at once, each in its own process (None: `parallel_runs_for`'s choice);
-    every run is the same as when trained alone (its own seed, data order and threads).
+    trains that many runs at once, each in its own process (None, the default: one per CPU core on
+    a CPU, one at a time on a GPU; `parallel_runs_for`); every run is the same as when trained
+    alone (its own seed and data order; `share_cores` splits the threads).
     """
     configs = [with_paths(c) for c in configs]
     if quiet_runs:
@@ -125,6 +137,7 @@ def run_grid(configs: list[TrainConfig], *, progress: bool = True, quiet_runs: b
             results[i] = (run_dir_for(cfg), "done", 0.0)
     todo = [i for i in range(len(configs)) if i not in results]
     n = parallel_runs_for([configs[i] for i in todo], parallel_runs)
+    configs = [share_cores(c, n) for c in configs]
     t0 = time.perf_counter()
     bar = tqdm(total=len(configs), initial=len(results), desc=f"runs ({n} at once)" if n > 1 else "runs",
                disable=not progress, unit="run")

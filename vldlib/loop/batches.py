@@ -25,7 +25,7 @@ from vldlib.data.order import batch_indices
 from vldlib.data.transforms import eval_transform, train_transform
 from vldlib.loop.device import cpu_plan
 from vldlib.model import FineTuneNet, weights_fingerprint
-from vldlib.utils import atomic_path, config_hash, seed_hash
+from vldlib.utils import atomic_path, computed_once, config_hash, seed_hash
 
 
 # ----------------------------------------------------------------------------- data
@@ -202,18 +202,19 @@ def trunk_features(net: FineTuneNet, data: Data, cfg: TrainConfig, device: torch
                        "cache_images": cfg.cache_images}, n=16)
     path = cache_root() / "trunk" / f"{key}.pt"
     evals = None
-    if path.exists():
-        try:
-            evals = torch.load(path, weights_only=True)["evals"]
-        except Exception:  # a damaged cache file is recomputed, never trusted
-            path.unlink(missing_ok=True)
-    if evals is None:
-        net.eval()
-        evals = {name: compute_trunk(net, ds, cfg, device)
-                 for name, ds in tqdm(list(data.evals.items()), desc="computing frozen-trunk outputs",
-                                      disable=not cfg.progress)}
-        with atomic_path(path) as tmp:
-            torch.save({"evals": evals}, tmp)
+    with computed_once(path):  # runs started together (parallel_runs) compute it once
+        if path.exists():
+            try:
+                evals = torch.load(path, weights_only=True)["evals"]
+            except Exception:  # a damaged cache file is recomputed, never trusted
+                path.unlink(missing_ok=True)
+        if evals is None:
+            net.eval()
+            evals = {name: compute_trunk(net, ds, cfg, device)
+                     for name, ds in tqdm(list(data.evals.items()), desc="computing frozen-trunk outputs",
+                                          disable=not cfg.progress)}
+            with atomic_path(path) as tmp:
+                torch.save({"evals": evals}, tmp)
     # The cache holds every (domain, split) and is shared by runs holding out different domains;
     # which of them are trained on is decided here, per run, never stored with the cache.
     return {"evals": evals, "train": [evals[f"env{e}_in"] for e in data.train_envs]}
