@@ -90,3 +90,41 @@ def test_help_lists_every_parameter(capsys):
     text = capsys.readouterr().out
     for key, value in DEFAULTS.items():
         assert f"  {key} = {value!r}" in text
+
+
+def test_ctrl_c_prints_one_line_and_exits_130_without_the_kernel_task_traceback(monkeypatch, capsys, caplog):
+    """A real Ctrl-C interrupts papermill mid-cell; nbclient's cell task then holds the cell's
+    KeyboardInterrupt, and asyncio logs it with its whole traceback when the task is collected."""
+    import asyncio
+    import gc
+    import logging
+
+    from vldlib.cli import main
+    from vldlib.experiments import quickstart
+
+    pending = []  # the failed task lives on until exit, as papermill's does
+
+    def interrupted(*args, **kwargs):
+        async def cell():
+            raise RuntimeError("the interrupted cell's error")
+
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(cell())
+        loop.run_until_complete(asyncio.sleep(0.01))  # the task fails; nobody retrieves it
+        loop.close()
+        pending.append(task)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(quickstart, "run_quickstart", interrupted)
+    level = logging.getLogger("asyncio").level
+    try:
+        with caplog.at_level(logging.ERROR):
+            rc = main(["quickstart"])
+            pending.clear()  # collected after the message, as at exit
+            gc.collect()
+        assert rc == 130
+        err = capsys.readouterr().err
+        assert err.strip().startswith("interrupted: finished runs are kept") and err.count("\n") == 2
+        assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+    finally:
+        logging.getLogger("asyncio").setLevel(level)

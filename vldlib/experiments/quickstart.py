@@ -223,6 +223,9 @@ def _cli(args: argparse.Namespace) -> int:
     try:
         out = run_quickstart(params, paper=args.paper, output_dir=args.out)
     except KeyboardInterrupt:  # Ctrl-C: one line, not the kernel's traceback
+        # nbclient's cell task ends with the interrupted cell's error, and asyncio would log it
+        # with its whole traceback when the task is collected at exit
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         print(f"\ninterrupted: finished runs are kept; run the same command again to resume "
               f"(partial notebook: {_output_dir(params, args.paper, args.out) / '00_quickstart.ipynb'})",
               file=sys.stderr)
