@@ -128,3 +128,25 @@ def test_ctrl_c_prints_one_line_and_exits_130_without_the_kernel_task_traceback(
         assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
     finally:
         logging.getLogger("asyncio").setLevel(level)
+
+
+@pytest.mark.slow
+def test_runs_only_trains_without_the_notebook_which_then_renders_them_untouched(fake_benchmark, tmp_path, capsys):
+    from vldlib.cli import main
+
+    params = {"benchmark": str(fake_benchmark), "backbone": "test_resnet", "pretrained": False, "resolution": 32,
+              "train_stages": 1, "steps": 4, "eval_every": 2, "batch_size": 4, "seeds": [0], "test_envs": [0, 1],
+              "lr": 0.05, "parallel_runs": 1}
+    out = tmp_path / "qs"
+    args = ["quickstart", "--runs-only", "--out", str(out)]
+    for k, v in params.items():
+        args += ["--param", f"{k}={v}"]
+    assert main(args) == 0
+    runs = sorted((out / "runs").iterdir())
+    assert len(runs) == 4 and all((r / "done").exists() for r in runs)  # 2 held-out domains x 2 rates
+    assert not (out / "00_quickstart.ipynb").exists()
+    assert "4 of 4 runs finished" in capsys.readouterr().out
+    written = {r: (r / "records.jsonl").stat().st_mtime_ns for r in runs}
+    run_quickstart(params, output_dir=str(out), log_output=False)
+    assert (out / "summary.md").exists() and "n=1" in (out / "summary.md").read_text()
+    assert {r: (r / "records.jsonl").stat().st_mtime_ns for r in runs} == written  # nothing trained again
