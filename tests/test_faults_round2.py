@@ -210,12 +210,12 @@ def test_quickstart_refuses_an_unknown_param_before_starting(capsys, monkeypatch
 
 
 def test_quickstart_failure_names_the_real_output_path(tmp_path, capsys, monkeypatch):
-    import vldlib.experiments.quickstart as Q
+    import papermill
 
     def boom(*a, **k):
         raise RuntimeError("cell 3 raised")
 
-    monkeypatch.setattr(Q.pm, "execute_notebook", boom)
+    monkeypatch.setattr(papermill, "execute_notebook", boom)  # imported by run_quickstart when it runs
     rc, _, err = run_cli(capsys, "quickstart", "--out", str(tmp_path / "qs"))
     assert rc == 1 and err.startswith("error: the quickstart notebook failed: cell 3 raised"), err
     assert str(tmp_path / "qs" / "00_quickstart.ipynb") in err and "outputs/quickstart/" not in err, err

@@ -34,6 +34,7 @@ DEFAULTS = {
     "benchmark": "ObjectStyles",
     "data_dir": "data",
     "output_dir": "outputs/quickstart",
+    "runs_dir": None,
     "backbone": "efficientnet_lite0.offline",
     "pretrained": True,
     "resolution": 96,
@@ -148,7 +149,7 @@ def read_params_file(path: str | Path) -> dict:
     """A YAML file of notebook parameters (`00_quickstart.gpu.yaml`); errors name the file."""
     p = Path(path)
     data = read_yaml_mapping(p, "parameter: value")
-    unknown = sorted(set(data) - set(DEFAULTS) - {"runs_dir"})
+    unknown = sorted(set(data) - set(DEFAULTS))
     if unknown:
         raise UsageError(f"--config {p}: unknown parameters {unknown}; the notebook's are {sorted(DEFAULTS)}.")
     return data
