@@ -132,9 +132,9 @@ def run_grid(configs: list[TrainConfig], *, progress: bool = True, quiet_runs: b
     if quiet_runs:
         configs = [dataclasses.replace(c, progress=False) for c in configs]
     results: dict[int, tuple[Path, str, float]] = {}
-    for i, cfg in enumerate(configs):  # finished runs are answered here, without a process each
-        if (run_dir_for(cfg) / "done").exists():
-            results[i] = (run_dir_for(cfg), "done", 0.0)
+    for i, run_dir in enumerate(map(run_dir_for, configs)):  # finished runs: answered here, no process each
+        if (run_dir / "done").exists():
+            results[i] = (run_dir, "done", 0.0)
     todo = [i for i in range(len(configs)) if i not in results]
     n = parallel_runs_for([configs[i] for i in todo], parallel_runs)
     configs = [share_cores(c, n) for c in configs]

@@ -127,11 +127,16 @@ def default_output_dir(params: dict) -> str:
     return f"{DEFAULTS['output_dir']}-{benchmark_label(str(bench))}"
 
 
+def paper_params() -> dict:
+    """The paper's configuration (`--paper`): notebooks/00_quickstart.paper.yaml."""
+    return yaml.safe_load(notebook_path(PAPER_PARAMS).read_text())
+
+
 def _output_dir(params: dict, paper: bool, out: str | None) -> Path:
     """Where run_quickstart writes (its --out, a --param output_dir, the paper file's, or the default)."""
-    paper_params = yaml.safe_load(notebook_path(PAPER_PARAMS).read_text()) if paper else {}
-    return resolve(out or params.get("output_dir") or paper_params.get("output_dir")
-                   or default_output_dir({**paper_params, **params}))
+    paper = paper_params() if paper else {}
+    return resolve(out or params.get("output_dir") or paper.get("output_dir")
+                   or default_output_dir({**paper, **params}))
 
 
 class _CellLog(logging.Handler):
@@ -163,7 +168,7 @@ def run_quickstart(params: dict | None = None, *, paper: bool = False, output_di
     if config is not None:
         params = {**read_params_file(config), **params}
     if paper:
-        params = {**yaml.safe_load(notebook_path(PAPER_PARAMS).read_text()), **params}
+        params = {**paper_params(), **params}
     if output_dir is not None:
         params["output_dir"] = output_dir
     out = resolve(params.get("output_dir") or default_output_dir(params))
@@ -245,7 +250,7 @@ def _cli(args: argparse.Namespace) -> int:
 
 def _cli_runs_only(params: dict, args: argparse.Namespace, t0: float) -> int:
     if args.paper:
-        params = {**yaml.safe_load(notebook_path(PAPER_PARAMS).read_text()), **params}
+        params = {**paper_params(), **params}
     params["output_dir"] = str(_output_dir(params, False, args.out))
     try:
         run_dirs = run_study_runs(params)

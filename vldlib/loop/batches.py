@@ -194,6 +194,17 @@ def compute_trunk(net: FineTuneNet, ds: torch.utils.data.Dataset, cfg: TrainConf
     return torch.cat(xs), torch.cat(ys)
 
 
+def _load_trunk_cache(path) -> dict | None:
+    """The cached trunk outputs, or None when missing; a damaged file is removed (recomputed, never trusted)."""
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, weights_only=True)["evals"]
+    except Exception:
+        path.unlink(missing_ok=True)
+        return None
+
+
 def trunk_features(net: FineTuneNet, data: Data, cfg: TrainConfig, device: torch.device):
     """Cached trunk outputs for the training sets and every eval set, kept on disk between runs
     (keyed by the trunk's weights, the resolution and the exact sample list)."""
@@ -201,20 +212,17 @@ def trunk_features(net: FineTuneNet, data: Data, cfg: TrainConfig, device: torch
                        "stages": [type(m).__name__ for m in net.trunk_modules], "resolution": cfg.resolution, "data": data.key,
                        "cache_images": cfg.cache_images}, n=16)
     path = cache_root() / "trunk" / f"{key}.pt"
-    evals = None
-    with computed_once(path):  # runs started together (parallel_runs) compute it once
-        if path.exists():
-            try:
-                evals = torch.load(path, weights_only=True)["evals"]
-            except Exception:  # a damaged cache file is recomputed, never trusted
-                path.unlink(missing_ok=True)
-        if evals is None:
-            net.eval()
-            evals = {name: compute_trunk(net, ds, cfg, device)
-                     for name, ds in tqdm(list(data.evals.items()), desc="computing frozen-trunk outputs",
-                                          disable=not cfg.progress)}
-            with atomic_path(path) as tmp:
-                torch.save({"evals": evals}, tmp)
+    evals = _load_trunk_cache(path)
+    if evals is None:
+        with computed_once(path):  # runs started together (parallel_runs) compute it once
+            evals = _load_trunk_cache(path)  # written meanwhile by the run that held the lock
+            if evals is None:
+                net.eval()
+                evals = {name: compute_trunk(net, ds, cfg, device)
+                         for name, ds in tqdm(list(data.evals.items()), desc="computing frozen-trunk outputs",
+                                              disable=not cfg.progress)}
+                with atomic_path(path) as tmp:
+                    torch.save({"evals": evals}, tmp)
     # The cache holds every (domain, split) and is shared by runs holding out different domains;
     # which of them are trained on is decided here, per run, never stored with the cache.
     return {"evals": evals, "train": [evals[f"env{e}_in"] for e in data.train_envs]}
