@@ -49,7 +49,6 @@ from vldlib.data.download import download_benchmark
 from vldlib.evaluate.scores import validation_score
 from vldlib.loop import TrainingDiverged, load_run_model, run_dir_for
 from vldlib.loop.train import train
-from vldlib.tools.sweep import SweepLock
 from vldlib.utils import read_jsonl
 
 # -------------------------------------------------------------------------------------- helpers

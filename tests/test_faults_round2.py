@@ -22,7 +22,6 @@ import vldlib.loop.rundir as rundir
 import vldlib.loop.train as T
 from vldlib.cli import main as cli_main
 from vldlib.loop import device as D
-from vldlib.loop import run_dir_for
 from vldlib.loop.train import train
 from vldlib.utils import read_jsonl
 

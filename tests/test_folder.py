@@ -7,9 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from vldlib.data import DataError, load_benchmark, scan_folder, split_domain
+from vldlib.data import DataError, load_benchmark, split_domain
 from vldlib.data.cache import cached_benchmark
 from vldlib.data.datasets import ArrayDataset, ImageDataset
 from vldlib.data.transforms import eval_transform

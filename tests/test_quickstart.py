@@ -130,6 +130,26 @@ def test_ctrl_c_prints_one_line_and_exits_130_without_the_kernel_task_traceback(
         logging.getLogger("asyncio").setLevel(level)
 
 
+def test_ctrl_c_in_runs_only_says_the_same_line_and_a_failure_keeps_its_traceback(monkeypatch, capsys):
+    from vldlib.cli import main
+    from vldlib.experiments import quickstart
+
+    def interrupted(params):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(quickstart, "run_study_runs", interrupted)
+    assert main(["quickstart", "--runs-only"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == "interrupted: finished runs are kept; run the same command again to resume"
+
+    def broken(params):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(quickstart, "run_study_runs", broken)
+    with pytest.raises(OSError, match="disk full"):  # not reported as a notebook failure: no notebook ran
+        main(["quickstart", "--runs-only"])
+
+
 @pytest.mark.slow
 def test_runs_only_trains_without_the_notebook_which_then_renders_them_untouched(fake_benchmark, tmp_path, capsys):
     from vldlib.cli import main

@@ -254,14 +254,35 @@ def test_iid_vs_ood_figure_shows_percent_rates_n_and_floors(tmp_path):
     # what a student reads: the rate named as a rate, the method in words, the number of seeds
     assert "dropout rate 0.9, fine-tuning (n=2)" in legend, legend
     assert not any("=ens" in t or "dropout=" in t for t in legend)
-    assert "majority class (35.0%)" in legend and "chance (25.0%)" in legend
+    # the floors lie far below the points: named in the legend, drawn, and not stretching the axis
+    assert "majority class (35.0%) (below the axis)" in legend and "chance (25.0%) (below the axis)" in legend
     floor = [ln for ln in ax.lines if ln.get_linestyle() == ":"]
     assert sorted(float(ln.get_ydata()[0]) for ln in floor) == [25.0, 35.0]
+    assert ax.get_ylim()[0] > 35.0
     assert fig.legends and not ax.get_legend()  # one legend, outside the panel
     # the means differ by 9 points on o.o.d. and not at all on i.i.d.: both axes still span >= MIN_SPAN
     assert ax.get_xlim()[1] - ax.get_xlim()[0] >= MIN_SPAN and ax.get_ylim()[1] - ax.get_ylim()[0] >= MIN_SPAN
     assert (tmp_path / "a.png").exists()
     plt.close(fig)
+
+
+def test_floor_lines_keep_the_range_and_say_where_an_outside_floor_lies():
+    import matplotlib.pyplot as plt
+
+    from vldlib.evaluate.plots import floor_lines
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [40, 60])
+    ax.set_ylim(40, 60)
+    lines = floor_lines(ax, majority=0.5, chance=0.1)
+    assert [ln.get_label() for ln in lines] == ["majority class (50.0%)", "chance (10.0%) (below the axis)"]
+    assert ax.get_ylim() == (40, 60)
+    fig2, ax2 = plt.subplots()
+    ax2.set_xlim(0, 5)
+    (line,) = floor_lines(ax2, majority=0.2, vertical=True)
+    assert line.get_label() == "majority class (20.0%) (above the axis)" and ax2.get_xlim() == (0, 5)
+    plt.close(fig)
+    plt.close(fig2)
 
 
 def test_rate_colours_are_fixed_and_distinct():

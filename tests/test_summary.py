@@ -34,6 +34,13 @@ def test_effect_sentence_follows_the_numbers(diffs, verdict):
     assert verdict in effect_sentence(paired_effect(selected(diffs)))
 
 
+def test_effect_sentence_warns_that_two_se_is_weak_with_few_pairs():
+    few = effect_sentence(paired_effect(selected([0.10, 0.11])))
+    assert "detectable improvement" in few and "1 degree of freedom" in few and "indicative only" in few
+    many = effect_sentence(paired_effect(selected([0.10, 0.11, 0.12, 0.10, 0.11, 0.12])))  # 6 pairs, 5 dof
+    assert "detectable improvement" in many and "indicative" not in many
+
+
 def test_effect_sentence_without_pairs():
     df = selected([0.1])
     assert "nothing to compare" in effect_sentence(paired_effect(df[df.dropout == 0.0]))
@@ -48,3 +55,14 @@ def test_plateau_check_flags_a_rising_curve():
     table = plateau_check(pd.DataFrame(rows)).set_index("dropout")
     assert bool(table.loc[0.0, "plateaued"]) and not bool(table.loc[0.9, "plateaued"])
     assert table.loc[0.9, "gain"] == pytest.approx(0.05) and table.loc[0.9, "train_acc_at_end"] == 0.9
+
+
+def test_fit_note_names_the_settings_that_did_not_fit_their_training_data():
+    from vldlib.evaluate.convergence import fit_note
+
+    rows = [{"run": f"r{p}", "step": step, "dropout": p, "iid_acc": 0.5, "train_in_acc": acc}
+            for p, acc in ((0.0, 1.0), (0.9, 0.7)) for step in (100, 200)]
+    note = fit_note(pd.DataFrame(rows))
+    assert "dropout=0.9: 70%" in note and "dropout=0.0" not in note and "longer budget" in note
+    fitted = pd.DataFrame([{**r, "train_in_acc": 0.99} for r in rows])
+    assert fit_note(fitted).startswith("Every setting fitted its training data")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -101,6 +100,17 @@ def test_weight_average_is_the_mean_of_the_trajectory():
     frozen = next(p for p in net.parameters() if not p.requires_grad)
     frozen_avg = next(p for p in avg.module.parameters() if not p.requires_grad)
     assert torch.equal(frozen, frozen_avg)
+    # a copy of the average, fed the same network, still averages what the network holds now
+    import copy
+
+    twin = copy.deepcopy(avg)
+    with torch.no_grad():
+        net.head().weight.add_(4.0)
+    snapshots.append(net.head().weight.detach().clone())
+    avg.update_parameters(net)
+    twin.update_parameters(net)
+    for a in (avg, twin):
+        assert torch.allclose(a.module.head().weight, torch.stack(snapshots).mean(0), atol=1e-6)
 
 
 class _Spy:

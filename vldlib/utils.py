@@ -51,22 +51,65 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+class FileLock:
+    """An exclusive `fcntl.flock` on one file, with a line saying who holds it.
+
+    The one locking primitive of vldlib (a run being trained, a sweep's folder, a cache file being
+    computed). flock, because the kernel releases it when its holder exits, even by kill -9: a
+    stale lock never blocks anyone. Processes started by the holder inherit it with its descriptor.
+    Use it as a context manager: the lock is released and the file closed on exit.
+    """
+
+    def __init__(self, path: str | os.PathLike, mode: int = 0o644) -> None:
+        import fcntl
+
+        self._fcntl = fcntl
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, mode)
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free; False (at once) when another process holds it."""
+        try:
+            self._fcntl.flock(self.fd, self._fcntl.LOCK_EX | self._fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+    def acquire(self) -> None:
+        """Take the lock, waiting for its holder to release it or to exit."""
+        self._fcntl.flock(self.fd, self._fcntl.LOCK_EX)
+
+    def holder(self) -> str:
+        """What the holder wrote with `set_holder` ("" when nothing yet)."""
+        return os.pread(self.fd, 4096, 0).decode(errors="replace").strip()
+
+    def set_holder(self, text: str) -> None:
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, text.encode(), 0)
+
+    def close(self) -> None:
+        """Release the lock (if held) and close the file."""
+        if self.fd is not None:
+            self._fcntl.flock(self.fd, self._fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "FileLock":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
 @contextlib.contextmanager
 def computed_once(path: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive lock (`fcntl.flock` on PATH.lock) while computing the file `path`, so that
-    processes asking for the same cache file at once (runs trained in parallel) compute it once:
-    the others wait, then find it written. The kernel drops the lock when its holder dies."""
-    import fcntl
-
-    lock = Path(f"{path}.lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    """Hold the lock PATH.lock while computing the file `path`, so that processes asking for the
+    same cache file at once (runs trained in parallel) compute it once: the others wait, then find
+    it written."""
+    with FileLock(f"{path}.lock", mode=0o666) as lock:  # a shared cache: others may lock it too
+        lock.acquire()
         yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 def current_umask() -> int:

@@ -102,4 +102,5 @@ def fit_note(curves: pd.DataFrame, by: Sequence[str] = ("dropout",), threshold: 
         return ", ".join(f"{c}={v}" for c, v in zip(by, k))
     return (f"Not fitted by the last step (training-domain accuracy below {100 * threshold:.0f}%): "
             + "; ".join(f"{name(k)}: {100 * v:.0f}%" for k, v in low.items())
-            + ". Those rows compare under-trained runs; raise `steps` (or `lr`) before concluding about them.")
+            + ". Those rows compare runs that are either under-trained or kept from fitting by their own "
+            "regularisation: a longer budget (`steps`) tells which, before concluding about them.")

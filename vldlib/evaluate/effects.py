@@ -109,9 +109,22 @@ def effect_sentence(eff: Mapping[str, Any], what: str = "o.o.d. accuracy", perce
         return head + f"{unit} ({pairs}); one pair only, so no error bar: run more seeds before concluding."
     head += f" ± {scale * eff['se']:{se_fmt}}{unit} ({pairs})"
     if abs(eff["mean"]) <= 2 * eff["se"]:  # se 0 and no difference (identical runs) is no effect
-        return head + ": within 2 standard errors of zero, so no detectable effect at this scale."
+        return head + ": within 2 standard errors of zero, so no detectable effect at this scale." + _few(eff["n"])
     if percent:
-        return head + (": larger than 2 standard errors, a detectable improvement." if eff["mean"] > 0
-                       else ": larger than 2 standard errors, a detectable loss.")
-    return head + (": larger than 2 standard errors, a detectable increase." if eff["mean"] > 0
-                   else ": larger than 2 standard errors, a detectable decrease.")
+        verdict = "a detectable improvement" if eff["mean"] > 0 else "a detectable loss"
+    else:
+        verdict = "a detectable increase" if eff["mean"] > 0 else "a detectable decrease"
+    return head + f": larger than 2 standard errors, {verdict}." + _few(eff["n"])
+
+
+FEW_PAIRS = 5  # up to this many pairs, the SE itself is too uncertain for 2 SE to be a 95% test
+
+
+def _few(n: int) -> str:
+    """The caveat of a verdict on few pairs: 2 SE is the 95% threshold only with many degrees of
+    freedom (Student's t: 12.7 SE for 1, 2.8 for 4, 2.1 for 14)."""
+    if n > FEW_PAIRS:
+        return ""
+    dof = f"{n - 1} degree{'s' if n - 1 != 1 else ''} of freedom"
+    return (f" With {n} pairs the standard error rests on {dof}, so 2 SE is a weak test: indicative only, "
+            f"run more seeds before concluding.")

@@ -93,14 +93,26 @@ def legend_outside(fig: Any, axes: Sequence[Any], title: str | None = None) -> N
 
 
 def floor_lines(ax: Any, majority: float | None = None, chance: float | None = None,
-                vertical: bool = False) -> None:
+                vertical: bool = False) -> list:
     """The majority-class rate (dotted black) and chance 1/K (dotted grey), as fractions, drawn
-    in % where an accuracy axis is: a model below them learned nothing usable."""
+    in % where an accuracy axis is: a model below them learned nothing usable. Returns the lines.
+
+    They never stretch the axis (that would squeeze the differences a figure is about): call this
+    once the range is final; a floor outside it is still a legend entry, which says where it lies.
+    """
     line = ax.axvline if vertical else ax.axhline
-    if majority is not None and pd.notna(majority):
-        line(100 * majority, color="k", ls=":", lw=1.2, label=f"majority class ({100 * majority:.1f}%)")
-    if chance is not None and pd.notna(chance):
-        line(100 * chance, color="grey", ls=":", lw=1.0, label=f"chance ({100 * chance:.1f}%)")
+    get, set_ = (ax.get_xlim, ax.set_xlim) if vertical else (ax.get_ylim, ax.set_ylim)
+    lims = get()
+    lines = []
+    for value, name, style in ((majority, "majority class", {"color": "k", "lw": 1.2}),
+                               (chance, "chance", {"color": "grey", "lw": 1.0})):
+        if value is None or pd.isna(value):
+            continue
+        v = 100 * value
+        where = " (below the axis)" if v < min(lims) else " (above the axis)" if v > max(lims) else ""
+        lines.append(line(v, ls=":", label=f"{name} ({v:.1f}%){where}", **style))
+    set_(lims)
+    return lines
 
 
 def min_span(ax: Any, axis: str = "y", span: float = MIN_SPAN) -> None:
@@ -159,10 +171,10 @@ def plot_iid_vs_ood(selected: pd.DataFrame, hue: str = "dropout", style: str = "
             ax.scatter(100 * ref.iid_acc, 100 * ref.ood_acc, marker="x", color="grey", label="paper (fine-tuning)")
             for _, r in ref.iterrows():
                 ax.annotate(f"{r.dropout:g}", (100 * r.iid_acc, 100 * r.ood_acc), fontsize=7, color="grey")
-        floor_lines(ax, _per_benchmark(majority, b), _per_benchmark(chance, b))
         ax.set(title=str(b), xlabel="i.i.d. accuracy (%)", ylabel="o.o.d. accuracy (%)")
         min_span(ax, "x")
         min_span(ax, "y")
+        floor_lines(ax, _per_benchmark(majority, b), _per_benchmark(chance, b))
     legend_outside(fig, axes, title=f"mean ± se over {over or 'runs'}")
     fig.tight_layout()
     _save(fig, path)
@@ -200,10 +212,10 @@ def plot_rate_curve(selected: pd.DataFrame, x: str = "dropout", hue: str | Seque
         if reference and ref_b and x == "dropout" and metric in ("ood_acc", "iid_acc"):
             ref = paper_reference().query("benchmark == @ref_b and method == 'model'").sort_values("dropout")
             ax.plot(ref.dropout, 100 * ref[metric], "--x", color="grey", label="paper (fine-tuning)")
-        if metric == "ood_acc":
-            floor_lines(ax, _per_benchmark(majority, b), _per_benchmark(chance, b))
         ax.set(title=str(b), xlabel="dropout rate" if x == "dropout" else x, ylabel=name)
         min_span(ax, "y")
+        if metric == "ood_acc":
+            floor_lines(ax, _per_benchmark(majority, b), _per_benchmark(chance, b))
     legend_outside(fig, axes, title=f"mean ± se over {over or 'runs'}")
     fig.tight_layout()
     _save(fig, path)
@@ -302,13 +314,13 @@ def plot_conditions(selected: pd.DataFrame, x: str, hue: str | None = None, metr
             label = describe({hue: h}) if h is not None else "mean ± se"
             ax.errorbar(pos, 100 * g[f"{metric}_mean"], yerr=100 * g[f"{metric}_se"], fmt="o", capsize=3,
                         color=colors[h], label=f"{label} (n={n})")
-        if metric == "ood_acc":
-            floor_lines(ax, _per_benchmark(majority, b), _per_benchmark(chance, b))
         ax.set_xticks(range(len(xs)), [describe({x: v}) if x == "dropout" else _label(v) for v in xs],
                       rotation=20, ha="right")
         ax.set(title=title or str(b), xlabel="" if x == "dropout" else x.replace("_", " "), ylabel=name,
                xlim=(-0.5, len(xs) - 0.5))
         min_span(ax, "y")
+        if metric == "ood_acc":
+            floor_lines(ax, _per_benchmark(majority, b), _per_benchmark(chance, b))
     legend_outside(fig, axes, title=f"mean ± se over {over or 'runs'}")
     fig.tight_layout()
     _save(fig, path)

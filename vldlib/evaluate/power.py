@@ -153,11 +153,8 @@ def floor_rows(table: pd.DataFrame, floor: pd.DataFrame, rows: tuple[str, ...] =
     return pd.concat([table, pd.DataFrame(extra)], ignore_index=True)
 
 
-def draw_floors(ax, floor: pd.DataFrame, axis: str = "y", scale: float = 100.0) -> list:
-    """Chance and majority-class accuracy (their Avg over held-out domains) as lines on an axis;
-    returns the two lines (for a legend of their own)."""
+def average_floor(floor: pd.DataFrame) -> tuple[float, float]:
+    """(majority-class, chance) accuracy averaged over the held-out domains (the `floors` table's
+    "Avg" row), as fractions: what a figure of domain-averaged accuracies is read against."""
     avg = floor[floor.domain == "Avg"].iloc[0]
-    line = ax.axhline if axis == "y" else ax.axvline
-    return [line(scale * avg["majority"], color="0.4", ls="--", lw=1,
-                 label=f"majority class ({scale * avg['majority']:.1f})"),
-            line(scale * avg["chance"], color="0.6", ls=":", lw=1, label=f"chance ({scale * avg['chance']:.1f})")]
+    return float(avg["majority"]), float(avg["chance"])

@@ -10,7 +10,10 @@ import numpy as np
 import pandas as pd
 
 from vldlib.data.folder import DataError, load_benchmark
+from vldlib.evaluate.power import average_floor
+from vldlib.evaluate.power import floors as power_floors
 from vldlib.evaluate.reference import METHOD_LABELS, paper_reference, paper_setting, reference_benchmark
+from vldlib.evaluate.scores import ood_split
 from vldlib.evaluate.selection import check_columns, summarize
 
 
@@ -30,18 +33,12 @@ def format_cell(mean: float, se: float, percent: bool = True, digits: int = 1, n
     return f"{mean * scale:.{digits}f} ± {se * scale:.{digits}f}"
 
 
-def domain_majority(counts: dict[str, int]) -> float:
-    """The majority-class rate of one domain from its per-class counts: what always answering its
-    most frequent class scores (the floor an accuracy must beat to mean anything)."""
-    total = sum(counts.values())
-    return max(counts.values()) / total if total else float("nan")
-
-
 def floors(selected: pd.DataFrame) -> dict[str, dict[str, float]]:
     """{"majority": {benchmark: rate}, "chance": {benchmark: 1/K}} for the benchmarks in
-    `selected` whose folders can still be read (from each run's data_dir): the majority rate is
-    averaged over the held-out domains present, like the o.o.d. accuracy it is the floor of.
-    Benchmarks that cannot be read are left out (their figures then have no floor lines)."""
+    `selected` whose folders can still be read (from each run's data_dir): the majority rate of the
+    images that score each held-out domain present (`power.floors`), averaged over them like the
+    o.o.d. accuracy it is the floor of. Benchmarks that cannot be read are left out (their figures
+    then have no floor lines)."""
     out: dict[str, dict[str, float]] = {"majority": {}, "chance": {}}
     if selected.empty or "benchmark" not in selected:
         return out
@@ -51,10 +48,10 @@ def floors(selected: pd.DataFrame) -> dict[str, dict[str, float]]:
             bench = load_benchmark(b, data_dir, check_images=False, progress=False)
         except (DataError, KeyError, OSError):
             continue
-        counts = bench.counts()
-        held = [d for d in g.get("test_domain", pd.Series(dtype=str)).dropna().unique() if d in counts]
+        held = [bench.domains.index(d) for d in g.get("test_domain", pd.Series(dtype=str)).dropna().unique()
+                if d in bench.domains]
         if held:
-            out["majority"][b] = float(np.mean([domain_majority(counts[d]) for d in held]))
+            out["majority"][b] = average_floor(power_floors(bench, sorted(held), ood_split(bench)))[0]
         out["chance"][b] = 1.0 / len(bench.classes)
     return out
 

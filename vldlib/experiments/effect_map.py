@@ -23,7 +23,8 @@ import pandas as pd
 
 from vldlib.config import TrainConfig
 from vldlib.evaluate.effects import effect_sentence
-from vldlib.evaluate.power import domain_averaged_effect, draw_floors
+from vldlib.evaluate.plots import floor_lines, legend_outside
+from vldlib.evaluate.power import average_floor, domain_averaged_effect
 from vldlib.experiments.grid import grid
 
 ALL = 99  # sort key of "all stages" (train_stages None) after every finite depth
@@ -129,10 +130,11 @@ def plot_accuracy(acc: pd.DataFrame, floor: pd.DataFrame, path=None) -> plt.Figu
             g = g.sort_values("depth")
             ax.errorbar([x[d] for d in g.depth], g["mean"], yerr=g["se"].fillna(0), marker="o", capsize=2,
                         label=f"dropout {rate:g}")
-        draw_floors(ax, floor)
         ax.set_xticks(range(len(depths)), [labels[d] for d in depths], fontsize=8)
         ax.set(title=bb.replace(".offline", ""), xlabel="fine-tuned depth", ylabel="o.o.d. accuracy (%)")
-    axes[0][0].legend(fontsize=7)
+    for ax in axes[0]:  # once every panel is drawn: the shared range is final
+        floor_lines(ax, *average_floor(floor))
+    legend_outside(fig, axes[0], title="mean ± se over seeds")
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=110, bbox_inches="tight")

@@ -32,10 +32,10 @@ from vldlib.config import TrainConfig
 from vldlib.data import MultiDomainFolder
 from vldlib.data import prepare_benchmark as prepare
 from vldlib.data.registry import is_benchmark_path
-from vldlib.evaluate import combine, convergence
-from vldlib.evaluate.scores import load_runs
+from vldlib.evaluate import combine, convergence, power
+from vldlib.evaluate.scores import load_runs, ood_split
 from vldlib.evaluate.selection import select
-from vldlib.evaluate.tables import domain_majority, domainbed_table, to_markdown
+from vldlib.evaluate.tables import domainbed_table, to_markdown
 from vldlib.loop import evaluate_logits, load_run_model
 from vldlib.paths import resolve
 
@@ -218,11 +218,11 @@ class Notebook:
         return df, curves, plateau
 
     def floors(self) -> dict[str, float]:
-        """{"majority": the held-out domains' mean majority-class rate, "chance": 1/K}: pass them to
-        a figure (`plot_rate_curve(..., **nb.floors())`) so every accuracy has its floor beside it."""
-        counts = self.bench.counts()
-        majority = sum(domain_majority(counts[self.domains[t]]) for t in self.envs) / max(len(self.envs), 1)
-        return {"majority": majority, "chance": 1.0 / len(self.bench.classes)}
+        """{"majority": the majority-class rate of the images that score the held-out domains
+        (`power.floors`), averaged over them, "chance": 1/K}: pass them to a figure
+        (`plot_rate_curve(..., **nb.floors())`) so every accuracy has its floor beside it."""
+        majority, chance = power.average_floor(power.floors(self.bench, self.envs, ood_split(self.bench)))
+        return {"majority": majority, "chance": chance}
 
     def show_tables(self, selected: pd.DataFrame, rows: Sequence[str] = ("method", "dropout"),
                     name: str = "table") -> pd.DataFrame:

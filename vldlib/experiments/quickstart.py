@@ -224,19 +224,22 @@ def _cli(args: argparse.Namespace) -> int:
     if args.data_dir:
         params["data_dir"] = args.data_dir
     t0 = time.perf_counter()
-    if args.runs_only:
-        return _cli_runs_only(params, args, t0)
     try:
+        if args.runs_only:
+            return _cli_runs_only(params, args, t0)
         out = run_quickstart(params, paper=args.paper, output_dir=args.out)
     except KeyboardInterrupt:  # Ctrl-C: one line, not the kernel's traceback
         # nbclient's cell task ends with the interrupted cell's error, and asyncio would log it
         # with its whole traceback when the task is collected at exit
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-        print(f"\ninterrupted: finished runs are kept; run the same command again to resume "
-              f"(partial notebook: {_output_dir(params, args.paper, args.out) / '00_quickstart.ipynb'})",
+        partial = ("" if args.runs_only else
+                   f" (partial notebook: {_output_dir(params, args.paper, args.out) / '00_quickstart.ipynb'})")
+        print(f"\ninterrupted: finished runs are kept; run the same command again to resume{partial}",
               file=sys.stderr)
         return 130
     except Exception as e:  # papermill raises PapermillExecutionError with the cell's traceback
+        if args.runs_only:  # no notebook: the error as it is
+            raise
         print(f"error: the quickstart notebook failed: {e}", file=sys.stderr)
         print(f"the executed notebook, showing the error in place, is "
               f"{_output_dir(params, args.paper, args.out) / '00_quickstart.ipynb'}; "
@@ -252,11 +255,7 @@ def _cli_runs_only(params: dict, args: argparse.Namespace, t0: float) -> int:
     if args.paper:
         params = {**paper_params(), **params}
     params["output_dir"] = str(_output_dir(params, False, args.out))
-    try:
-        run_dirs = run_study_runs(params)
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished runs are kept; run the same command again to resume", file=sys.stderr)
-        return 130
+    run_dirs = run_study_runs(params)
     done = sum((d / "done").exists() for d in run_dirs)
     print(f"[vldlib] {done} of {len(run_dirs)} runs finished in {time.perf_counter() - t0:.0f} s, under "
           f"{params['output_dir']}; the same command without --runs-only renders the notebook from them")

@@ -9,7 +9,6 @@ the free space and the fix.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import pickle
@@ -23,7 +22,7 @@ import torch
 from vldlib.config import TrainConfig, UsageError
 from vldlib.data.registry import benchmark_label
 from vldlib.evaluate.scores import expected_eval_steps
-from vldlib.utils import atomic_path, config_hash
+from vldlib.utils import FileLock, atomic_path, config_hash
 
 
 class TrainingDiverged(RuntimeError):
@@ -68,28 +67,21 @@ def run_lock(run_dir: Path) -> Iterator[bool]:
     """Hold an exclusive lock on RUN_DIR/.lock while training; yield whether another process held it
     first (then that process has finished or died, and the run's files must be read again).
 
-    `fcntl.flock`: the kernel releases it when its holder exits, even by kill -9, so a stale lock
+    `utils.FileLock`: the kernel releases it when its holder exits, even by kill -9, so a stale lock
     never blocks a resume.
     """
     path = run_dir / ".lock"
     with writing(path):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    waited = False
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a process"
-            print(f"[vldlib] {run_dir} is being trained by {holder}; waiting for it to finish", flush=True)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            waited = True
+        lock = FileLock(path)
+    with lock:
+        waited = not lock.try_acquire()
+        if waited:
+            print(f"[vldlib] {run_dir} is being trained by {lock.holder() or 'a process'}; waiting for it to "
+                  f"finish", flush=True)
+            lock.acquire()
         with writing(path):  # a disk already full fails here, the first write of a run
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"PID {os.getpid()} on {platform.node()}".encode(), 0)
+            lock.set_holder(f"PID {os.getpid()} on {platform.node()}")
         yield waited
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 def run_dir_for(cfg: TrainConfig) -> Path:
