@@ -45,7 +45,7 @@ DEFAULTS = {
     "cache_images": False,
     "dropout_rates": [0.0, 0.9],
     "test_envs": None,
-    "seeds": [0, 1, 2, 3, 4, 5],
+    "seeds": [0, 1, 2, 3, 4, 5, 6, 7, 8],
     "steps": 300,
     "lr": 0.02,
     "weight_decay": 1e-4,
