@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -61,9 +62,6 @@ class FileLock:
     """
 
     def __init__(self, path: str | os.PathLike, mode: int = 0o644) -> None:
-        import fcntl
-
-        self._fcntl = fcntl
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, mode)
@@ -71,14 +69,14 @@ class FileLock:
     def try_acquire(self) -> bool:
         """Take the lock if it is free; False (at once) when another process holds it."""
         try:
-            self._fcntl.flock(self.fd, self._fcntl.LOCK_EX | self._fcntl.LOCK_NB)
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return True
         except BlockingIOError:
             return False
 
     def acquire(self) -> None:
         """Take the lock, waiting for its holder to release it or to exit."""
-        self._fcntl.flock(self.fd, self._fcntl.LOCK_EX)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
 
     def holder(self) -> str:
         """What the holder wrote with `set_holder` ("" when nothing yet)."""
@@ -91,7 +89,7 @@ class FileLock:
     def close(self) -> None:
         """Release the lock (if held) and close the file."""
         if self.fd is not None:
-            self._fcntl.flock(self.fd, self._fcntl.LOCK_UN)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
 

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from vldlib.evaluate.effects import paired_effect
+from vldlib.evaluate.scores import ood_split
 
 
 def _method(selected: pd.DataFrame, method: str) -> pd.DataFrame:
@@ -151,6 +152,13 @@ def floor_rows(table: pd.DataFrame, floor: pd.DataFrame, rows: tuple[str, ...] =
         row["n"] = 0
         extra.append(row)
     return pd.concat([table, pd.DataFrame(extra)], ignore_index=True)
+
+
+def held_out_floor(bench, envs: list[int]) -> tuple[float, float]:
+    """(majority-class, chance) accuracy of the held-out domains `envs`, as fractions: `floors` on
+    the split that scores them (`scores.ood_split`), averaged over the domains like the o.o.d.
+    accuracy it is the floor of. What summaries and figures draw."""
+    return average_floor(floors(bench, sorted(envs), ood_split(bench)))
 
 
 def average_floor(floor: pd.DataFrame) -> tuple[float, float]:

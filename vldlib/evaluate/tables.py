@@ -10,10 +10,8 @@ import numpy as np
 import pandas as pd
 
 from vldlib.data.folder import DataError, load_benchmark
-from vldlib.evaluate.power import average_floor
-from vldlib.evaluate.power import floors as power_floors
+from vldlib.evaluate.power import held_out_floor
 from vldlib.evaluate.reference import METHOD_LABELS, paper_reference, paper_setting, reference_benchmark
-from vldlib.evaluate.scores import ood_split
 from vldlib.evaluate.selection import check_columns, summarize
 
 
@@ -36,7 +34,7 @@ def format_cell(mean: float, se: float, percent: bool = True, digits: int = 1, n
 def floors(selected: pd.DataFrame) -> dict[str, dict[str, float]]:
     """{"majority": {benchmark: rate}, "chance": {benchmark: 1/K}} for the benchmarks in
     `selected` whose folders can still be read (from each run's data_dir): the majority rate of the
-    images that score each held-out domain present (`power.floors`), averaged over them like the
+    images that score each held-out domain present (`power.held_out_floor`), averaged over them like the
     o.o.d. accuracy it is the floor of. Benchmarks that cannot be read are left out (their figures
     then have no floor lines)."""
     out: dict[str, dict[str, float]] = {"majority": {}, "chance": {}}
@@ -51,7 +49,7 @@ def floors(selected: pd.DataFrame) -> dict[str, dict[str, float]]:
         held = [bench.domains.index(d) for d in g.get("test_domain", pd.Series(dtype=str)).dropna().unique()
                 if d in bench.domains]
         if held:
-            out["majority"][b] = average_floor(power_floors(bench, sorted(held), ood_split(bench)))[0]
+            out["majority"][b] = held_out_floor(bench, held)[0]
         out["chance"][b] = 1.0 / len(bench.classes)
     return out
 

@@ -33,7 +33,7 @@ from vldlib.data import MultiDomainFolder
 from vldlib.data import prepare_benchmark as prepare
 from vldlib.data.registry import is_benchmark_path
 from vldlib.evaluate import combine, convergence, power
-from vldlib.evaluate.scores import load_runs, ood_split
+from vldlib.evaluate.scores import load_runs
 from vldlib.evaluate.selection import select
 from vldlib.evaluate.tables import domainbed_table, to_markdown
 from vldlib.loop import evaluate_logits, load_run_model
@@ -219,9 +219,9 @@ class Notebook:
 
     def floors(self) -> dict[str, float]:
         """{"majority": the majority-class rate of the images that score the held-out domains
-        (`power.floors`), averaged over them, "chance": 1/K}: pass them to a figure
+        (`power.held_out_floor`), averaged over them, "chance": 1/K}: pass them to a figure
         (`plot_rate_curve(..., **nb.floors())`) so every accuracy has its floor beside it."""
-        majority, chance = power.average_floor(power.floors(self.bench, self.envs, ood_split(self.bench)))
+        majority, chance = power.held_out_floor(self.bench, self.envs)
         return {"majority": majority, "chance": chance}
 
     def show_tables(self, selected: pd.DataFrame, rows: Sequence[str] = ("method", "dropout"),
