@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 from vldlib.evaluate import power
 from vldlib.experiments import effect_map
@@ -46,8 +47,8 @@ def test_seeds_needed_follows_the_variance_not_the_mean():
     rng = np.random.default_rng(0)
     diffs = {(e, s): float(rng.normal(0, 0.02)) for e in range(4) for s in range(3)}
     shifted = {k: v + 0.05 for k, v in diffs.items()}  # same spread, another mean
-    a = power.seeds_needed(_selected(diffs), target_se=0.007)
-    b = power.seeds_needed(_selected(shifted), target_se=0.007)
+    a = power.seeds_needed(_selected(diffs), target_detectable=0.014)
+    b = power.seeds_needed(_selected(shifted), target_detectable=0.014)
     assert list(a.seeds_needed) == list(b.seeds_needed)
     # by hand: pooled per-domain variance over seeds, divided by the 4 domains
     d = pd.Series(diffs)
@@ -56,7 +57,11 @@ def test_seeds_needed_follows_the_variance_not_the_mean():
     assert a.sd_points.iloc[1] == pytest.approx(100 * sd)
     per_seed = d.groupby(level=1).mean()
     assert a.sd_points.iloc[0] == pytest.approx(100 * per_seed.std(ddof=1))
-    assert a.seeds_needed.iloc[-1] == max(2, math.ceil((max(sd, per_seed.std(ddof=1)) / 0.007) ** 2))
+    # the fewest seeds whose 95% t half-width t_{0.975, n-1} x sd / sqrt(n) is at most 1.4 points
+    design_sd = max(sd, per_seed.std(ddof=1))
+    n = a.seeds_needed.iloc[-1]
+    assert stats.t.ppf(0.975, n - 1) * design_sd / math.sqrt(n) <= 0.014
+    assert n == 2 or stats.t.ppf(0.975, n - 2) * design_sd / math.sqrt(n - 1) > 0.014
 
 
 def test_floors_count_the_scored_images(fake_benchmark):
@@ -81,7 +86,7 @@ def test_gain_table_and_spectrum_text_agree():
     verdicts = dict(zip(gains.depth, gains.verdict))
     assert verdicts == {1: "improvement", 0: "none"}
     text = effect_map.spectrum_text(gains)
-    assert text.startswith("The effect appears in 1 of 2 cells") and "b last stage (+3.1" in text
+    assert text.startswith("The effect appears in 1 of 2 cells") and "b last 1 units (+3.1" in text
 
 
 def test_effect_map_notebook_conclusion_agrees_with_its_table(fake_benchmark, tmp_path):
@@ -106,7 +111,19 @@ def test_effect_map_notebook_conclusion_agrees_with_its_table(fake_benchmark, tm
         d = per[0.9] - per[0.0]
         se = d.std(ddof=1) / math.sqrt(len(d))
         assert r.gain_points == pytest.approx(100 * d.mean()) and r.se_points == pytest.approx(100 * se)
-        expected = "none" if abs(d.mean()) <= 2 * se else ("improvement" if d.mean() > 0 else "loss")
+        half = stats.t.ppf(0.975, len(d) - 1) * se  # the 95% Student's t interval, n - 1 dof
+        expected = "none" if abs(d.mean()) <= half else ("improvement" if d.mean() > 0 else "loss")
         assert r.verdict == expected
     n_imp = int((gains.verdict == "improvement").sum())
     assert (f"appears in {n_imp} of 4 cells" if n_imp else "appears in none of the 4 cells") in summary
+
+
+def test_depths_are_named_for_what_they_train():
+    """EfficientNet-Lite's train_stages=1 is conv_head (one 1x1 conv), not a stage; 2 adds blocks.6,
+    the last MBConv stage, which holds one block in every Lite variant; ResNet's are layer4, layer3-4."""
+    assert effect_map.depth_label(0, "efficientnet_lite0.offline") == "head"
+    assert effect_map.depth_label(1, "efficientnet_lite0.offline") == "conv_head"
+    assert effect_map.depth_label(2, "efficientnet_lite1.offline") == "blocks.6 (1 MBConv block) + conv_head"
+    assert effect_map.depth_label(3, "efficientnet_lite0.offline") == "blocks.5-6 (5 MBConv blocks) + conv_head"
+    assert effect_map.depth_label(2, "resnet50.tv2_in1k") == "layer3-4"
+    assert effect_map.depth_label(None, "resnet50.tv2_in1k") == "all"

@@ -99,26 +99,30 @@ def test_experiment_notebook_runs(name, fake, tmp_path):
         assert avg[float(best.group(1))] == avg.max()
 
 
-# "B vs A: o.o.d. accuracy b% vs a%, paired difference +d ± se points (n=k pairs ...): verdict"
+# "B vs A: o.o.d. accuracy b% vs a%, paired difference +d [95% CI +lo, +hi] points (n=k pairs ...; SE s,
+# t(k-1)=t, p=p): verdict"
 EFFECT = re.compile(r"(?P<sides>[^:\n]+): [oi]\.[oi]\.d\. accuracy (?P<b>[\d.]+)% vs (?P<a>[\d.]+)%, paired difference "
-                    r"(?P<d>[+-][\d.]+)(?: ± (?P<se>[\d.]+))? points \(n=(?P<n>\d+) pairs[^)]*\)(?P<verdict>[^\n]*)")
+                    r"(?P<d>[+-][\d.]+)(?: \[95% CI (?P<lo>[+-][\d.]+), (?P<hi>[+-][\d.]+)\])? points "
+                    r"\(n=(?P<n>\d+) pairs[^\n]*?\)(?P<verdict>[:;][^\n]*)")
 
 
 def _check_verdicts(summary: str) -> int:
     """Every effect sentence agrees with its own numbers: the difference is the two means'
-    difference, and the verdict (detectable or not) follows from the difference and 2 se."""
+    difference and lies in its interval, and the verdict (detectable or not) follows from whether
+    the 95% t interval excludes 0."""
     count = 0
     for m in EFFECT.finditer(summary):
         count += 1
         a, b, d = float(m["a"]), float(m["b"]), float(m["d"])
         assert d == pytest.approx(b - a, abs=0.11), m[0]
-        if m["se"] is None:
-            assert "no error bar" in m["verdict"], m[0]
+        if m["lo"] is None:
+            assert "no interval" in m["verdict"], m[0]
             continue
-        se = float(m["se"])
-        if abs(d) < 2 * se - 0.1:
+        lo, hi = float(m["lo"]), float(m["hi"])
+        assert lo - 0.05 <= d <= hi + 0.05, m[0]
+        if lo < -0.05 and hi > 0.05:
             assert "no detectable effect" in m["verdict"], m[0]
-        elif abs(d) > 2 * se + 0.1:
+        elif lo > 0.05 or hi < -0.05:
             assert ("detectable improvement" if d > 0 else "detectable loss") in m["verdict"], m[0]
     return count
 

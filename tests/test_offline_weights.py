@@ -155,3 +155,23 @@ def test_larger_backbones_grow_and_get_a_new_head():
         assert model.get_classifier().out_features == 7 and model.drop_rate == 0.9
         sizes.append(sum(p.numel() for p in model.parameters()))
     assert sizes == sorted(sizes) and len(set(sizes)) == 3  # Lite0 < Lite1 < Lite2
+
+
+def test_classifier_initialised_as_the_official_nn_linear():
+    """The new head is a default nn.Linear (DomainBed's Classifier): weights and bias uniform in
+    +-1/sqrt(features). Bounds computed by hand: Lite0 has 1280 pooled features, so 1/sqrt(1280)
+    = 0.02795; timm's own EfficientNet init was +-1/sqrt(11) = 0.3015 for 11 classes."""
+    import math
+
+    import torch
+
+    from vldlib.model import create_model
+
+    torch.manual_seed(0)
+    head = create_model("efficientnet_lite0.offline", 11, pretrained=False).get_classifier()
+    bound = 1 / math.sqrt(1280)
+    assert abs(bound - 0.027951) < 1e-6
+    for t in (head.weight, head.bias):
+        assert float(t.abs().max()) <= bound
+    assert float(head.weight.abs().max()) > 0.99 * bound  # 14,080 draws fill the range: not a narrower init
+    assert abs(float(head.weight.std()) - bound / math.sqrt(3)) < 0.05 * bound  # sd of U(-b, b)

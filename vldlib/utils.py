@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -104,10 +105,30 @@ class FileLock:
 def computed_once(path: str | os.PathLike) -> Iterator[None]:
     """Hold the lock PATH.lock while computing the file `path`, so that processes asking for the
     same cache file at once (runs trained in parallel) compute it once: the others wait, then find
-    it written."""
+    it written. Taking it clears the temporaries of writers killed mid-write."""
     with FileLock(f"{path}.lock", mode=0o666) as lock:  # a shared cache: others may lock it too
         lock.acquire()
+        remove_orphaned_temporaries(path)
         yield
+
+
+def remove_orphaned_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete the `atomic_path` temporaries of `path` (`.NAME.*.tmp` beside it) that a killed
+    writer left; return them. Call it only while holding the lock under which `path` is written:
+    then no live process is writing one, and each is dead space (a half-written image cache can be
+    gigabytes)."""
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        if tmp.is_file() and not tmp.is_symlink():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    """`name` with glob's special characters ([, *, ?) matched literally."""
+    return "".join(f"[{c}]" if c in "[]*?" else c for c in name)
 
 
 def current_umask() -> int:
@@ -160,8 +181,14 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         return []
+    return parse_jsonl(path.read_text(), path)
+
+
+def parse_jsonl(text: str, path: str | os.PathLike) -> list[Any]:
+    """The JSON lines of `text` (read from `path`, named in errors); a truncated final line, left
+    by a killed writer, is dropped."""
     records = []
-    lines = path.read_text().splitlines(keepends=True)
+    lines = text.splitlines(keepends=True)
     for i, line in enumerate(lines):
         if not line.strip():
             continue
@@ -173,3 +200,31 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
             raise ValueError(f"{path}: line {i + 1} is not valid JSON; the file is corrupt. "
                              f"Delete the run directory to recompute it.") from None
     return records
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def read_bounded_text(path: str | os.PathLike, max_bytes: int) -> str | None:
+    """The text of `path` (None when absent), read only if it is a regular file of at most
+    `max_bytes`: a FIFO would hang the reader, /dev/zero or a huge file would exhaust its memory.
+    Anything else is a ValueError naming the file, what it is and the fix."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    kind = next((name for test, name in _KINDS if test(st.st_mode)), None)
+    if kind is not None or not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path}: not a regular file ({kind or 'a special file'}); replace it with the file "
+                         f"vldlib wrote, or delete it")
+    with open(path, "rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"{path}: larger than {max_bytes / 2**20:g} MB, more than vldlib writes there; "
+                         f"not a file of a run: delete it (or the run folder)")
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file") from None

@@ -207,7 +207,7 @@ def plot_ablations(ablations: pd.DataFrame):
 def conclusion(usage: pd.DataFrame, ablations: pd.DataFrame, rates: Sequence[float]) -> tuple[pd.DataFrame, list[str]]:
     """Adds each run's o.o.d. accuracy with a random tenth of the features kept (as a share of its
     full o.o.d. accuracy), then one sentence per (metric, rate) for every rate against the lowest:
-    paired difference ± standard error and n (from `evaluate.effects.paired_effect`)."""
+    paired difference with its 95% t interval, p and n (from `evaluate.effects.paired_effect`)."""
 
     d = int(usage.n_features.iloc[0])
     k10 = min(ablations.k.unique(), key=lambda k: abs(k - d / 10))

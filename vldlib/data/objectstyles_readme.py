@@ -52,6 +52,24 @@ def _photo_note(manifest: dict) -> str:
             f"class. Hold out `photo` knowing this.\n")
 
 
+def _duplicates(manifest: dict) -> str:
+    """The near-duplicate rule and every group found, with its files."""
+    nd = manifest.get("near_duplicates", {})
+    r, groups = nd.get("rule", {}), nd.get("groups", {})
+    lines = [f"Near-duplicates (exact copies, recolourings, black-and-white outline versions) are one "
+             f"object, so a group is on one side of the split: two images are near when their "
+             f"{r.get('dhash')} differ in at most {r.get('max_hamming')} bits, or their {r.get('edge_hash')} "
+             f"are at a Jaccard distance of at most {r.get('max_edge_distance')} "
+             f"(both on the image at {r.get('hashed_at_px')} px; `vldlib.data.objectstyles_dedup` says why); groups are joined transitively. Every file "
+             f"of a group but those of its first object is renamed `<first object>.<own name>`. Found: "
+             + ", ".join(f"{d} {len(g)}" for d, g in groups.items()) + "."]
+    for d, gs in groups.items():
+        for g in gs:
+            two = " (in two classes: not kept together)" if len(g["classes"]) > 1 else ""
+            lines.append(f"- {d}: " + ", ".join(f"`{f}`" for f in g["files"]) + two)
+    return "\n".join(lines)
+
+
 def readme(manifest: dict) -> str:
 
     v = manifest["versions"]
@@ -93,6 +111,8 @@ rendering and used for model selection in another. With one image per object (ph
 this is DomainBed's split item for item. No object is in two domains, so the held-out domain is
 scored on its "in" split, as DomainBed reports it, with no identity leak (the whole domain would
 be leak-free too).
+
+{_duplicates(manifest)}
 
 Every image is RGB on white, {manifest['resolution']}x{manifest['resolution']} px JPEG (quality {O.JPEG_QUALITY}), the object cropped to
 its visible pixels and centred with its longest side at {int(FILL * 100)}% of the image (the same

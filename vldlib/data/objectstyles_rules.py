@@ -9,7 +9,11 @@ DOMAINS: tuple[str, ...] = ("clipart", "lineart", "photo", "render3d")  # sorted
 DEFAULT_RESOLUTION = 128
 MIN_PER_CLASS = 6  # fewer images of a class in any domain: the class is dropped everywhere
 JPEG_QUALITY = 90  # every domain stored alike; 8 MB in all at 128 px (1,794 images)
-FORMAT_VERSION = 2  # 2: several vendors per emoji domain, files `<code point>.<vendor>.jpg`
+FORMAT_VERSION = 3  # 2: several vendors per emoji domain, files `<code point>.<vendor>.jpg`;
+# 3: near-duplicates renamed into one object, `<group>.<stem>.jpg` (`objectstyles_dedup`)
+# `files_sha256` of a default build (128 px, MIN_PER_CLASS) from the pinned packages with
+# requirements.txt's Pillow / resvg-py / fonts: the builder refuses any other result.
+EXPECTED_FILES_SHA256 = "7cd12cb9c87fdcbbcb10fd77191f2f11d5f97512030ac7c3fe6c6473909e50ed"
 # A photograph's neighbouring pixels are almost never exactly equal (sensor noise, texture);
 # a drawing's flat fills make most of them equal. Measured on tuxpaint's `cartoon/` folders
 # (drawings by the package's own label): 95% of them have >= 0.2 equal neighbours; the animal

@@ -4,18 +4,23 @@ power, and the floors every accuracy is read against (chance, majority class).
 The paper's effect is about 2 points of o.o.d. accuracy. A comparison is paired by seed: each
 seed's o.o.d. accuracy is first averaged over the held-out domains (DomainBed's "Avg" column),
 then rates are compared seed by seed, so differences between domains (lineart is harder than
-clipart for every rate) do not inflate the error. The standard error of that paired difference
-says which effects the design can detect: about 2 SE and more.
+clipart for every rate) do not inflate the error.
+
+One rule, the verdicts' (`effects.is_detectable`): an effect is detectable when the 95% Student's
+t interval of the paired difference excludes 0. So the smallest effect a design of n pairs can
+detect is the interval's half-width, t_{0.975, n-1} x SE (`detectable`), and a design's target is
+that half-width, `target_detectable` (1.4 points by default: below the paper's 2 points).
 
 Power analysis (the standard one, from a pilot's variance, never from its mean): with the
 standard deviation `sd` of one seed's domain-averaged difference, n seeds give SE = sd / sqrt(n),
-so a target SE needs n = ceil((sd / target)^2) seeds. With few pilot seeds, `sd` is also
-estimated from the per-domain differences (pooled over domains), which has more degrees of
-freedom; `seeds_needed` takes the larger of both estimates.
+so the seeds needed are the smallest n with t_{0.975, n-1} x sd / sqrt(n) <= target_detectable
+(`seeds_for`). With few pilot seeds, `sd` is also estimated from the per-domain differences
+(pooled over domains), which has more degrees of freedom; `seeds_needed` takes the larger of both
+estimates.
 
 >>> eff = {"n": 4, "se": 0.005, "mean": 0.01, "a_mean": 0.5, "b_mean": 0.51}
->>> power(eff, target_se=0.007)["seeds_needed"]
-3
+>>> power(eff, target_detectable=0.014)["seeds_needed"]
+5
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ import pandas as pd
 
 from vldlib.evaluate.effects import paired_effect
 from vldlib.evaluate.scores import ood_split
+from vldlib.evaluate.student import critical_t
+
+TARGET_DETECTABLE = 0.014  # the design's target: detect 1.4 points, below the paper's 2-point effect
 
 
 def _method(selected: pd.DataFrame, method: str) -> pd.DataFrame:
@@ -58,13 +66,31 @@ def domain_averaged_effect(selected: pd.DataFrame, a: Any = 0.0, b: Any = 0.9, m
     return eff
 
 
-def power(eff: Mapping[str, Any], target_se: float = 0.007) -> dict:
+def detectable(se: float, n: int) -> float:
+    """The smallest effect n pairs with standard error `se` can detect: the 95% t half-width
+    t_{0.975, n-1} x se (NaN with fewer than 2 pairs)."""
+    return critical_t(n - 1) * se if n > 1 else float("nan")
+
+
+def seeds_for(sd: float, target_detectable: float = TARGET_DETECTABLE, most: int = 10_000) -> int | None:
+    """The fewest pairs (at least 2) whose 95% t half-width t_{0.975, n-1} x sd / sqrt(n) is at most
+    `target_detectable`; None for an unknown sd, or more than `most`."""
+    if not math.isfinite(sd):
+        return None
+    for n in range(2, most + 1):
+        if detectable(sd / math.sqrt(n), n) <= target_detectable:
+            return n
+    return None
+
+
+def power(eff: Mapping[str, Any], target_detectable: float = TARGET_DETECTABLE) -> dict:
     """What a paired effect's design can detect: sd of one pair's difference, SE, the smallest
-    detectable effect (2 SE) and the pairs needed for `target_se` (all in accuracy units)."""
+    detectable effect (the 95% t half-width) and the pairs needed for `target_detectable` (all in
+    accuracy units)."""
     n, se = int(eff["n"]), float(eff["se"])
     sd = se * math.sqrt(n) if n > 1 and math.isfinite(se) else float("nan")
-    need = max(2, math.ceil((sd / target_se) ** 2)) if math.isfinite(sd) else None
-    return {"n": n, "sd": sd, "se": se, "detectable": 2 * se, "target_se": target_se, "seeds_needed": need}
+    return {"n": n, "sd": sd, "se": se, "detectable": detectable(se, n), "target_detectable": target_detectable,
+            "seeds_needed": seeds_for(sd, target_detectable)}
 
 
 def pooled_domain_sd(selected: pd.DataFrame, a: Any = 0.0, b: Any = 0.9, metric: str = "ood_acc",
@@ -86,13 +112,13 @@ def pooled_domain_sd(selected: pd.DataFrame, a: Any = 0.0, b: Any = 0.9, metric:
     return math.sqrt(pooled_var / diff["test_env"].nunique()), dof
 
 
-def seeds_needed(selected: pd.DataFrame, a: Any = 0.0, b: Any = 0.9, target_se: float = 0.007,
+def seeds_needed(selected: pd.DataFrame, a: Any = 0.0, b: Any = 0.9, target_detectable: float = TARGET_DETECTABLE,
                  metric: str = "ood_acc", method: str = "model", by: str = "dropout") -> pd.DataFrame:
     """The power analysis of a pilot, one row per way to estimate the sd (points): from the
     seeds' domain-averaged differences, and pooled from the per-domain differences. The last
-    row, "design", takes the larger sd (the safer choice) and the seeds it needs."""
+    row, "design", takes the larger sd (the safer choice) and the seeds it needs (`seeds_for`)."""
     eff = domain_averaged_effect(selected, a, b, metric, method, by)
-    direct = power(eff, target_se)
+    direct = power(eff, target_detectable)
     sd_pooled, dof = pooled_domain_sd(selected, a, b, metric, method, by)
     rows = [{"estimate": "seeds' domain-averaged differences", "sd": direct["sd"], "dof": max(0, direct["n"] - 1)},
             {"estimate": "per-domain differences, pooled", "sd": sd_pooled, "dof": dof}]
@@ -100,19 +126,20 @@ def seeds_needed(selected: pd.DataFrame, a: Any = 0.0, b: Any = 0.9, target_se: 
     rows.append({"estimate": "design (the larger)", "sd": max(finite) if finite else float("nan"),
                  "dof": float("nan")})
     out = pd.DataFrame(rows)
-    out["seeds_needed"] = [max(2, math.ceil((s / target_se) ** 2)) if math.isfinite(s) else None for s in out.sd]
-    out["target_se_points"] = 100 * target_se
+    out["seeds_needed"] = [seeds_for(s, target_detectable) for s in out.sd]
+    out["target_detectable_points"] = 100 * target_detectable
     out["sd"] = 100 * out["sd"]
     return out.rename(columns={"sd": "sd_points"})
 
 
-def design_row(eff: Mapping[str, Any], target_se: float = 0.007) -> pd.DataFrame:
-    """One line stating a finished study's power: difference, SE, n, smallest detectable effect,
-    and whether the SE met the target (points)."""
-    p = power(eff, target_se)
+def design_row(eff: Mapping[str, Any], target_detectable: float = TARGET_DETECTABLE) -> pd.DataFrame:
+    """One line stating a finished study's power: difference, SE, n, the smallest detectable effect
+    (the 95% t half-width), and whether it met the target (points)."""
+    p = power(eff, target_detectable)
     return pd.DataFrame([{"difference_points": 100 * eff["mean"], "se_points": 100 * p["se"], "n_seeds": p["n"],
-                          "held_out_domains": eff.get("domains"), "detectable_points (2 SE)": 100 * p["detectable"],
-                          "target_se_points": 100 * target_se, "target_met": bool(p["se"] <= target_se),
+                          "held_out_domains": eff.get("domains"), "detectable_points (t95)": 100 * p["detectable"],
+                          "target_detectable_points": 100 * target_detectable,
+                          "target_met": bool(p["detectable"] <= target_detectable),
                           "seeds_for_target": p["seeds_needed"]}])
 
 

@@ -17,6 +17,7 @@ import pandas as pd
 
 from vldlib.config import UsageError, add_flag, print_error
 from vldlib.evaluate.plots import plot_conditions, plot_iid_vs_ood, plot_rate_curve, plot_training_curves
+from vldlib.evaluate.premise import REGIME, premise_markdown, premise_table
 from vldlib.evaluate.reference import READ_OFF_NOTE, in_paper_setting, paper_setting
 from vldlib.evaluate.scores import find_run_dirs, load_runs, per_step_scores, run_status, split_scores
 from vldlib.evaluate.selection import SELECTIONS, select, summarize
@@ -130,6 +131,7 @@ def report(paths: Sequence[str | Path], out: str | Path = "outputs/report", sele
     summary = benchmark_table(sel, rows=rows, over=over_eff)
     md += ["## o.o.d. accuracy per benchmark", "", to_markdown(summary), ""]
     tex += ["% o.o.d. accuracy per benchmark", to_latex(summary)]
+    md += premise_section(sel, rows)
     ref = reference_comparison(sel, over=over_eff)
     outside = sel.loc[~in_paper_setting(sel), "run"].nunique()
     if len(ref):
@@ -159,6 +161,21 @@ def report(paths: Sequence[str | Path], out: str | Path = "outputs/report", sele
                                 f"{f' ({e.filename})' if e.filename else ''}; choose a writable --out "
                                 f"(a folder, not a file).") from None
     return text
+
+
+def premise_section(selected: pd.DataFrame, rows: Sequence[str]) -> list[str]:
+    """The report's premise gauge (`vldlib.evaluate.premise`), one regime per benchmark and setting
+    the table rows keep apart: Markdown lines, none when there is no rate 0 to compare with."""
+    if "dropout" not in selected.columns or not (selected["dropout"] == 0).any():
+        return []
+    by = list(dict.fromkeys([*REGIME, *(r for r in rows if r not in ("method", "dropout"))]))
+    table = premise_table(selected, by=by)
+    if table.empty:
+        return []
+    return ["## Premise gauge: each rate against 0, training-domain numbers only", "",
+            "i.i.d. cost (paired by seed, 95% t interval), eval-mode fit on the training domains' 'in' split, "
+            "training-mode accuracy (dropout on), and the relative distance the weights moved; no o.o.d. number "
+            "is read.", "", premise_markdown(table), ""]
 
 
 class ReportOutputError(RuntimeError):

@@ -13,6 +13,9 @@ and "out". For a run holding out env t,
   - o.o.d. (test) accuracy       = `env{t}_in`, the test domain's 80% "in" part. (The "out" part
     of the test domain is reserved for the oracle selection method; it is never used for
     reporting, so o.o.d. numbers are comparable across selection methods.)
+  - fit (eval-mode accuracy on the training data) = mean over training envs i != t of
+    `env{i}_in`, the images the run trains on, scored with dropout off. Not `train_acc`, the
+    training-mode accuracy (dropout on) of the training batches that the loop logs.
 With several test envs, both are means over the envs concerned.
 
 Example:
@@ -32,20 +35,21 @@ import pandas as pd
 import torch
 
 from vldlib.data import get_spec
-from vldlib.utils import read_json, read_jsonl
+from vldlib.utils import parse_jsonl, read_bounded_text
 
 METHODS = ("model", "wa", "ens")  # current weights, trajectory weight average, trajectory ensemble
 _KEY = re.compile(r"^env(\d+)_(in|out)$")
 
 # columns that vary within a run; everything else in the tidy table is constant per run
 ROW_COLS = ["method", "step", "env", "domain", "split", "is_test", "acc", "loss", "step_lr",
-            "train_acc", "step_time", "peak_mem_mb"]
+            "train_acc", "step_time", "peak_mem_mb", "rel_distance"]
 RUN_COLS = ["run", "benchmark", "test_env", "test_envs", "test_domain", "done", "failed", "failure_reason",
             "missing_steps"]
 
 
 # --------------------------------------------------------------------------- the rule
 IID_SPLIT = "out"  # i.i.d. (validation) accuracy: the "out" split of every training domain
+FIT_SPLIT = "in"  # the fit: eval-mode accuracy on the "in" split of every training domain (trained on)
 
 
 def ood_split(benchmark: Any) -> str:
@@ -108,43 +112,147 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
 
 
 
-def _json_object(path: Path) -> dict:
-    """config.json / meta.json as a dict ({} when absent); binary, malformed or of the wrong shape:
-    a ValueError naming the file."""
+MAX_RUN_JSON_MB = 16  # config.json / meta.json: a few KB when vldlib writes them
+MAX_RECORDS_MB = 64  # records.jsonl: about 1 KB an evaluation; 10,000 steps evaluated every 300 steps: 35 KB
+MAX_STEPS = 10**7  # steps / eval_every beyond this are not a run's (DomainNet trains 30,000 steps)
+MAX_EVALUATIONS = 10**6  # steps // eval_every: the evaluation steps a report lists for one run
+
+
+def _parsed(path: Path, text: str, parse) -> Any:
+    """`parse(text)`, its failures as a ValueError naming the file (deep nesting included)."""
     try:
-        data = read_json(path)
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not a text file") from None
+        return parse(text)
+    except ValueError as e:  # JSONDecodeError, or an integer of more than 4,300 digits
+        raise ValueError(f"{path}: not valid JSON ({_short(str(e), 120)}); delete the run directory to recompute "
+                         f"it") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply to be a run's file; delete or repair it") from None
+
+
+def _json_object(path: Path) -> dict:
+    """config.json / meta.json as a dict ({} when absent); not a regular file, too large, binary,
+    malformed, too deeply nested or of the wrong shape: a ValueError naming the file."""
+    text = read_bounded_text(path, MAX_RUN_JSON_MB * 2**20)
+    data = {} if text is None else _parsed(path, text, json.loads)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got a {type(data).__name__}")
     return data
 
 
+def _is_number(v: Any) -> bool:
+    """A JSON number (true/false are not numbers, though Python counts them as ints)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_accuracy(v: Any) -> bool:
+    """A number in [0, 1], or NaN (the accuracy of an empty split)."""
+    return _is_number(v) and (v != v or 0 <= v <= 1)
+
+
+def _is_count(v: Any, low: int = 0, high: int = MAX_STEPS) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+
+RECORD_NUMBERS = ("loss", "lr", "step_time", "peak_mem_mb", "rel_distance")  # read into the tidy table beside the accuracies
+
+
+def _record_problem(r: Any) -> str | None:
+    """What is wrong with one line of records.jsonl for the report, None when nothing."""
+    if not isinstance(r, dict):
+        return f"is a {type(r).__name__}, not a JSON object"
+    if r.get("type", "eval") != "eval" or "acc" not in r:
+        return None
+    acc = r["acc"]
+    if not (_is_count(r.get("step")) and isinstance(acc, dict)
+            and all(isinstance(a, dict) or a is None for a in acc.values())):
+        return ("is not an evaluation record (needs an integer 'step' and 'acc': {method: {split: accuracy}})")
+    bad = [(k, v) for a in acc.values() for k, v in (a or {}).items() if not _is_accuracy(v)]
+    bad += [(k, r[k]) for k in ("train_acc",) if r.get(k) is not None and not _is_accuracy(r[k])]
+    if bad:
+        return f"has accuracy {bad[0][0]}: {_short(bad[0][1])}, not a number in [0, 1]"
+    bad = [(k, r[k]) for k in RECORD_NUMBERS if r.get(k) is not None and not _is_number(r[k])]
+    return f"has {bad[0][0]}: {_short(bad[0][1])}, not a number" if bad else None
+
+
 def _checked_records(path: Path) -> list[dict]:
-    """records.jsonl, each line checked for the shape the report reads: a ValueError naming the file
-    and line otherwise."""
-    try:
-        records = read_jsonl(path)
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not a text file") from None
+    """records.jsonl, each line checked for the shape and values the report reads (a step in
+    0..MAX_STEPS, accuracies in [0, 1]): a ValueError naming the file and line otherwise."""
+    text = read_bounded_text(path, MAX_RECORDS_MB * 2**20)
+    records = [] if text is None else _parsed(path, text, lambda t: parse_jsonl(t, path))
     for i, r in enumerate(records, 1):
-        if not isinstance(r, dict):
-            raise ValueError(f"{path}: record {i} is a {type(r).__name__}, not a JSON object")
-        if r.get("type", "eval") == "eval" and "acc" in r:
-            acc = r["acc"]
-            ok = (isinstance(r.get("step"), int) and isinstance(acc, dict)
-                  and all(isinstance(a, dict) or a is None for a in acc.values())
-                  and all(isinstance(v, (int, float)) for a in acc.values() for v in (a or {}).values()))
-            if not ok:
-                raise ValueError(f"{path}: record {i} is not an evaluation record (needs an integer 'step' and "
-                                 f"'acc': {{method: {{split: accuracy}}}})")
+        problem = _record_problem(r)
+        if problem:
+            raise ValueError(f"{path}: record {i} {problem}")
     return records
 
 
+CONFIG_CHECKS: dict[str, tuple[str, Any]] = {  # key: (what it must be, the test); absent or null: not checked
+    "dropout": ("a rate in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
+    "lr": ("a finite number >= 0", lambda v: _is_number(v) and 0 <= v < float("inf")),
+    "head_lr_mult": ("a finite number >= 0", lambda v: _is_number(v) and 0 <= v < float("inf")),
+    "weight_decay": ("a finite number >= 0", lambda v: _is_number(v) and 0 <= v < float("inf")),
+    "steps": (f"an integer in 1..{MAX_STEPS}", lambda v: _is_count(v, 1)),
+    "eval_every": (f"an integer in 1..{MAX_STEPS}", lambda v: _is_count(v, 1)),
+    "average_from": (f"an integer in 0..{MAX_STEPS}", _is_count),
+    "resolution": ("an integer in 1..100000", lambda v: _is_count(v, 1, 100_000)),
+    "batch_size": ("an integer >= 1", lambda v: _is_count(v, 1, 2**31)),
+    "seed": ("an integer", lambda v: _is_count(v, -(2**63), 2**63)),
+    "trial_seed": ("an integer", lambda v: _is_count(v, -(2**63), 2**63)),
+    "train_stages": ("an integer >= 0", lambda v: _is_count(v, 0, 10_000)),
+    **{k: ("true or false", lambda v: isinstance(v, bool))
+       for k in ("pretrained", "augment", "val_augment", "freeze_bn", "cache_images", "cache_trunk", "bf16")},
+    **{k: ("a string", lambda v: isinstance(v, str)) for k in ("benchmark", "backbone", "head", "weights_file")},
+}
+
+
+def _check_config(path: Path, config: dict) -> None:
+    """Every config.json value the report reads, each of its kind (`CONFIG_CHECKS`); with steps and
+    eval_every, at most MAX_EVALUATIONS evaluations. A ValueError naming the file, key and value."""
+    for key, (what, ok) in CONFIG_CHECKS.items():
+        if config.get(key) is not None and not ok(config[key]):
+            raise ValueError(f"{path}: {key} is {_short(config[key])}, not {what}")
+    steps, every = config.get("steps"), config.get("eval_every")
+    if steps is not None and every is not None and steps // every > MAX_EVALUATIONS:
+        raise ValueError(f"{path}: steps {steps} evaluated every {every} steps is more than {MAX_EVALUATIONS} "
+                         f"evaluations, not a run's")
+
+
+def _check_meta(run: Path, meta: dict, config: dict) -> None:
+    """test_envs (meta.json's, else config.json's): domain indices within meta's domains (-1 or 12
+    for 3 domains would name another domain, or none); domains: names; ood_split: "in" or "out"."""
+    domains = meta.get("domains")
+    if domains is not None and not (isinstance(domains, list) and all(isinstance(d, str) for d in domains)):
+        raise ValueError(f"{run / 'meta.json'}: domains is {domains!r}, not a list of names")
+    source = "meta.json" if "test_envs" in meta else "config.json"
+    test_envs = meta.get("test_envs", config.get("test_envs"))
+    if test_envs is not None:
+        envs = test_envs if isinstance(test_envs, list) else [test_envs]
+        n = len(domains) if domains else MAX_STEPS
+        if not envs or not all(_is_count(t, 0, n - 1) for t in envs):
+            raise ValueError(f"{run / source}: test_envs is {_short(test_envs)}, not domain indices in 0..{n - 1}"
+                             + (f" ({len(domains)} domains)" if domains else ""))
+    if meta.get("ood_split", "in") not in ("in", "out"):
+        raise ValueError(f"{run / 'meta.json'}: ood_split is {_short(meta['ood_split'])}, not 'in' or 'out'")
+
+
+def _short(value: Any, n: int = 60) -> str:
+    """repr of a value for a message, cut to `n` characters (a huge number has thousands of digits)."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
 def read_run(run: Path) -> tuple[dict, dict, list[dict]]:
-    """(config, meta, records) of one run directory, each checked for shape: a damaged file (garbage,
-    binary, a malformed line, JSON of the wrong shape) is a ValueError that names it."""
-    return _json_object(run / "config.json"), _json_object(run / "meta.json"), _checked_records(run / "records.jsonl")
+    """(config, meta, records) of one run directory, each checked for shape and for every value the
+    report reads: a damaged file (garbage, binary, not a regular file, too large, a malformed line,
+    JSON of the wrong shape, an accuracy outside [0, 1], an index outside the domains) is a
+    ValueError that names it."""
+    config, meta = _json_object(run / "config.json"), _json_object(run / "meta.json")
+    _check_config(run / "config.json", config)
+    _check_meta(run, meta, config)
+    return config, meta, _checked_records(run / "records.jsonl")
 
 
 def expected_eval_steps(eval_every: int, steps: int, upto: int) -> list[int]:
@@ -216,7 +324,9 @@ def load_runs(paths: Iterable[str | Path], strict: bool = False) -> pd.DataFrame
     run, benchmark, test_env (int, NA when several), test_envs ("3" or "0,1"), test_domain,
     method ("model" current weights, "wa" trajectory weight average, "ens" trajectory ensemble),
     step, env, domain, split ("in"/"out"), is_test, acc, loss, step_lr (the learning rate at that
-    step; `lr` is the config's), train_acc, step_time, peak_mem_mb, done, failed, failure_reason,
+    step; `lr` is the config's), train_acc (training-mode accuracy, dropout on, of the training
+    batches since the last evaluation), step_time, peak_mem_mb, rel_distance (||theta_t - theta_0|| /
+    ||theta_0|| over the trained parameters; NaN in records that predate it), done, failed, failure_reason,
     then every config.json key (list values joined by commas; a key clashing with the columns
     above becomes config_<key>), and missing_steps (evaluations records.jsonl lacks, "" for none).
     A truncated last line (killed writer) is ignored; runs without any eval record are skipped with
@@ -231,7 +341,7 @@ def load_runs(paths: Iterable[str | Path], strict: bool = False) -> pd.DataFrame
         try:
             config, meta, records = read_run(run)
             info = _run_info(run, config, meta, records) if records else None
-        except (ValueError, TypeError) as e:  # TypeError: a value of the wrong type inside valid JSON
+        except (ValueError, TypeError, RecursionError, OverflowError) as e:  # a value of the wrong type or size inside valid JSON
             if strict:
                 raise ValueError(f"{run}: damaged run folder: {e}") from None
             warnings.warn(f"{run}: damaged run folder, skipped: {e} (--strict fails instead)", stacklevel=2)
@@ -258,7 +368,7 @@ def load_runs(paths: Iterable[str | Path], strict: bool = False) -> pd.DataFrame
                                  domains[env] if env < len(domains) else f"env{env}", split,
                                  env in test_envs, float(acc), r.get("loss", np.nan), r.get("lr", np.nan),
                                  r.get("train_acc", np.nan), r.get("step_time", np.nan),
-                                 r.get("peak_mem_mb", np.nan)))
+                                 r.get("peak_mem_mb", np.nan), r.get("rel_distance", np.nan)))
     if not infos:
         return pd.DataFrame(columns=["run", *ROW_COLS, *RUN_COLS[1:]])
     long = pd.DataFrame(rows, columns=["run", *ROW_COLS])
@@ -288,7 +398,7 @@ def run_status(paths: Iterable[str | Path]) -> pd.DataFrame:
         try:
             config, _, records = read_run(run)
             damaged = ""
-        except ValueError as e:
+        except (ValueError, TypeError, RecursionError, OverflowError) as e:
             config, records, damaged = {}, [], str(e)
         evals = [r for r in records if r.get("type", "eval") == "eval" and "acc" in r]
         fails = [r for r in records if r.get("type") == "failure"]
@@ -326,15 +436,18 @@ def split_scores(acc: dict[str, float], test_envs: Iterable[int], ood_split: str
 
 
 def per_step_scores(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (run, method, step): iid_acc, ood_acc, oracle_acc (see the module docstring)."""
+    """One row per (run, method, step): iid_acc, ood_acc, oracle_acc, fit_acc (see the module
+    docstring), and the record's loss, train_acc and rel_distance (NaN where absent)."""
     keys = ["run", "method", "step"]
     parts = {
         "iid_acc": df[~df.is_test & (df.split == IID_SPLIT)],
         "ood_acc": df[df.is_test & (df.split == df.ood_split)],
         "oracle_acc": df[df.is_test & (df.split != df.ood_split)],
+        "fit_acc": df[~df.is_test & (df.split == FIT_SPLIT)],
     }
     scores = pd.concat({k: v.groupby(keys).acc.mean() for k, v in parts.items()}, axis=1)
-    extra = df.groupby(keys)[["loss", "train_acc"]].first()
+    per_record = ["loss", "train_acc", "rel_distance"]
+    extra = df.assign(**{c: np.nan for c in per_record if c not in df.columns}).groupby(keys)[per_record].first()
     return scores.join(extra).reset_index()
 
 

@@ -29,7 +29,9 @@ def select(df: pd.DataFrame, method: str = "training_domain") -> pd.DataFrame:
     - "last": the final evaluated step.
 
     Columns: run, method, selection, step, last_step, n_evals, iid_acc, ood_acc, oracle_acc,
-    train_acc, loss, then the run's constant columns (benchmark, test_env, done, config keys...).
+    fit_acc (eval-mode accuracy on the training domains' "in" split), train_acc (training-mode,
+    dropout on), loss, rel_distance (how far the weights moved from the start, relative), then the
+    run's constant columns (benchmark, test_env, done, config keys...).
 
     >>> sel = select(load_runs(["outputs/runs"]), "training_domain")   # doctest: +SKIP
     """
@@ -56,7 +58,7 @@ def select(df: pd.DataFrame, method: str = "training_domain") -> pd.DataFrame:
     runs = df[run_cols].drop_duplicates("run")
     out = chosen.merge(runs, on="run", how="left")
     front = ["run", "method", "selection", "step", "last_step", "n_evals", "iid_acc", "ood_acc",
-             "oracle_acc", "train_acc", "loss"]
+             "oracle_acc", "fit_acc", "train_acc", "loss", "rel_distance"]
     out = out[front + [c for c in out.columns if c not in front]]
     order_m = {m: i for i, m in enumerate(METHODS)}
     return (out.assign(_m=out.method.map(order_m).fillna(len(order_m)))
@@ -94,3 +96,45 @@ def summarize(selected: pd.DataFrame, by: Sequence[str] = ("benchmark", "method"
         out[f"{m}_se"] = (std / np.sqrt(cnt)).where(cnt > 1, 0.0)
     cols = [c for m in metrics for c in (f"{m}_mean", f"{m}_se")] + ["n"]
     return out[cols].reset_index()
+
+
+# --------------------------------------------------------------------------- tuning by i.i.d. validation
+HPARAMS = ("lr", "weight_decay")
+TUNING_CELL = ("backbone", "train_stages", "dropout", "test_env")  # per rate, depth, backbone, held-out domain
+_OOD_MARKERS = ("ood", "oracle")
+
+
+def choose_config(iid: pd.DataFrame, cell: Sequence[str] = TUNING_CELL, hparams: Sequence[str] = HPARAMS,
+                  over: str = "seed") -> pd.DataFrame:
+    """Per `cell`, the hyperparameter configuration whose selected checkpoints have the highest mean
+    i.i.d. validation accuracy over `over` (seeds): every rate, depth and held-out domain tuned the
+    same way, by training-domain validation only, as the paper tunes lr x weight decay per rate.
+    Ties go to the smaller values (sorted order). One row per cell: the cell, the chosen hparams,
+    `iid_mean` and `n_configs`.
+
+    `iid` must hold no o.o.d. column: this function is never handed what it must not look at
+    (`tuned` strips them), and refuses a table that has one."""
+    leaked = [c for c in iid.columns if any(m in str(c) for m in _OOD_MARKERS)]
+    if leaked:
+        raise ValueError(f"choose_config got o.o.d. column(s) {leaked}: selection sees i.i.d. validation only")
+    cell, hparams = [c for c in cell if c in iid.columns], list(hparams)
+    check_columns(iid, [*hparams, over, "iid_acc"], "choose_config")
+    per_cfg = (iid.groupby(cell + hparams, dropna=False, sort=True)["iid_acc"].mean()
+               .rename("iid_mean").reset_index())
+    n = per_cfg.groupby(cell, dropna=False).size().rename("n_configs").reset_index()
+    best = (per_cfg.sort_values([*cell, "iid_mean", *hparams], ascending=[True] * len(cell) + [False]
+                                + [True] * len(hparams), kind="mergesort")
+            .groupby(cell, dropna=False, sort=True).head(1))
+    return best.merge(n, on=cell, how="left").reset_index(drop=True)
+
+
+def tuned(selected: pd.DataFrame, cell: Sequence[str] = TUNING_CELL, hparams: Sequence[str] = HPARAMS,
+          method: str = "model") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(`selected` restricted to each cell's chosen configuration, the choices). The configuration is
+    chosen on `method`'s i.i.d. accuracy (the fine-tuned network's, which the official code selects
+    on); its runs then give every method's rows (weight average, ensemble)."""
+    side = selected[selected["method"] == method] if "method" in selected.columns else selected
+    keep = [c for c in [*cell, *hparams, "seed", "iid_acc"] if c in side.columns]
+    choices = choose_config(side[keep], cell, hparams)
+    on = [c for c in [*cell, *hparams] if c in choices.columns]
+    return selected.merge(choices[on], on=on, how="inner"), choices

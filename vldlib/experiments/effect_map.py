@@ -3,14 +3,17 @@
 The paper's effect is claimed for rich pretrained networks fine-tuned throughout; CPU studies
 train less (a head, a last stage). This module runs the grid depth x rate x backbone with the
 same held-out domains, seeds and step budget for every cell, and states, from the numbers,
-where the o.o.d. gain of rate `b` over `a` is detectable (more than 2 standard errors, paired by
-seed, each seed averaged over the held-out domains: `vldlib.evaluate.power`).
+where the o.o.d. gain of rate `b` over `a` is detectable (its 95% Student's t interval excludes 0,
+paired by seed, each seed averaged over the held-out domains: `vldlib.evaluate.power`).
 
-Depth is `train_stages`: 0 = the head only (a linear probe with dropout), 1 = the last stage and
-the head, k = the last k stages, None = everything (the paper's full fine-tuning).
+Depth is `train_stages`: 0 = the head only (a linear probe with dropout), k = the last k units of
+`vldlib.model.model_stages` and the head, None = everything (the paper's full fine-tuning). Depths
+are named for what they train, in the network's own blocks (`vldlib.model.depth_name`): for
+EfficientNet-Lite, 1 is conv_head (one 1x1 conv, not a stage), 2 adds blocks.6 (the last MBConv
+stage, one block), 3 adds blocks.5.
 
->>> depth_label(0), depth_label(1), depth_label(3), depth_label(None)
-('head only', 'last stage', 'last 3 stages', 'all stages')
+>>> depth_label(0), depth_label(1, "efficientnet_lite0.offline"), depth_label(2), depth_label(None)
+('head', 'conv_head', 'last 2 units', 'all')
 """
 
 from __future__ import annotations
@@ -22,18 +25,28 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from vldlib.config import TrainConfig
-from vldlib.evaluate.effects import effect_sentence
+from vldlib.evaluate.effects import effect_sentence, format_p, is_detectable
 from vldlib.evaluate.plots import floor_lines, legend_outside
-from vldlib.evaluate.power import average_floor, domain_averaged_effect
+from vldlib.evaluate.power import average_floor, detectable, domain_averaged_effect
 from vldlib.experiments.grid import grid
+from vldlib.model import backbone_depth_name
 
 ALL = 99  # sort key of "all stages" (train_stages None) after every finite depth
 
 
-def depth_label(depth: int | None) -> str:
-    if depth is None:
-        return "all stages"
-    return {0: "head only", 1: "last stage"}.get(int(depth), f"last {int(depth)} stages")
+def depth_label(depth: int | None, backbone: str | None = None) -> str:
+    """What a depth trains: named from the backbone's own modules when it is given
+    (`backbone_depth_name`), else generically."""
+    if depth is None or depth == ALL:
+        return "all"
+    if int(depth) == 0:
+        return "head"
+    if backbone is not None:
+        try:
+            return backbone_depth_name(backbone, int(depth))
+        except (RuntimeError, ValueError, KeyError):  # not a timm architecture (a test's fake name)
+            pass
+    return f"last {int(depth)} units"
 
 
 def depth_key(depth: Any) -> int:
@@ -66,20 +79,23 @@ def with_depth(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def gain_table(selected: pd.DataFrame, a: float = 0.0, b: float = 0.9, method: str = "model") -> pd.DataFrame:
-    """One row per (backbone, depth): o.o.d. accuracy at a and b, the paired gain b - a ± SE (points,
-    by seed over the held-out domains), n, the smallest detectable effect (2 SE), the verdict
-    ("improvement", "none", "loss") and its sentence."""
+    """One row per (backbone, depth): o.o.d. accuracy at a and b, the paired gain b - a, its SE and
+    95% t interval (points, by seed over the held-out domains), p, dof, n, the smallest detectable
+    effect (the t half-width), the verdict of `effects.is_detectable` ("improvement", "none",
+    "loss") and its sentence."""
     sel = with_depth(selected)
     rows = []
     for (backbone, depth), g in sel.groupby(["backbone", "depth"], sort=True):
         eff = domain_averaged_effect(g, a=a, b=b, method=method)
         se = eff["se"]
-        verdict = ("none" if not (se == se) or abs(eff["mean"]) <= 2 * se
-                   else "improvement" if eff["mean"] > 0 else "loss")
-        rows.append({"backbone": backbone, "depth": depth, "depth_label": depth_label(None if depth == ALL else depth),
+        verdict = "none" if not is_detectable(eff) else "improvement" if eff["mean"] > 0 else "loss"
+        rows.append({"backbone": backbone, "depth": depth, "depth_label": depth_label(None if depth == ALL else depth, backbone),
                      f"ood_{a:g}": 100 * eff["a_mean"], f"ood_{b:g}": 100 * eff["b_mean"],
-                     "gain_points": 100 * eff["mean"], "se_points": 100 * se, "n": eff["n"],
-                     "detectable_points": 200 * se, "verdict": verdict, "sentence": effect_sentence(eff)})
+                     "gain_points": 100 * eff["mean"], "se_points": 100 * se,
+                     "ci_low_points": 100 * eff["ci_low"], "ci_high_points": 100 * eff["ci_high"],
+                     "p": eff["p"], "dof": eff["dof"], "n": eff["n"],
+                     "detectable_points": 100 * detectable(se, eff["n"]), "verdict": verdict,
+                     "sentence": effect_sentence(eff)})
     return pd.DataFrame(rows)
 
 
@@ -90,12 +106,13 @@ def accuracy_table(selected: pd.DataFrame, method: str = "model", metric: str = 
     per_seed = sel.groupby(["backbone", "depth", "dropout", "seed"])[metric].mean().reset_index()
     g = per_seed.groupby(["backbone", "depth", "dropout"])[metric]
     out = pd.DataFrame({"mean": 100 * g.mean(), "se": 100 * g.sem(), "n": g.count()}).reset_index()
-    out["depth_label"] = out.depth.map(lambda d: depth_label(None if d == ALL else d))
+    out["depth_label"] = [depth_label(None if d == ALL else d, b) for d, b in zip(out.depth, out.backbone)]
     return out
 
 
 def plot_gain(gains: pd.DataFrame, a: float = 0.0, b: float = 0.9, path=None) -> plt.Figure:
-    """o.o.d. gain of b over a (± SE) against depth, one line per backbone; zero drawn."""
+    """o.o.d. gain of b over a with its 95% t interval against depth, one line per backbone; zero
+    drawn: a bar that crosses it is no detectable effect."""
     fig, ax = plt.subplots(figsize=(6, 3.8))
     depths = sorted(gains.depth.unique())
     x = {d: i for i, d in enumerate(depths)}
@@ -103,13 +120,14 @@ def plot_gain(gains: pd.DataFrame, a: float = 0.0, b: float = 0.9, path=None) ->
     for k, (bb, g) in enumerate(gains.groupby("backbone")):
         g = g.sort_values("depth")
         off = (k - (len(bbs) - 1) / 2) * 0.06
-        ax.errorbar([x[d] + off for d in g.depth], g.gain_points, yerr=g.se_points.fillna(0), marker="o", capsize=3,
+        yerr = [(g.gain_points - g.ci_low_points).fillna(0), (g.ci_high_points - g.gain_points).fillna(0)]
+        ax.errorbar([x[d] + off for d in g.depth], g.gain_points, yerr=yerr, marker="o", capsize=3,
                     label=bb.replace(".offline", ""))
     ax.axhline(0, color="0.3", lw=0.8)
     labels = gains.drop_duplicates("depth").set_index("depth").depth_label
     ax.set_xticks(range(len(depths)), [labels[d] for d in depths])
     ax.set(xlabel="fine-tuned depth", ylabel=f"o.o.d. gain of {b:g} over {a:g} (points)",
-           title="o.o.d. gain of dropout {:g} over {:g} (± SE)".format(b, a))
+           title="o.o.d. gain of dropout {:g} over {:g} (95% t interval)".format(b, a))
     ax.legend(fontsize=8)
     fig.tight_layout()
     if path is not None:
@@ -142,15 +160,18 @@ def plot_accuracy(acc: pd.DataFrame, floor: pd.DataFrame, path=None) -> plt.Figu
 
 
 def spectrum_text(gains: pd.DataFrame, a: float = 0.0, b: float = 0.9) -> str:
-    """Where in the spectrum the gain is and is not detectable, computed from `gain_table`."""
+    """Where in the spectrum the gain is and is not detectable (`effects.is_detectable`, through
+    `gain_table`'s verdicts), each cell with its gain [95% t interval] and p, in points."""
     def cells(v: str) -> str:
         g = gains[gains.verdict == v].sort_values(["backbone", "depth"])
-        return "; ".join(f"{r.backbone.replace('.offline', '')} {r.depth_label} ({r.gain_points:+.1f} ± "
-                         f"{r.se_points:.1f})" for r in g.itertuples())
+        return "; ".join(f"{r.backbone.replace('.offline', '')} {r.depth_label} ({r.gain_points:+.1f} "
+                         f"[{r.ci_low_points:+.1f}, {r.ci_high_points:+.1f}], {format_p(r.p)})" for r in g.itertuples())
     parts = []
-    for verdict, what in (("improvement", f"a detectable o.o.d. gain of dropout {b:g} over {a:g} (more than 2 SE)"),
-                          ("loss", f"a detectable o.o.d. loss of dropout {b:g} against {a:g}"),
-                          ("none", "no detectable effect (within 2 SE of zero)")):
+    for verdict, what in (("improvement", f"a detectable o.o.d. gain of dropout {b:g} over {a:g} "
+                                          "(the 95% t interval excludes 0)"),
+                          ("loss", f"a detectable o.o.d. loss of dropout {b:g} against {a:g} "
+                                   "(the 95% t interval excludes 0)"),
+                          ("none", "no detectable effect (the 95% t interval contains 0)")):
         found = cells(verdict)
         if found:
             parts.append(f"{what[0].upper()}{what[1:]} at: {found}.")

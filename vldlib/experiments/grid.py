@@ -13,21 +13,27 @@ a result, recorded in its folder).
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import itertools
 import multiprocessing
+import multiprocessing.resource_tracker
 import os
+import signal
 import sys
+import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from tqdm.auto import tqdm
 
 from vldlib.config import TrainConfig
 from vldlib.data.registry import is_benchmark_path
 from vldlib.loop import TrainingDiverged, resolve_device, run_dir_for
+from vldlib.loop.device import RUN_MEMORY_MB, usable_cores, usable_memory_mb
 from vldlib.loop.train import train
 from vldlib.paths import resolve
 
@@ -63,8 +69,10 @@ def with_paths(cfg: TrainConfig) -> TrainConfig:
 
 
 def parallel_runs_for(configs: list[TrainConfig], parallel_runs: int | None) -> int:
-    """How many runs to train at once. None: one per CPU core (divided by each run's torch threads)
-    when the runs are on the CPU, one on an accelerator (several processes can share a GPU: say so
+    """How many runs to train at once. None: on the CPU, as many as the usable cores hold (divided
+    by each run's torch threads) and the usable memory holds (RUN_MEMORY_MB a run), both what this
+    process may use (`usable_cores`, `usable_memory_mb`: a SLURM task of 1 CPU trains one run, not
+    one per core of the node); one on an accelerator (several processes can share a GPU: say so
     with a number). Never more than there are runs."""
     if parallel_runs is not None:
         if int(parallel_runs) < 1:
@@ -73,7 +81,8 @@ def parallel_runs_for(configs: list[TrainConfig], parallel_runs: int | None) -> 
     if not configs or resolve_device(configs[0].device).type != "cpu":
         return 1
     threads = max(1, configs[0].num_threads or 1)
-    return max(1, min((os.cpu_count() or 1) // threads, len(configs)))
+    by_memory = int(usable_memory_mb() // RUN_MEMORY_MB)
+    return max(1, min(usable_cores() // threads, by_memory, len(configs)))
 
 
 def _train_one(cfg: TrainConfig) -> tuple[Path, str, float]:
@@ -93,18 +102,146 @@ def _default_start_method() -> None:
     multiprocessing.set_start_method(None, force=True)
 
 
-def _in_processes(configs: list[TrainConfig], n: int) -> Iterator[tuple[int, tuple[Path, str, float]]]:
-    """(index, result) of each run as it finishes, `n` at a time in fresh processes ("spawn":
-    safe with CUDA and with a Jupyter kernel). Ctrl-C cancels the runs not started; the runs
-    in flight stop with their processes and resume from their last checkpoint next time."""
-    ctx = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_default_start_method)
+def _worker_start(parent_pid: int, started: Any) -> None:
+    """Initializer of a worker process: start children the platform's way, die with the parent,
+    and say which run each task is (`_train_reported`)."""
+    global _STARTED
+    _default_start_method()
+    _die_with_parent(parent_pid)
+    _STARTED = started
+
+
+_STARTED: Any = None  # in a worker: the queue on which it says (its pid, the run's index) at each start
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """End this worker when the process that started it ends, however it ends (kill -9, `timeout`,
+    a dead notebook kernel): otherwise it is reparented to init and holds about a GB for ever.
+    Linux delivers SIGKILL at the parent's death (prctl PR_SET_PDEATHSIG); a thread watching the
+    parent pid does it elsewhere, and covers a parent that died before the prctl."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # no libc prctl: the watchdog alone
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="vldlib-parent-watchdog", daemon=True).start()
+
+
+def _watch_parent(parent_pid: int, every_s: float = 1.0) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(every_s)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _train_reported(train_one: Callable, i: int, cfg: TrainConfig) -> tuple[Path, str, float]:
+    """Run `train_one(cfg)` in a worker, first telling the parent that this process trains run i: if
+    the process dies, the parent can say which run it was."""
+    if _STARTED is not None:
+        _STARTED.put((os.getpid(), i))
+    return train_one(cfg)
+
+
+def _quiet_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (if not running yet) without its "leaked semaphore"
+    warning: it prints that after this process was killed, when it removes the semaphores of the
+    dead pool, which is its job and nothing to act on."""
+    saved = list(sys.warnoptions)
+    sys.warnoptions.append("ignore::UserWarning:multiprocessing.resource_tracker")
     try:
-        futures = {pool.submit(_train_one, cfg): i for i, cfg in enumerate(configs)}
-        for fut in as_completed(futures):
-            yield futures[fut], fut.result()
+        multiprocessing.resource_tracker.ensure_running()
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        sys.warnoptions[:] = saved
+
+
+def _signal_name(exitcode: int | None) -> str:
+    """"SIGKILL (exit code -9)" for a process ended by a signal, "exit code 3" otherwise."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"{signal.Signals(-exitcode).name} (exit code {exitcode})"
+        except ValueError:
+            pass
+    return f"exit code {exitcode}" if exitcode is not None else "an unknown exit status"
+
+
+class _Pool:
+    """A process pool that knows which run each of its processes trains, so that a dead process is
+    reported by its run and its signal, not as a bare BrokenProcessPool."""
+
+    def __init__(self, n: int, train_one: Callable) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        _quiet_resource_tracker()
+        self.started = ctx.SimpleQueue()
+        self.train_one = train_one
+        self.executor = ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_worker_start,
+                                            initargs=(os.getpid(), self.started))
+        self.processes = self.executor._processes  # pid -> Process; kept to read exit codes after a break
+        self.runs: dict[int, int] = {}  # pid -> index of the run it trains (the last one it started)
+
+    def submit(self, i: int, cfg: TrainConfig) -> Future:
+        return self.executor.submit(_train_reported, self.train_one, i, cfg)
+
+    def note_started(self) -> None:
+        """Read which process started which run (read as runs finish, so the pipe never fills)."""
+        while not self.started.empty():
+            pid, i = self.started.get()
+            self.runs[pid] = i
+
+    def dead_runs(self, unfinished: set[int]) -> dict[int, int | None]:
+        """After a break: {run index: exit code} of the unfinished runs whose process died by itself.
+        The pool ends the others with SIGTERM; when nothing tells them apart, all of them."""
+        self.executor.shutdown(wait=True, cancel_futures=True)  # joins every process: exit codes known
+        self.note_started()
+        codes = {i: self.processes[pid].exitcode if pid in self.processes else None
+                 for pid, i in self.runs.items() if i in unfinished}
+        died = {i: c for i, c in codes.items() if c != -signal.SIGTERM}
+        return died or codes
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        self.started.close()
+
+
+def _died(cfg: TrainConfig, exitcode: int | None) -> tuple[Path, str, float]:
+    run = run_dir_for(cfg)
+    return run, (f"FAILED: {run.name}: its process died by {_signal_name(exitcode)} (killed, or out of memory); "
+                 f"the other runs went on. Run the same command again to resume it from its last checkpoint"), 0.0
+
+
+def _in_processes(configs: list[TrainConfig], n: int, train_one: Callable = _train_one
+                  ) -> Iterator[tuple[int, tuple[Path, str, float]]]:
+    """(index, result) of each run as it finishes, `n` at a time in fresh processes ("spawn":
+    safe with CUDA and with a Jupyter kernel) that die with this one. Ctrl-C cancels the runs not
+    started; the runs in flight stop with their processes and resume from their last checkpoint
+    next time. A process that dies (kill -9, out of memory) fails its run with a line naming it
+    and the signal; the pool ends the others' processes, so they start again in a new pool and
+    resume from their last checkpoint (the same records)."""
+    left = dict(enumerate(configs))
+    while left:
+        pool = _Pool(min(n, len(left)), train_one)
+        try:
+            futures = {pool.submit(i, cfg): i for i, cfg in left.items()}
+            for fut in as_completed(futures):
+                pool.note_started()
+                if isinstance(fut.exception(), BrokenProcessPool):
+                    break
+                del left[futures[fut]]
+                yield futures[fut], fut.result()
+            else:
+                continue
+            done = [f for f in futures if f.done() and not f.cancelled() and f.exception() is None]
+            for fut in done:  # finished before the break: their results stand
+                if futures[fut] in left:
+                    del left[futures[fut]]
+                    yield futures[fut], fut.result()
+            dead = pool.dead_runs(set(left)) or dict.fromkeys(left)  # none known: stop them all, never loop
+            for i, code in dead.items():
+                del left[i]
+                yield i, _died(configs[i], code)
+            if left:
+                print(f"[vldlib] restarting the worker processes for the {len(left)} run(s) left", file=sys.stderr)
+        finally:
+            pool.close()
 
 
 def share_cores(cfg: TrainConfig, n: int) -> TrainConfig:
@@ -113,7 +250,7 @@ def share_cores(cfg: TrainConfig, n: int) -> TrainConfig:
     so that n runs do not start n x cores threads. Neither field changes a run's results."""
     if n == 1 or resolve_device(cfg.device).type != "cpu":
         return cfg
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     return dataclasses.replace(cfg, num_threads=cfg.num_threads or max(1, cores // n),
                                num_workers=0 if cfg.num_workers < 0 else cfg.num_workers)
 

@@ -52,7 +52,7 @@ DEFAULTS = {
     "batch_size": 32,
     "eval_every": 50,
     "selection": "training_domain",
-    "target_se": 0.007,
+    "target_detectable": 0.014,
     "device": "auto",
     "num_threads": 1,
     "parallel_runs": None,

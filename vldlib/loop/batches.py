@@ -8,9 +8,9 @@ Split out of `vldlib.loop.train` so the loop itself reads top to bottom. The bat
 
 from __future__ import annotations
 
-import os
+import hashlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from vldlib.data.datasets import ArrayDataset, ImageDataset
 from vldlib.data.gpu_augment import ArraySource, DeviceBatches, augment_batch, normalisation_of, sample_params
 from vldlib.data.order import batch_indices
 from vldlib.data.transforms import eval_transform, train_transform
-from vldlib.loop.device import cpu_plan
+from vldlib.loop.device import cpu_plan, usable_cores
 from vldlib.model import FineTuneNet, weights_fingerprint
 from vldlib.utils import atomic_path, computed_once, config_hash, seed_hash
 
@@ -194,35 +194,82 @@ def compute_trunk(net: FineTuneNet, ds: torch.utils.data.Dataset, cfg: TrainConf
     return torch.cat(xs), torch.cat(ys)
 
 
-def _load_trunk_cache(path) -> dict | None:
-    """The cached trunk outputs, or None when missing; a damaged file is removed (recomputed, never trusted)."""
+TRUNK_CACHE_VERSION = 2  # 2: rows and a checksum stored with the outputs; device and precision in the key
+
+
+def _trunk_key(net: FineTuneNet, data: Data, cfg: TrainConfig, device: torch.device) -> str:
+    """What the cached trunk outputs depend on: the trunk's weights and stages, the images (the exact
+    sample list of every split, the resolution, the image cache) and how they were computed (the
+    device type and the precision: bf16 outputs on a GPU are not fp32 outputs on a CPU)."""
+    return config_hash({"v": TRUNK_CACHE_VERSION,
+                        "trunk": weights_fingerprint(torch.nn.ModuleList(net.trunk_modules)), "backbone": cfg.backbone,
+                        "stages": [type(m).__name__ for m in net.trunk_modules], "resolution": cfg.resolution,
+                        "data": data.key, "cache_images": cfg.cache_images, "device": device.type,
+                        "precision": "bf16" if cfg.bf16 else "fp32"}, n=16)
+
+
+def _outputs_checksum(evals: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> str:
+    """A checksum of every stored tensor, split by split: a file altered or cut after it was written
+    does not match it."""
+    h = hashlib.sha256()
+    for name in sorted(evals):
+        for t in evals[name]:
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _trunk_cache_entry(evals: dict, key: str) -> dict:
+    """What the cache file holds: the outputs, their row counts, the key of their inputs and a checksum."""
+    return {"evals": evals, "rows": {name: int(len(y)) for name, (_, y) in evals.items()}, "key": key,
+            "checksum": _outputs_checksum(evals)}
+
+
+def _trusted_evals(entry: Any, key: str, rows: dict[str, int]) -> dict | None:
+    """The outputs of a loaded cache file when it is whole: the key of its inputs, the row count of
+    every split (a file holding half its rows is not trusted) and the checksum all agree. None otherwise."""
+    if not isinstance(entry, dict) or entry.get("key") != key or entry.get("rows") != rows:
+        return None
+    evals = entry.get("evals")
+    if not isinstance(evals, dict) or set(evals) != set(rows):
+        return None
+    if any(len(x) != n or len(y) != n for name, n in rows.items() for x, y in [evals[name]]):
+        return None
+    return evals if entry.get("checksum") == _outputs_checksum(evals) else None
+
+
+def _load_trunk_cache(path, key: str, rows: dict[str, int]) -> dict | None:
+    """The cached trunk outputs, or None when missing; a damaged or incomplete file (unreadable, rows
+    missing, checksum or inputs not matching) is removed: recomputed, never trusted."""
     if not path.exists():
         return None
     try:
-        return torch.load(path, weights_only=True)["evals"]
-    except Exception:
+        evals = _trusted_evals(torch.load(path, weights_only=True), key, rows)
+    except Exception:  # noqa: BLE001  (a damaged file raises anything torch.load can)
+        evals = None
+    if evals is None:
         path.unlink(missing_ok=True)
-        return None
+    return evals
 
 
 def trunk_features(net: FineTuneNet, data: Data, cfg: TrainConfig, device: torch.device):
     """Cached trunk outputs for the training sets and every eval set, kept on disk between runs
-    (keyed by the trunk's weights, the resolution and the exact sample list)."""
-    key = config_hash({"trunk": weights_fingerprint(torch.nn.ModuleList(net.trunk_modules)), "backbone": cfg.backbone,
-                       "stages": [type(m).__name__ for m in net.trunk_modules], "resolution": cfg.resolution, "data": data.key,
-                       "cache_images": cfg.cache_images}, n=16)
+    (keyed by the trunk's weights, the exact sample list, the resolution, the device type and the
+    precision; checked for every row and a checksum when read)."""
+    key = _trunk_key(net, data, cfg, device)
+    rows = {name: len(ds) for name, ds in data.evals.items()}
     path = cache_root() / "trunk" / f"{key}.pt"
-    evals = _load_trunk_cache(path)
+    evals = _load_trunk_cache(path, key, rows)
     if evals is None:
         with computed_once(path):  # runs started together (parallel_runs) compute it once
-            evals = _load_trunk_cache(path)  # written meanwhile by the run that held the lock
+            evals = _load_trunk_cache(path, key, rows)  # written meanwhile by the run that held the lock
             if evals is None:
                 net.eval()
                 evals = {name: compute_trunk(net, ds, cfg, device)
                          for name, ds in tqdm(list(data.evals.items()), desc="computing frozen-trunk outputs",
                                               disable=not cfg.progress)}
                 with atomic_path(path) as tmp:
-                    torch.save({"evals": evals}, tmp)
+                    torch.save(_trunk_cache_entry(evals, key), tmp)
     # The cache holds every (domain, split) and is shared by runs holding out different domains;
     # which of them are trained on is decided here, per run, never stored with the cache.
     return {"evals": evals, "train": [evals[f"env{e}_in"] for e in data.train_envs]}
@@ -254,7 +301,7 @@ def predict_all(forward: Callable, evals: dict, cfg: TrainConfig, device: torch.
             out[name] = (torch.cat(chunks), y_all)
             continue
         loader = torch.utils.data.DataLoader(ds, batch_size=cfg.eval_batch_size, shuffle=False,
-                                             num_workers=0 if cfg.num_workers == 0 else min(2, os.cpu_count() or 1))
+                                             num_workers=0 if cfg.num_workers == 0 else min(2, usable_cores()))
         logits, labels = [], []
         for x, y in loader:
             x = x.to(device, non_blocking=True)

@@ -66,6 +66,33 @@ def first_non_finite(losses: list[torch.Tensor]) -> int | None:
 
 
 
+class DistanceFromStart:
+    """||theta - theta_0|| / ||theta_0|| over the trained parameters: how far fine-tuning moved the
+    weights, relative to where they started (the paper's near-linear premise: a pretrained network
+    fine-tuned on little data moves little). Calling it reads the network's current weights."""
+
+    def __init__(self, net: torch.nn.Module):
+        self.params = [p for p in net.parameters() if p.requires_grad]
+        self.start = [p.detach().clone() for p in self.params]
+        self.norm = float(torch.sqrt(sum((s.double() ** 2).sum() for s in self.start)))
+
+    def __call__(self) -> float:
+        with torch.no_grad():
+            sq = sum(((p.detach() - s).double() ** 2).sum() for p, s in zip(self.params, self.start))
+        return float(torch.sqrt(sq)) / self.norm if self.norm > 0 else float("nan")
+
+
+def start_fingerprint(model: torch.nn.Module, train_stages: int | None) -> str:
+    """The fingerprint of a run's start, which across-run soups require to be equal. It covers the
+    classifier, whose seeded init differs between seeds, except for a head-only run: a linear
+    classifier on frozen features is linear in its weights, so averaging heads from any starts is
+    averaging their logits (a soup there is an ensemble). With any trained stage below the head,
+    heads from different starts meet a body that moved with each, and the average is no longer
+    the runs' ensemble: those runs are refused."""
+    linear = train_stages == 0
+    return weights_fingerprint(model, exclude=model.get_classifier() if linear else None)
+
+
 def build_run_net(cfg: TrainConfig, num_classes: int, device: torch.device) -> tuple[FineTuneNet, dict, str]:
     """The network a run starts from, its input normalisation, and the fingerprint of its start.
 
@@ -74,10 +101,8 @@ def build_run_net(cfg: TrainConfig, num_classes: int, device: torch.device) -> t
     torch.manual_seed(seed_hash(cfg.seed, "init"))
     model = create_model(cfg.backbone, num_classes, pretrained=cfg.pretrained, dropout=cfg.dropout,
                          weights_file=cfg.weights_file)
-    # Soups need a shared start: fingerprint everything but the (seeded) classifier, since
-    # averaging linear heads on shared features equals averaging their logits.
-    init_fingerprint = weights_fingerprint(model, exclude=model.get_classifier())
     net = build_net(model, cfg.head, cfg.train_stages, cfg.freeze_bn).to(device)
+    init_fingerprint = start_fingerprint(model, cfg.train_stages)
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
     return net, data_config(model), init_fingerprint
@@ -110,6 +135,7 @@ def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> Pa
     fingerprint = data_fingerprint(bench)
     check_same_data(run_dir, read_json(run_dir / "meta.json"), fingerprint)  # before anything is written
     net, norm, init_fingerprint = build_run_net(cfg, len(bench.classes), device)
+    moved = DistanceFromStart(net)  # the start, before a checkpoint is loaded into the net
 
     # --- data: per-domain training sets and every eval split (optionally as cached trunk outputs)
     data = make_data(cfg, bench, norm["mean"], norm["std"])
@@ -195,7 +221,7 @@ def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> Pa
             # step 0 (the official code evaluates it too, and it is a selection candidate) has no
             # training statistics; `lr` is the rate the optimizer used at this step (at step 0: the first)
             record = {"type": "eval", "step": done_steps, "acc": acc, "peak_mem_mb": peak_memory_mb(device),
-                      "lr": cfg.lr if interval is None else interval["lr"]}
+                      "lr": cfg.lr if interval is None else interval["lr"], "rel_distance": moved()}
             if interval is not None:
                 record.update(loss=interval["loss"], train_acc=interval["train_acc"], step_time=interval["step_time"])
             score = validation_score(acc["model"], data.train_envs)

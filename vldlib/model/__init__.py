@@ -7,9 +7,11 @@ fine-tuning net (frozen trunk, trained tail) and the multi-block linear model.
 
 from vldlib.model.backbones import (
                                     ALIASES,
+                                    backbone_depth_name,
                                     check_backbone,
                                     create_model,
                                     data_config,
+                                    depth_name,
                                     model_stages,
                                     suggest_backbones,
                                     weights_fingerprint,
@@ -18,7 +20,7 @@ from vldlib.model.head import ModelConfigError, attach_dropout, check_dropout, d
 from vldlib.model.multiblock import MultiBlockNet, residual_units
 from vldlib.model.nets import HEADS, FineTuneNet, build_net, check_head, param_groups
 
-__all__ = ["ALIASES", "HEADS", "FineTuneNet", "ModelConfigError", "MultiBlockNet", "attach_dropout", "build_net",
-           "check_backbone", "check_dropout", "check_head", "create_model", "data_config", "dropout_rate",
+__all__ = ["ALIASES", "HEADS", "FineTuneNet", "ModelConfigError", "MultiBlockNet", "attach_dropout", "backbone_depth_name",
+           "build_net", "check_backbone", "check_dropout", "check_head", "create_model", "data_config", "depth_name", "dropout_rate",
            "head_logits", "model_stages", "param_groups", "residual_units", "suggest_backbones",
            "weights_fingerprint"]

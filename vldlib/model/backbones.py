@@ -10,8 +10,10 @@ is the visible `nn.Dropout` of `vldlib.model.head`, attached here.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import os
+import re
 
 import timm
 import torch
@@ -63,6 +65,7 @@ def create_model(backbone: str, num_classes: int, *, pretrained: bool = True, dr
       `weights_only=True`; a classifier of another size is dropped and re-initialised.
     - `dropout`: the rate p on the pooled penultimate features, applied by the one `nn.Dropout` of
       `vldlib.model.head` (timm's own `drop_rate` is 0, so p is applied exactly once).
+    - The classifier is always new and initialised as the official code's (`init_classifier`).
     """
     check_dropout(dropout)
     check_backbone(backbone)
@@ -87,7 +90,23 @@ def create_model(backbone: str, num_classes: int, *, pretrained: bool = True, dr
                 f"'efficientnet_lite0.offline'.") from e
     if weights_file is not None and pretrained:
         load_into(model, load_weights_file(weights_file), skip_classifier=True)
+    init_classifier(model)
     return attach_dropout(model, dropout)
+
+
+def init_classifier(model: nn.Module) -> nn.Module:
+    """Initialise the new classifier as the official code's: a default `nn.Linear` (DomainBed's
+    `Classifier`), weights and bias uniform in +-1/sqrt(features).
+
+    timm initialises each family's classifier its own way: EfficientNet's is uniform in
+    +-1/sqrt(classes), 10.8x wider than nn.Linear's for Lite0 (1280 features, 11 classes). Its
+    step-0 logits then have an sd of about 7.5, and a 0.9 dropout mask adds noise of about 22
+    (losses of 20-40 early on), so every rate and depth started from a different place than in the
+    paper. One rule for every backbone: `reset_parameters()`, drawn from the seeded generator."""
+    head = model.get_classifier()
+    if isinstance(head, nn.Linear):
+        head.reset_parameters()
+    return model
 
 
 def data_config(model: nn.Module) -> dict:
@@ -136,3 +155,58 @@ def model_stages(model: nn.Module) -> list[nn.Module]:
         return [_ViTEmbed(model), *model.blocks, model.norm]
     raise ModelConfigError(f"partial fine-tuning (train_stages) is not supported for {type(model).__name__}; "
                            f"use train_stages=None (fine-tune everything), or a ResNet, EfficientNet or ViT.")
+
+
+def stage_names(model: nn.Module) -> list[str]:
+    """The names of `model_stages(model)`, in the network's own module names, so that a depth is
+    named for what it trains: ResNet stem, layer1..layer4; EfficientNet stem, blocks.0..blocks.6
+    (each an MBConv stage, "(n MBConv blocks)"), conv_head (one 1x1 conv and its BatchNorm, not a
+    stage); ViT embed, blocks.0.., norm."""
+    stages = model_stages(model)
+    if hasattr(model, "layer4") and hasattr(model, "conv1"):
+        return ["stem", "layer1", "layer2", "layer3", "layer4"]
+    if hasattr(model, "conv_stem"):
+        return ["stem", *(f"blocks.{i}" for i in range(len(model.blocks))),
+                "conv_head" if hasattr(model, "conv_head") else "identity"]
+    return ["embed", *(f"blocks.{i}" for i in range(len(stages) - 2)), "norm"]
+
+
+def depth_name(model: nn.Module, train_stages: int | None) -> str:
+    """What a `train_stages` value trains, named from the model itself (the head is always trained):
+
+    >>> m = timm.create_model("efficientnet_lite0", pretrained=False)
+    >>> [depth_name(m, k) for k in (0, 1, 2, 3, None)]  # doctest: +NORMALIZE_WHITESPACE
+    ['head', 'conv_head', 'blocks.6 (1 MBConv block) + conv_head', 'blocks.5-6 (5 MBConv blocks) + conv_head',
+     'all']
+    >>> [depth_name(timm.create_model("resnet18", pretrained=False), k) for k in (1, 2, 5)]
+    ['layer4', 'layer3-4', 'all']
+    """
+    if train_stages is None:
+        return "all"
+    k = int(train_stages)
+    if k == 0:
+        return "head"
+    names, stages = stage_names(model), model_stages(model)
+    if k >= len(stages):
+        return "all"
+    trained, mods = names[-k:], stages[-k:]
+    numbered = [(re.fullmatch(r"(\D+?)\.?(\d+)", n), m) for n, m in zip(trained, mods)]
+    series = [(mt, m) for mt, m in numbered if mt is not None]
+    rest = [n for n, (mt, _) in zip(trained, numbered) if mt is None]
+    if not series:
+        return " + ".join(rest)
+    name, first, last = series[0][0].group(0), series[0][0].group(2), series[-1][0].group(2)
+    span = name if first == last else f"{name}-{last}"
+    if hasattr(model, "conv_stem"):  # EfficientNet: each blocks.i is an MBConv stage of several blocks
+        n = sum(len(m) for _, m in series)
+        span += f" ({n} MBConv block{'s' * (n != 1)})"
+    return " + ".join([span, *rest])
+
+
+@functools.lru_cache(maxsize=None)
+def backbone_depth_name(backbone: str, train_stages: int | None) -> str:
+    """`depth_name` for a backbone given by name (its architecture, built without weights)."""
+    name = ALIASES.get(backbone, backbone)
+    offline = _offline_registry().get(name)
+    arch = offline.timm_arch if offline is not None else name.split(".")[0]
+    return depth_name(timm.create_model(arch, pretrained=False, num_classes=1), train_stages)

@@ -53,6 +53,7 @@ from vldlib.data.gpu_augment import ArraySource, DeviceBatches
 from vldlib.data.transforms import train_transform
 from vldlib.loop import build_run_net, resolve_device
 from vldlib.loop.batches import StepBatches
+from vldlib.loop.device import usable_cores
 from vldlib.loop.step import TrainStep
 from vldlib.utils import seed_hash, write_json_atomic
 
@@ -96,7 +97,7 @@ class BenchConfig:
                        backbone=self.backbone or ("resnet50" if gpu else "efficientnet_lite0.offline"),
                        resolution=self.resolution or (224 if gpu else 64),
                        train_stages=(None if gpu else 2) if self.train_stages == -1 else self.train_stages,
-                       workers=self.workers if self.workers >= 0 else (os.cpu_count() or 1))
+                       workers=self.workers if self.workers >= 0 else usable_cores())
 
 
 # ----------------------------------------------------------------------------- synthetic data
@@ -133,7 +134,7 @@ def write_synthetic_domains(root: str | os.PathLike, domains: int = 4, classes: 
             folder.mkdir(parents=True, exist_ok=True)
             jobs += [(str(folder / f"{k:04d}.jpg"), seed_hash(seed, "synthetic", d, c, k), c, d, size)
                      for k in range(per_class)]
-    processes = processes or os.cpu_count() or 1
+    processes = processes or usable_cores()
     if processes > 1 and len(jobs) > 64:
         with mp.get_context("fork").Pool(processes) as pool:
             pool.map(_write_image, jobs, chunksize=max(1, len(jobs) // (processes * 8)))

@@ -20,7 +20,7 @@ from typing import Sequence
 
 from vldlib.config import TrainConfig
 from vldlib.data import prepare_benchmark
-from vldlib.evaluate.effects import effect_sentence, paired_effect
+from vldlib.evaluate.effects import effect_sentence, is_detectable, paired_effect
 from vldlib.evaluate.scores import load_runs
 from vldlib.evaluate.selection import select
 from vldlib.evaluate.tables import to_markdown
@@ -35,8 +35,8 @@ def bf16_accuracy(base: TrainConfig, out: str | os.PathLike, *, seeds: Sequence[
     checkpoints (training-domain validation, current weights).
 
     Returns {"table": per pair accuracies, "effects": {metric: paired effect}, "sentences",
-    "within_noise"}: within noise when every metric's paired difference is within 2 standard
-    errors of zero. Finished runs under `out` are reused, so a second call only reports.
+    "within_noise"}: within noise when no metric's paired difference is detectable (its 95%
+    t interval contains 0). Finished runs under `out` are reused, so a second call only reports.
     """
 
     if len(seeds) < 2:
@@ -55,7 +55,7 @@ def bf16_accuracy(base: TrainConfig, out: str | os.PathLike, *, seeds: Sequence[
         eff = paired_effect(sel, a=False, b=True, metric=metric, by="bf16")
         effects[metric] = eff
         sentences.append(effect_sentence({**eff, "by": "precision", "a_label": "fp32", "b_label": "bf16"}, what))
-    within = all(not math.isnan(e["se"]) and abs(e["mean"]) <= 2 * e["se"] for e in effects.values())
+    within = all(not math.isnan(e["se"]) and not is_detectable(e) for e in effects.values())
     return {"table": table.reset_index(), "effects": effects, "sentences": sentences, "within_noise": within,
             "config": dataclasses.asdict(base), "seeds": list(seeds), "test_envs": list(test_envs)}
 

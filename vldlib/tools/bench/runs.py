@@ -22,6 +22,7 @@ from vldlib.config import TrainConfig
 from vldlib.data import load_benchmark, prepare_benchmark
 from vldlib.data.transforms import eval_transform, train_transform
 from vldlib.loop.batches import make_data, train_batches, trunk_features
+from vldlib.loop.device import usable_cores
 from vldlib.loop.train import train
 from vldlib.tools.bench.bench import (
     OUT,
@@ -54,7 +55,7 @@ def run_config_bench(tcfg: TrainConfig, timing: BenchConfig, *, name: str = "con
 
     check_paths(timing.paths)
     timing = replace(timing, batch_size=tcfg.batch_size,
-                     workers=timing.workers if timing.workers >= 0 else (os.cpu_count() or 1))
+                     workers=timing.workers if timing.workers >= 0 else usable_cores())
     tcfg = replace(tcfg, steps=total_steps(timing) + 1, progress=False)
     tcfg.validate()
     bench = prepare_benchmark(tcfg.benchmark, tcfg.data_dir)

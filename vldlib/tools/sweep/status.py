@@ -16,22 +16,41 @@ from vldlib.tools.sweep.jobs import (
     Job,
     finished_outcome,
     job_from_json,
-    read_spec,
     record,
 )
 from vldlib.tools.sweep.slurm import RUNNING, _load_registry, ended_state, queue_states
+from vldlib.utils import read_bounded_text
 
 STATUS_COLUMNS = ["name", "status", "state", "job_id", "elapsed_s", "wall_s", "error", "log"]
 
 
-def _jobs(out_dir: Path) -> list[Job]:
-    jobs = []
+MAX_JOB_JSON_BYTES = 2**20  # a job.json is a few hundred bytes
+
+
+def _jobs(out_dir: Path) -> list[Job | dict[str, Any]]:
+    """Each job folder's Job, or, where its job.json cannot be read, the row that says so: a damaged
+    job must show, not vanish from the table."""
+    jobs: list[Job | dict[str, Any]] = []
     for spec in sorted(out_dir.glob("*/job.json")):
         try:
-            jobs.append(job_from_json(read_spec(spec)))
-        except (OSError, ValueError, KeyError):
-            continue
+            jobs.append(_read_job(spec))
+        except ValueError as e:
+            jobs.append(_damaged_row(spec, str(e)))
     return jobs
+
+
+def _read_job(spec: Path) -> Job:
+    """The Job of a job.json; garbage, JSON of the wrong shape, not a regular file: a ValueError."""
+    try:
+        return job_from_json(json.loads(read_bounded_text(spec, MAX_JOB_JSON_BYTES) or ""))
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OSError) as e:
+        raise ValueError(f"{spec}: damaged job.json ({type(e).__name__}: {str(e)[:120]}); run the sweep again to "
+                         f"rewrite it, or delete {spec.parent}") from None
+
+
+def _damaged_row(spec: Path, error: str) -> dict[str, Any]:
+    return {"name": spec.parent.name, "status": "damaged", "state": "", "job_id": "", "elapsed_s": None,
+            "wall_s": None, "error": error, "log": ""}
 
 
 def sweep_status(out_dir: str | os.PathLike):
@@ -47,6 +66,9 @@ def sweep_status(out_dir: str | os.PathLike):
     live = queue_states() if registry and shutil.which("squeue") else {}
     rows: list[dict[str, Any]] = []
     for job in jobs:
+        if isinstance(job, dict):  # a damaged job.json
+            rows.append(job)
+            continue
         entry = registry.get(job.name, {})
         jid = entry.get("job_id", "")
         q = (live or {}).get(jid) if jid else None
