@@ -168,7 +168,7 @@ def test_classifier_initialised_as_the_official_nn_linear():
     from vldlib.model import create_model
 
     torch.manual_seed(0)
-    head = create_model("efficientnet_lite0.offline", 11, pretrained=False).get_classifier()
+    head = create_model("efficientnet_lite0.offline", 11, pretrained=False).get_classifier().requires_grad_(False)
     bound = 1 / math.sqrt(1280)
     assert abs(bound - 0.027951) < 1e-6
     for t in (head.weight, head.bias):
