@@ -141,34 +141,30 @@ class _ViTEmbed(nn.Module):
         return v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(x))))
 
 
-def model_stages(model: nn.Module) -> list[nn.Module]:
-    """The model's feature extractor as an ordered list of stages whose composition is
-    `forward_features`. Training the last k stages = partial fine-tuning."""
+def named_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's feature extractor as an ordered list of (name, stage) whose composition is
+    `forward_features`. Training the last k stages = partial fine-tuning. Names are the network's
+    own modules, so that a depth is named for what it trains: ResNet stem, layer1..layer4;
+    EfficientNet stem, blocks.0..blocks.6 (each an MBConv stage of several blocks), conv_head (one
+    1x1 conv and its BatchNorm, not a stage); ViT embed, blocks.0.., norm."""
     if hasattr(model, "layer4") and hasattr(model, "conv1"):  # timm ResNet family
         stem = nn.Sequential(model.conv1, model.bn1, model.act1, model.maxpool)
-        return [stem, model.layer1, model.layer2, model.layer3, model.layer4]
+        return [("stem", stem), *((f"layer{i}", getattr(model, f"layer{i}")) for i in range(1, 5))]
     if hasattr(model, "conv_stem") and hasattr(model, "blocks"):  # EfficientNet / MobileNet
         stem = nn.Sequential(model.conv_stem, model.bn1)
-        head = nn.Sequential(model.conv_head, model.bn2) if hasattr(model, "conv_head") else nn.Identity()
-        return [stem, *model.blocks, head]
+        head = (("conv_head", nn.Sequential(model.conv_head, model.bn2)) if hasattr(model, "conv_head")
+                else ("identity", nn.Identity()))
+        return [("stem", stem), *((f"blocks.{i}", b) for i, b in enumerate(model.blocks)), head]
     if hasattr(model, "patch_embed") and hasattr(model, "blocks"):  # ViT
-        return [_ViTEmbed(model), *model.blocks, model.norm]
+        return [("embed", _ViTEmbed(model)), *((f"blocks.{i}", b) for i, b in enumerate(model.blocks)),
+                ("norm", model.norm)]
     raise ModelConfigError(f"partial fine-tuning (train_stages) is not supported for {type(model).__name__}; "
                            f"use train_stages=None (fine-tune everything), or a ResNet, EfficientNet or ViT.")
 
 
-def stage_names(model: nn.Module) -> list[str]:
-    """The names of `model_stages(model)`, in the network's own module names, so that a depth is
-    named for what it trains: ResNet stem, layer1..layer4; EfficientNet stem, blocks.0..blocks.6
-    (each an MBConv stage, "(n MBConv blocks)"), conv_head (one 1x1 conv and its BatchNorm, not a
-    stage); ViT embed, blocks.0.., norm."""
-    stages = model_stages(model)
-    if hasattr(model, "layer4") and hasattr(model, "conv1"):
-        return ["stem", "layer1", "layer2", "layer3", "layer4"]
-    if hasattr(model, "conv_stem"):
-        return ["stem", *(f"blocks.{i}" for i in range(len(model.blocks))),
-                "conv_head" if hasattr(model, "conv_head") else "identity"]
-    return ["embed", *(f"blocks.{i}" for i in range(len(stages) - 2)), "norm"]
+def model_stages(model: nn.Module) -> list[nn.Module]:
+    """The stages of `named_stages`, without their names."""
+    return [stage for _, stage in named_stages(model)]
 
 
 def depth_name(model: nn.Module, train_stages: int | None) -> str:
@@ -186,11 +182,11 @@ def depth_name(model: nn.Module, train_stages: int | None) -> str:
     k = int(train_stages)
     if k == 0:
         return "head"
-    names, stages = stage_names(model), model_stages(model)
+    stages = named_stages(model)
     if k >= len(stages):
         return "all"
-    trained, mods = names[-k:], stages[-k:]
-    numbered = [(re.fullmatch(r"(\D+?)\.?(\d+)", n), m) for n, m in zip(trained, mods)]
+    trained = [n for n, _ in stages[-k:]]
+    numbered = [(re.fullmatch(r"(\D+?)\.?(\d+)", n), m) for n, m in stages[-k:]]
     series = [(mt, m) for mt, m in numbered if mt is not None]
     rest = [n for n, (mt, _) in zip(trained, numbered) if mt is None]
     if not series:
