@@ -90,19 +90,36 @@ def test_gain_table_and_spectrum_text_agree():
 
 
 def test_effect_map_notebook_conclusion_agrees_with_its_table(fake_benchmark, tmp_path):
+    """The tuned map: the grid on the tuning seed, each cell's choice by i.i.d. validation (checked
+    against a choice recomputed by hand from the tuning runs), only the choice on the other seed,
+    and every verdict recomputed from the chosen runs."""
     pm = pytest.importorskip("papermill")
     out = tmp_path / "em"
     params = dict(benchmark=str(fake_benchmark), output_dir=str(out), backbones=["test_resnet", "test_efficientnet"],
                   depths=[0, 1], dropout_rates=[0.0, 0.9], pretrained=False, resolution=32, seeds=[0, 1],
-                  test_envs=[0, 1], steps=4, eval_every=2, batch_size=4, lr=0.05)
+                  tuning_seeds=[0], test_envs=[0, 1], steps=4, eval_every=2, batch_size=4, lr=[0.01, 0.05],
+                  weight_decay=[1e-4], single_recipe=[0.05, 1e-4])
     pm.execute_notebook(str(ROOT / "notebooks/07_effect_map.ipynb"), str(tmp_path / "07.ipynb"), parameters=params,
                         cwd=str(ROOT), progress_bar=False, kernel_name="python3")
-    for name in ("gains.csv", "accuracy.csv", "gain_vs_depth.png", "accuracy.png", "summary.md", "floors.csv"):
+    for name in ("gains.csv", "accuracy.csv", "gain_vs_depth.png", "accuracy.png", "summary.md", "floors.csv",
+                 "choices.csv", "dropout_vs_tuned_l2.csv", "gains_single_recipe.csv", "tuning_selected.csv"):
         assert (out / name).exists(), name
+    tuning_runs = pd.read_csv(out / "tuning_selected.csv")
+    assert set(tuning_runs.seed) == {0} and set(tuning_runs.lr) == {0.01, 0.05}  # the grid ran on the tuning seed
+    # the choice by hand: per (backbone, depth, rate, held-out domain), the lr with the best i.i.d.
+    # accuracy of the fine-tuned network on seed 0; ties to the smaller lr
+    model = tuning_runs[tuning_runs.method == "model"].sort_values("lr")
+    by_hand = {(r.backbone, r.train_stages, r.dropout, r.test_env): r.lr for r in
+               model.loc[model.groupby(["backbone", "train_stages", "dropout", "test_env"]).iid_acc.idxmax()].itertuples()}
+    choices = pd.read_csv(out / "choices.csv")
+    assert {(r.backbone, r.train_stages, r.dropout, r.test_env): r.lr for r in choices.itertuples()} == by_hand
     selected = pd.read_csv(out / "selected.csv")
+    assert set(selected.seed) == {0, 1} and set(selected.steps) == {4}
+    for r in selected.itertuples():  # only each cell's chosen configuration, on both seeds
+        assert r.lr == by_hand[(r.backbone, r.train_stages, r.dropout, r.test_env)]
+    assert len(selected[selected.method == "model"]) == 2 * 2 * 2 * 2 * 2  # backbones x depths x rates x domains x seeds
     gains = pd.read_csv(out / "gains.csv")
     assert len(gains) == 4  # 2 backbones x 2 depths
-    assert set(selected.lr) == {0.05} and set(selected.steps) == {4}  # the notebook's own hyperparameters
     summary = (out / "summary.md").read_text()
     for r in gains.itertuples():  # every verdict recomputed from the selected checkpoints by hand
         g = selected[(selected.method == "model") & (selected.backbone == r.backbone)
@@ -116,6 +133,9 @@ def test_effect_map_notebook_conclusion_agrees_with_its_table(fake_benchmark, tm
         assert r.verdict == expected
     n_imp = int((gains.verdict == "improvement").sum())
     assert (f"appears in {n_imp} of 4 cells" if n_imp else "appears in none of the 4 cells") in summary
+    l2 = pd.read_csv(out / "dropout_vs_tuned_l2.csv")
+    assert list(l2.gain_points) == pytest.approx(list(gains.gain_points))
+    assert "Dropout against tuned L2" in summary and "Secondary view, one untuned recipe" in summary
 
 
 def test_depths_are_named_for_what_they_train():

@@ -9,15 +9,22 @@ from vldlib.experiments.quickstart import run_quickstart
 
 
 def test_quickstart_notebook_writes_tables_figures_and_a_computed_summary(fake_benchmark, tmp_path):
+    # tuned_by: a choices table (as notebook 07 writes it), a different lr and weight decay per cell
+    chosen = {(0.0, 0): (0.05, 1e-4), (0.0, 1): (0.01, 1e-2), (0.9, 0): (0.02, 1e-1), (0.9, 1): (0.05, 1e-2)}
+    pd.DataFrame([{"backbone": "test_resnet", "train_stages": 1, "dropout": r, "test_env": t, "lr": lr,
+                   "weight_decay": wd, "iid_mean": 0.5, "n_configs": 4} for (r, t), (lr, wd) in chosen.items()]
+                 ).to_csv(tmp_path / "choices.csv", index=False)
     out = run_quickstart({"benchmark": str(fake_benchmark), "backbone": "test_resnet", "pretrained": False,
                           "resolution": 32, "train_stages": 1, "steps": 4, "eval_every": 2,
-                          "batch_size": 4, "seeds": [0, 1, 2], "test_envs": [0, 1], "lr": 0.05},
+                          "batch_size": 4, "seeds": [0, 1, 2], "test_envs": [0, 1], "lr": 0.05,
+                          "tuned_by": str(tmp_path / "choices.csv")},
                          output_dir=str(tmp_path / "qs"), log_output=False)
     for name in ("00_quickstart.ipynb", "results.csv", "selected.csv", "table.csv", "ood_vs_iid.png",
                  "curves.png", "domains.png", "summary.md", "floors.csv", "design.csv", "power.csv"):
         assert (out / name).exists(), name
     selected = pd.read_csv(out / "selected.csv")
     assert list(selected.groupby("dropout").last_step.max()) == [4, 4]  # the same budget for every rate
+    assert {(r.dropout, r.test_env): (r.lr, r.weight_decay) for r in selected.itertuples()} == chosen
     summary = (out / "summary.md").read_text()
     assert "paired difference" in summary and "n=3 pairs on seed, each the mean over 2 held-out domains" in summary
     # the design line, recomputed by hand: each seed's o.o.d. accuracy averaged over the held-out
@@ -40,7 +47,7 @@ def test_quickstart_refuses_unequal_budgets(fake_benchmark, tmp_path):
 
     with pytest.raises(pm.PapermillExecutionError, match="same budget"):
         run_quickstart({"benchmark": str(fake_benchmark), "backbone": "test_resnet", "pretrained": False,
-                        "steps": {0.0: 4, 0.9: 6}}, output_dir=str(tmp_path / "qs"), log_output=False)
+                        "steps": {0.0: 4, 0.9: 6}, "tuned_by": None}, output_dir=str(tmp_path / "qs"), log_output=False)
 
 
 def test_notebook_parameters_mirror_the_quickstart_defaults():
@@ -156,7 +163,7 @@ def test_runs_only_trains_without_the_notebook_which_then_renders_them_untouched
 
     params = {"benchmark": str(fake_benchmark), "backbone": "test_resnet", "pretrained": False, "resolution": 32,
               "train_stages": 1, "steps": 4, "eval_every": 2, "batch_size": 4, "seeds": [0], "test_envs": [0, 1],
-              "lr": 0.05, "parallel_runs": 1}
+              "lr": 0.05, "parallel_runs": 1, "tuned_by": None}
     out = tmp_path / "qs"
     args = ["quickstart", "--runs-only", "--out", str(out)]
     for k, v in params.items():

@@ -79,7 +79,8 @@ def test_yaml_reads_scientific_notation_as_float(tmp_path):
     g = tmp_path / "g.yaml"
     g.write_text("- {lr: [1e-3, 5.0e-4], steps: 10}\n- {lr: 2E-2}\n")
     assert expand_grid(sweep.load_grid(g)) == [{"lr": 1e-3, "steps": 10}, {"lr": 5e-4, "steps": 10}, {"lr": 0.02}]
-    assert sweep.parse_sets(["lr=1e-3", "env=[0, 1]", "name=abc"]) == {"lr": 1e-3, "env": [0, 1], "name": "abc"}
+    assert sweep.parse_sets(["lr=1e-3", "env=[0, 1]", "name=abc", "tuned_by=None", "x=null"]) == {
+        "lr": 1e-3, "env": [0, 1], "name": "abc", "tuned_by": None, "x": None}
     with pytest.raises(ValueError, match="key=value"):
         sweep.parse_sets(["lr"])
     with pytest.raises(FileNotFoundError, match="nope.yaml"):

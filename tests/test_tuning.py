@@ -39,3 +39,63 @@ def test_selection_never_sees_ood_columns():
                           "iid_acc", "ood_acc"]])
     scrambled = df.assign(ood_acc=1 - df.ood_acc, oracle_acc=0.0)
     assert tuned(scrambled)[1].equals(tuned(df)[1])
+
+
+# --------------------------------------------------------------------------- the tuned study's runs
+def _choices() -> pd.DataFrame:
+    return pd.DataFrame([{"backbone": "test_resnet", "train_stages": 1, "dropout": r, "test_env": t, "lr": lr, "weight_decay": wd}
+                         for (r, t), (lr, wd) in {(0.0, 0): (0.05, 0.1), (0.0, 1): (0.005, 1e-4),
+                                                  (0.9, 0): (0.02, 1e-2), (0.9, 1): (0.05, 1e-4)}.items()])
+
+
+def test_the_choices_are_replicated_on_the_other_seeds_and_nothing_else():
+    from vldlib.config import TrainConfig
+    from vldlib.experiments.grid import grid
+    from vldlib.experiments.tuning import apply_choices, replicate_choices, split_seeds
+
+    tune, rest = split_seeds([0, 1, 2, 3], [1, 0])
+    assert (tune, rest) == ([0, 1], [2, 3])
+    base = TrainConfig(benchmark="x", backbone="test_resnet", train_stages=1, steps=4)
+    configs = grid(base, test_envs=[[0], [1]], dropout=[0.0, 0.9], lr=[0.005, 0.02, 0.05],
+                   weight_decay=[1e-4, 1e-2, 0.1], seed=tune)
+    assert len(configs) == 2 * 2 * 9 * 2
+    chosen = apply_choices(configs, _choices())  # the tuning seeds' runs of the chosen configurations
+    assert len(chosen) == 2 * 2 * 2
+    replicas = replicate_choices(configs, _choices(), rest)
+    assert sorted((c.seed, c.dropout, c.test_envs[0], c.lr, c.weight_decay) for c in replicas) == sorted(
+        (s, r, t, lr, wd) for s in rest for (r, t, lr, wd) in
+        [(0.0, 0, 0.05, 0.1), (0.0, 1, 0.005, 1e-4), (0.9, 0, 0.02, 1e-2), (0.9, 1, 0.05, 1e-4)])
+
+
+def test_a_cell_without_a_choice_or_another_design_is_refused(tmp_path):
+    from vldlib.config import TrainConfig
+    from vldlib.experiments.tuning import apply_choices, read_choices, with_design
+
+    cfg = TrainConfig(benchmark="x", backbone="test_resnet", train_stages=2, dropout=0.9, test_envs=[0], steps=4)
+    with pytest.raises(KeyError, match="no tuned configuration for backbone=test_resnet, train_stages=2, dropout=0.9"):
+        apply_choices([cfg], _choices(), "map/choices.csv")
+    made_for = TrainConfig(benchmark="x", backbone="test_resnet", train_stages=1, steps=300, resolution=96)
+    other = TrainConfig(benchmark="x", backbone="test_resnet", train_stages=1, dropout=0.9, test_envs=[0], steps=600,
+                        resolution=96)
+    with pytest.raises(ValueError, match=r"map/choices.csv: tuned for another design: steps=600 \(the choices were "
+                                         r"made for 300\)"):
+        apply_choices([other], with_design(_choices(), made_for), "map/choices.csv")
+    same = TrainConfig(benchmark="x", backbone="test_resnet", train_stages=1, dropout=0.9, test_envs=[0], steps=300, resolution=96)
+    assert apply_choices([same], with_design(_choices(), made_for))[0].lr == 0.02
+    with pytest.raises(FileNotFoundError, match="tuned_by='nope.csv': no such file.*notebook 07"):
+        read_choices("nope.csv")
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="bad.csv: no column"):
+        read_choices(tmp_path / "bad.csv")
+
+
+def test_tuning_seeds_alone_choose():
+    """Seed 1 alone would choose the other configuration at rate 0; with seeds=[0] the choice is
+    seed 0's, and seed 1's runs of that choice are kept."""
+    df = _selected()
+    df.loc[(df.dropout == 0.0) & (df.seed == 1) & (df.lr == 0.005), "iid_acc"] = 0.99
+    sel, choices = tuned(df, seeds=[0])
+    assert dict(zip(choices.dropout, choices.lr)) == {0.0: 0.02, 0.9: 0.005}
+    assert set(sel.seed) == {0, 1}
+    _, both = tuned(df)
+    assert dict(zip(both.dropout, both.lr))[0.0] == 0.005  # (0.60 + 0.99) / 2 > 0.71: the tuning seed mattered

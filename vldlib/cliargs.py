@@ -96,7 +96,11 @@ YamlLoader.add_implicit_resolver(
 
 
 def parse_value(text: str) -> Any:
-    """A command-line value as YAML (`10` -> int, `1e-3` -> float, `[0, 1]` -> list, `x` -> 'x')."""
+    """A command-line value as YAML (`10` -> int, `1e-3` -> float, `[0, 1]` -> list, `x` -> 'x'),
+    and `None`, the notebooks' own spelling of "not set", as None (YAML's `null`): a parameter
+    documented as `tuned_by = None` must not become the string "None"."""
+    if text.strip() == "None":
+        return None
     return yaml.load(text, Loader=YamlLoader)
 
 

@@ -128,13 +128,30 @@ def choose_config(iid: pd.DataFrame, cell: Sequence[str] = TUNING_CELL, hparams:
     return best.merge(n, on=cell, how="left").reset_index(drop=True)
 
 
+def keep_chosen(selected: pd.DataFrame, choices: pd.DataFrame, cell: Sequence[str] = TUNING_CELL,
+                hparams: Sequence[str] = HPARAMS) -> pd.DataFrame:
+    """The rows of `selected` whose (cell, hparams) is a cell's chosen configuration, every seed and
+    method of it; cells without a choice drop out."""
+    on = [c for c in [*cell, *hparams] if c in choices.columns and c in selected.columns]
+    return selected.merge(choices[on].drop_duplicates(), on=on, how="inner")
+
+
 def tuned(selected: pd.DataFrame, cell: Sequence[str] = TUNING_CELL, hparams: Sequence[str] = HPARAMS,
-          method: str = "model") -> tuple[pd.DataFrame, pd.DataFrame]:
+          method: str = "model", seeds: Sequence[int] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(`selected` restricted to each cell's chosen configuration, the choices). The configuration is
     chosen on `method`'s i.i.d. accuracy (the fine-tuned network's, which the official code selects
-    on); its runs then give every method's rows (weight average, ensemble)."""
+    on); its runs then give every method's rows (weight average, ensemble).
+
+    `seeds`: the tuning seeds. The choice is made on their runs alone (where the whole grid ran),
+    then the chosen configuration's runs of every seed are kept: a study that runs the grid on a few
+    seeds and replicates only the choice on the others (`vldlib.experiments.tuning`) is tuned
+    exactly as if those seeds had not been run. None: every seed tunes."""
     side = selected[selected["method"] == method] if "method" in selected.columns else selected
+    if seeds is not None:
+        side = side[side["seed"].isin(list(seeds))]
+        if side.empty:
+            raise ValueError(f"tuned: no run of the tuning seeds {list(seeds)} in the table; its seeds: "
+                             f"{sorted(selected['seed'].unique())}")
     keep = [c for c in [*cell, *hparams, "seed", "iid_acc"] if c in side.columns]
     choices = choose_config(side[keep], cell, hparams)
-    on = [c for c in [*cell, *hparams] if c in choices.columns]
-    return selected.merge(choices[on], on=on, how="inner"), choices
+    return keep_chosen(selected, choices, cell, hparams), choices

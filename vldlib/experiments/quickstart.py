@@ -22,6 +22,7 @@ from vldlib.cliargs import UsageError, add_flag, parse_sets, print_error, read_y
 from vldlib.config import TrainConfig
 from vldlib.data.registry import benchmark_label
 from vldlib.experiments.grid import grid, run_grid, steps_for, with_paths
+from vldlib.experiments.tuning import apply_choices, read_choices
 from vldlib.paths import project_root, resolve
 
 NOTEBOOK = "notebooks/00_quickstart.ipynb"
@@ -47,6 +48,7 @@ DEFAULTS = {
     "test_envs": None,
     "seeds": [0, 1, 2, 3, 4, 5, 6, 7, 8],
     "steps": 300,
+    "tuned_by": "outputs/effect_map_6seeds/choices.csv",
     "lr": 0.02,
     "weight_decay": 1e-4,
     "batch_size": 32,
@@ -77,13 +79,20 @@ def quickstart_config(device: str = "auto", params: dict | None = None) -> Train
 def study_grid(nb) -> list[TrainConfig]:
     """The study's runs from the notebook's set-up (`vldlib.experiments.notebook.setup`): every
     (seed, held-out domain, rate) with the same step budget. Seeds vary slowest, so a study stopped
-    early (a time limit, Ctrl-C) has whole seeds finished: complete pairs for the comparison."""
+    early (a time limit, Ctrl-C) has whole seeds finished: complete pairs for the comparison.
+
+    `tuned_by` (a choices table of the effect map, notebook 07): each (rate, held-out domain) trains
+    with the lr and weight decay that the map's i.i.d. validation chose for that cell, so both arms
+    are tuned alike without the quickstart paying for the grid; None: `lr` and `weight_decay` as given."""
     p = nb.params
     if isinstance(p["steps"], dict):
         raise ValueError(f"steps={p['steps']}: the study gives every rate the same budget; pass one number")
     h = nb.hparams()
-    return grid(nb.base_config(), seed=h["seed"], test_envs=nb.test_env_axis(), dropout=list(p["dropout_rates"]),
-                lr=h["lr"], weight_decay=h["weight_decay"])
+    configs = grid(nb.base_config(), seed=h["seed"], test_envs=nb.test_env_axis(), dropout=list(p["dropout_rates"]),
+                   lr=h["lr"], weight_decay=h["weight_decay"])
+    if p.get("tuned_by"):
+        configs = apply_choices(configs, read_choices(resolve(p["tuned_by"])), source=str(p["tuned_by"]))
+    return configs
 
 
 def run_study_runs(params: dict) -> list[Path]:
