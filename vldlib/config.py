@@ -152,7 +152,7 @@ class TrainConfig:
     weights_file: str | None = None  # local weights instead of the hub (loaded with weights_only=True)
     dropout: float = 0.9  # rate on the pooled penultimate features (0 = plain fine-tuning)
     freeze_bn: bool = True  # BatchNorm running statistics fixed (affine parameters still trained)
-    train_stages: int | None = None  # None: fine-tune all; k: only the last k stages + head; 0: head only
+    train_stages: int | None = None  # None: fine-tune all; k: the last k units of `model.named_stages` + head (EfficientNet: 1 conv_head, 2 adds blocks.6); 0: head only
     head: str = "linear"  # "linear" (Dropout + Linear), or "multiblock<k>" (paper Figs 9-10, needs train_stages 0)
     cache_trunk: bool = False  # compute the frozen stages once and train on their outputs (needs augment off)
     # --- optimisation

@@ -1,7 +1,7 @@
 """The effect map: where in (fine-tuning depth x backbone) does 90% dropout help o.o.d.?
 
 The paper's effect is claimed for rich pretrained networks fine-tuned throughout; CPU studies
-train less (a head, a last stage). This module runs the grid depth x rate x backbone with the
+train less (a head, conv_head). This module runs the grid depth x rate x backbone with the
 same held-out domains, seeds and step budget for every cell, and states, from the numbers,
 where the o.o.d. gain of rate `b` over `a` is detectable (its 95% Student's t interval excludes 0,
 paired by seed, each seed averaged over the held-out domains: `vldlib.evaluate.power`).

@@ -60,7 +60,7 @@ def Markdown(text: str):  # noqa: N802 - IPython's name
 
 # What the CPU defaults are, against the paper: every experiment notebook's summary says it.
 SCALE_CAVEAT = ("Scale caveat: the paper fine-tunes all of ResNet50 for 10,000 steps on photographs at 224 px; the "
-                "CPU defaults train the last stage of EfficientNet-Lite0 for {steps} steps on {benchmark} at "
+                "CPU defaults train conv_head (the last 1x1 convolution) and the head of EfficientNet-Lite0 for {steps} steps on {benchmark} at "
                 "{resolution} px. An effect absent here says nothing against the paper; one present here is a hint, not a "
                 "replication.")
 

@@ -51,8 +51,9 @@ class _Tail(nn.Module):
 class FineTuneNet(nn.Module):
     """A timm model prepared for fine-tuning.
 
-    - `train_stages=None` trains everything; `k` trains the last k stages and the head; `0` trains
-      the head only (a linear probe with dropout on frozen features).
+    - `train_stages=None` trains everything; `k` trains the last k units of `named_stages` and the
+      head (EfficientNet: 1 is conv_head, one 1x1 convolution; 2 adds blocks.6); `0` trains the head
+      only (a linear probe with dropout on frozen features).
     - `freeze_bn=True` keeps every BatchNorm in eval mode (the paper: running statistics fixed,
       affine parameters still trained).
     `forward(x) == tail(trunk(x))`; the trunk never trains, so its outputs may be cached.
