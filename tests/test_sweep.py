@@ -19,6 +19,7 @@ import pytest
 from vldlib.tools import sweep
 from vldlib.tools.sweep import SweepLock, expand_grid, job_name, plan_jobs, run_sweep
 from vldlib.tools.sweep import slurm as sweep_slurm
+from vldlib.tools.sweep.jobs import write_spec
 from vldlib.utils import current_umask, write_json_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -159,7 +160,8 @@ def test_local_sweep_runs_reports_failure_and_resumes(tmp_path):
     assert sorted(runs(out)) == sorted(df.name[:3])
     assert not list(out.rglob("*.tmp*"))
     csv = (out / "sweep.csv").read_text()
-    assert csv.startswith("name,status,state,job_id,elapsed_s,wall_s,error,notebook,log,out_dir,a,b,fail_if_exists")
+    assert csv.startswith("name,status,state,reason,job_id,elapsed_s,wall_s,error,notebook,log,out_dir,a,b,"
+                          "fail_if_exists")
     stamps = {p: p.stat().st_mtime for p in out.glob("*/done")}
 
     flag.unlink()  # "fix" the notebook: the re-run executes only the failed job
@@ -273,9 +275,52 @@ def test_slurm_task_gone_without_result_is_failed_with_its_state(tmp_path, monke
     launcher._watch(entries, seen.append)
     assert [(r["status"], r["state"]) for r in seen] == [("running", "RUNNING"), ("pending", "PENDING"),
                                                          ("done", "COMPLETED"), ("failed", "OUT_OF_MEMORY")]
-    assert seen[1]["error"] == "Priority" and seen[2]["wall_s"] == 3.0 and seen[3]["elapsed_s"] == 9.0
+    assert (seen[1]["reason"], seen[1]["error"]) == ("Priority", "")  # why it pends is no error
+    assert seen[2]["wall_s"] == 3.0 and seen[3]["elapsed_s"] == 9.0
     err = json.loads(jobs[1].error_path.read_text())
     assert err["state"] == "OUT_OF_MEMORY" and err["log"] == "/logs/7_1.err" and "/logs/7_1.err" in seen[3]["error"]
+
+
+def _fake_slurm(bin_dir: Path, squeue_lines: list[str] | None) -> None:
+    """squeue on PATH that prints these lines, or, with None, fails as when slurmctld is down (so do
+    scontrol and sacct, always: nothing may be concluded from them here)."""
+    bin_dir.mkdir(exist_ok=True)
+    for tool in ("squeue", "scontrol", "sacct"):
+        if tool == "squeue" and squeue_lines is not None:
+            body = "printf '%s\\n' " + " ".join(f"'{line}'" for line in squeue_lines)
+        else:
+            body = "echo 'Unable to contact slurm controller (connect failure)' >&2; exit 1"
+        (bin_dir / tool).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / tool).chmod(0o755)
+
+
+def test_status_without_a_controller_shows_last_known_states_and_fails(tmp_path, monkeypatch, capsys):
+    """slurmctld down: `--status` says so, shows each unfinished task's last known state and its age,
+    and exits 1; neither a running task (`not run`) nor a requeued one whose killed kernel left an
+    error.json (`failed`) is guessed. The done job is still done."""
+    jobs = plan_jobs(tmp_path / "x.ipynb", [{"a": 1}, {"a": 2}, {"a": 3}], tmp_path / "out")
+    registry = {}
+    for i, j in enumerate(jobs):
+        entry = {"job_id": f"7_{i}", "stderr": f"/logs/7_{i}.err", "stdout": "/logs/o", "cluster": "slurm"}
+        write_spec(j, "python3", launcher="slurm", slurm=entry)
+        registry[j.name] = entry
+    write_json_atomic(tmp_path / "out" / "slurm_jobs.json", registry)
+    write_json_atomic(jobs[1].error_path, {"error": "DeadKernelError: Kernel died", "wall_s": 5.0})  # requeued
+    write_json_atomic(jobs[2].done_path, {"wall_s": 2.0})
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    _fake_slurm(tmp_path / "bin", ["7_0|RUNNING|None|1:00", "7_1|PENDING|BeginTime|0:00", "7_2|COMPLETING|None|0:40"])
+    ns = _parse("--status", str(tmp_path / "out"))
+    assert ns.func(ns) == 0
+    shown = capsys.readouterr().out
+    assert all(f"1 {status}" in shown for status in ("running", "pending", "done")), shown
+
+    _fake_slurm(tmp_path / "bin", None)  # the controller goes down
+    assert ns.func(ns) == 1
+    shown = capsys.readouterr().out
+    assert "squeue did not answer" in shown and "3 jobs: 2 unknown, 1 done" in shown, shown
+    lines = {j.name: next(ln for ln in shown.splitlines() if ln.strip().startswith(j.name)) for j in jobs}
+    assert " RUNNING " in lines[jobs[0].name] and " PENDING " in lines[jobs[1].name], shown
+    assert all(" s ago" in lines[j.name] for j in jobs[:2]) and "not run" not in shown and "failed" not in shown
 
 
 def test_slurm_task_that_finds_done_exits_without_touching_files(tmp_path):

@@ -5,7 +5,9 @@ key and socket, no accounting, loopback only), then: a detached 2-job array; `--
 that reattaches instead of submitting again; one task cancelled (scancel) and the other's process
 killed (kill -9), both reported failed with SLURM's state; a re-run whose task is preempted
 (USR2, as submitit's own `_interrupt` sends) and requeued; an identical re-run that skips both; a
-task pending on the partition's time limit is warned about. The daemons are always stopped.
+task pending on the partition's time limit is warned about. A second sweep checks that each state
+shown says what SLURM did (slurmctld stopped, scancel, a failing notebook, a job finished while
+detached); a third that a task's CPUs size its training runs. The daemons are always stopped.
 `.ci/setup` installs the packages; without them (or without root) the test is skipped.
 """
 
@@ -44,6 +46,8 @@ with open(os.path.join(output_dir, "attempts.txt"), "a") as f:
     f.write("attempt\\n")
 while hold and os.path.exists(hold):  # lets the test act while this job runs
     time.sleep(0.1)
+if fail:
+    raise RuntimeError("asked to fail")
 pathlib.Path(output_dir, "result.json").write_text(json.dumps({"a": a}))
 with open(os.path.join(os.path.dirname(output_dir), "runs.txt"), "a") as f:
     f.write(os.path.basename(output_dir) + "\\n")
@@ -131,6 +135,17 @@ PartitionName=short Nodes=localhost Default=NO MaxTime=30 State=UP
         wait_for("the node to be idle", lambda: _run("sinfo", "-h", "-o", "%t", check=False).stdout.strip()
                  .startswith("idle"), 60)
 
+    def stop_controller(self) -> None:
+        """slurmctld ends (SIGTERM, as an admin or a crash would leave it); the node and its tasks run on."""
+        pid = int((self.dir / "slurmctld.pid").read_text())
+        os.kill(pid, signal.SIGTERM)
+        wait_for("slurmctld to exit", lambda: not Path(f"/proc/{pid}").exists(), 30, every=0.2)
+
+    def start_controller(self) -> None:
+        """slurmctld again, from its saved state: the tasks that ran on are its tasks again."""
+        _run("slurmctld", "-f", str(self.conf))
+        wait_for("squeue to answer", lambda: _run("squeue", "-h", check=False).returncode == 0, 60)
+
     def stop(self) -> None:
         _run("scancel", "-u", "root", check=False)
         try:
@@ -174,7 +189,7 @@ def cluster():
 
 def make_notebook(path: Path) -> Path:
     nb = nbformat.v4.new_notebook()
-    params = nbformat.v4.new_code_cell('a = 1\nhold = ""\noutput_dir = "."')
+    params = nbformat.v4.new_code_cell('a = 1\nhold = ""\nfail = False\noutput_dir = "."')
     params.metadata["tags"] = ["parameters"]
     nb.cells = [params, nbformat.v4.new_code_cell(BODY)]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -342,6 +357,91 @@ def test_real_slurm_detach_reattach_fail_requeue_skip(cluster, tmp_path):
             pending.kill()
         os.umask(old_umask)
         print("\n".join(["real SLURM timeline:", *timeline]))
+
+
+def test_real_slurm_states_say_what_happened(cluster, tmp_path):
+    """Issue 26 (3, 4): what `--status` and a re-run say must be what SLURM did. A detached 3-job
+    array, 2 at a time: no progress bar; the third pends for JobArrayTaskLimit, a reason, not an
+    error; with slurmctld down `--status` says so, shows the last known states with their age and
+    exits 1; a cancelled task is CANCELLED, a failed notebook FAILED (not COMPLETED, nor an empty
+    state); a job that finished while detached is reported done with its job id and state."""
+    from vldlib.tools.sweep.status import sweep_status
+
+    nb = make_notebook(tmp_path / "tiny.ipynb")
+    out, hold = tmp_path / "out", {1: tmp_path / "hold1", 2: tmp_path / "hold2"}
+    for h in hold.values():
+        h.touch()
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"- {{a: 1, hold: '{hold[1]}'}}\n- {{a: 2, hold: '{hold[2]}', fail: true}}\n- {{a: 3}}\n")
+    args = ["--out", str(out), "--launcher", "slurm", "--jobs", "2", "--time", "10", "--poll-s", "1"]
+    r = sweep(str(nb), "--grid", str(grid), *args, "--detach")
+    assert r.returncode == 0, r.stderr
+    assert "%|" not in r.stderr and "job/s" not in r.stderr, r.stderr  # no progress bar for a detached sweep
+    registry = json.loads((out / "slurm_jobs.json").read_text())
+    folders = {a: next(out.glob(f"a={a}*")) for a in (1, 2, 3)}
+    ids = {a: registry[folders[a].name]["job_id"] for a in folders}
+    try:
+        wait_for("a=1 and a=2 to run their notebook", lambda: all((folders[a] / "pid").exists() for a in (1, 2)),
+                 120)
+        wait_for("a=3 to pend for the array's limit", lambda: queue().get(ids[3], ("", ""))[1] == "JobArrayTaskLimit",
+                 60)
+        df = sweep_status(out).set_index("job_id")
+        assert (df.status[ids[3]], df.reason[ids[3]], df.error[ids[3]]) == ("pending", "JobArrayTaskLimit", ""), df
+
+        cluster.stop_controller()
+        try:
+            r = sweep("--status", str(out))
+        finally:
+            cluster.start_controller()
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "squeue did not answer" in r.stdout and "3 jobs: 3 unknown" in r.stdout, r.stdout
+        rows = {a: next(ln for ln in r.stdout.splitlines() if ln.strip().startswith(folders[a].name)) for a in folders}
+        for a, state in ((1, "RUNNING"), (2, "RUNNING"), (3, "PENDING")):
+            assert f" {state} " in rows[a] and " ago" in rows[a] and ids[a] in rows[a], rows[a]
+
+        _run("scancel", ids[1])  # its kernel dies, the task writes error.json (DeadKernelError), then leaves
+        hold[2].unlink()  # a=2's notebook raises
+        wait_for("a=1 and a=2 to leave the queue", lambda: not {ids[1], ids[2]} & set(queue()), 120)
+        df = sweep_status(out).set_index("job_id")
+        assert (df.status[ids[1]], df.state[ids[1]]) == ("failed", "CANCELLED"), df.to_string()
+        assert (df.status[ids[2]], df.state[ids[2]]) == ("failed", "FAILED"), df.to_string()
+        assert "asked to fail" in df.error[ids[2]]
+        assert "JobState=FAILED" in _run("scontrol", "show", "job", "-o", ids[2]).stdout
+
+        wait_for("a=3 to finish while no sweep watches", lambda: (folders[3] / "done").exists(), 120)
+        wait_for("a=3 to leave the queue", lambda: ids[3] not in queue(), 60)
+        only3 = tmp_path / "grid3.yaml"
+        only3.write_text("- {a: 3}\n")  # the same parameters, the same folder: nothing to submit
+        for status in ("done", "skipped"):  # reported once as done, then as finished before
+            r = sweep(str(nb), "--grid", str(only3), *args)
+            assert r.returncode == 0 and f"1 jobs: 1 {status}" in r.stdout, r.stdout + r.stderr
+            row = pd.read_csv(out / "sweep.csv", dtype=str).iloc[0]
+            assert (row.status, row.job_id, row.state) == (status, ids[3], "COMPLETED"), row
+    finally:
+        _run("scancel", ids[1].split("_")[0], check=False)
+
+
+RUNS_AT_ONCE = """\
+from vldlib.config import TrainConfig
+from vldlib.experiments.grid import parallel_runs_for
+print("runs at once:", parallel_runs_for([TrainConfig(device="cpu", num_threads=1)] * 4, None))
+"""
+
+
+def test_real_slurm_task_trains_as_many_runs_at_once_as_it_has_cpus(cluster, tmp_path):
+    """A task given 1 CPU on a node of several trains one run at a time, not one per core of the node
+    (the node's affinity mask is all of it here: TaskPlugin=task/none binds nothing)."""
+    script = tmp_path / "runs_at_once.py"
+    script.write_text(RUNS_AT_ONCE)
+    node_cpus = int(_run("sinfo", "-h", "-o", "%c").stdout.split()[0].rstrip("+"))
+    answers = {}
+    for cpus in sorted({1, min(2, node_cpus)}):
+        log = tmp_path / f"cpus{cpus}.out"
+        _run("sbatch", f"--cpus-per-task={cpus}", f"--output={log}", f"--chdir={ROOT}",
+             f"--export=ALL,PYTHONPATH={ROOT}", "--wrap", f"{sys.executable} {script}")
+        answers[cpus] = wait_for(f"the {cpus}-CPU task's answer", lambda: "runs at once:" in (
+            log.read_text() if log.exists() else "") and log.read_text(), 180)
+    assert {c: a.split("runs at once:")[1].split()[0] for c, a in answers.items()} == {c: str(c) for c in answers}
 
 
 _PEEKED: dict[int, str] = {}

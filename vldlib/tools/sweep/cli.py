@@ -15,8 +15,10 @@ command again loses no finished work (delete `done` to force a job). A failed jo
 
 On SLURM the jobs form one array (`--jobs N` runs at most N at once). Job ids are kept in
 DIR/slurm_jobs.json and each job.json, and JOB/slurm.out, JOB/slurm.err link the task's logs.
-Running the command again reattaches to tasks still queued or running; `--detach` submits and
-returns; `--status DIR` shows each job's state. A task at its time limit or preempted is requeued
+Running the command again reattaches to tasks still queued or running (a job that finished while
+detached is then reported done, with its job id and state); `--detach` submits and returns;
+`--status DIR` shows each job's state (and exits 1 when SLURM does not answer: it then shows the
+last known states, with their age). A task at its time limit or preempted is requeued
 (submitit's checkpoint): its notebook skips finished runs and training resumes from last.pt. A task
 that leaves the queue without a result is reported failed with SLURM's state (FAILED, TIMEOUT,
 OUT_OF_MEMORY, ...) and its log.
@@ -62,7 +64,7 @@ def _status(out: str) -> int:
     except FileNotFoundError as e:
         return print_error(e)  # 1: no sweep there
     print(status_text(df))
-    return 0
+    return 1 if df.attrs.get("unanswered") else 0  # the states shown may be stale: a script must not trust them
 
 
 def _cmd(args: argparse.Namespace) -> int:
@@ -84,7 +86,7 @@ def _cmd(args: argparse.Namespace) -> int:
             raise ValueError("--detach needs --launcher slurm: local jobs are this process's children")
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill PID` stops workers cleanly, like Ctrl-C
         df = run_sweep(args.notebook, args.grid, args.out, launcher=args.launcher, jobs=jobs, gpus=gpus,
-                       overrides=overrides, kernel_name=args.kernel,
+                       overrides=overrides, kernel_name=args.kernel, progress=not args.detach,
                        launcher_options={k: v for k, v in options.items() if v is not None})
     except ValueError as e:  # a bad --set, grid or option: bad usage (2)
         return print_error(e if isinstance(e, UsageError) else UsageError(str(e)))

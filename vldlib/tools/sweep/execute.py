@@ -10,11 +10,20 @@ import logging
 import os
 import socket
 import time
-from typing import Any
+from typing import Any, Mapping
 
 from vldlib.tools.sweep.grid import RESERVED
 from vldlib.tools.sweep.jobs import KERNEL, Job, record
 from vldlib.utils import write_json_atomic
+
+
+def slurm_task_id(env: Mapping[str, str] | None = None) -> str:
+    """The id squeue shows for this process's SLURM task (`123_4` in an array, `123` alone), "" outside
+    SLURM. `done` keeps it, so that a later sweep can tell which submission finished the job."""
+    env = os.environ if env is None else env
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID", "")
 
 
 def _error_line(exc: BaseException) -> str:
@@ -62,6 +71,6 @@ def execute_job(job: Job, kernel_name: str = KERNEL) -> dict[str, Any]:
     job.failed_path.unlink(missing_ok=True)  # the folder describes the latest run only
     write_json_atomic(job.done_path, {"params": job.params, "wall_s": wall, "notebook": str(job.notebook),
                                       "executed": str(job.executed), "host": socket.gethostname(),
-                                      "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                                      "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"), "slurm_job_id": slurm_task_id(),
                                       "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
     return record(job, "done", wall, notebook=job.executed)

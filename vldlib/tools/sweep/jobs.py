@@ -21,8 +21,8 @@ from vldlib.utils import config_hash, write_json_atomic
 
 NAME_MAX = 100  # readable part of a folder name; the hash keeps names unique anyway
 KERNEL = "python3"
-SUMMARY_COLUMNS = ["name", "status", "state", "job_id", "elapsed_s", "wall_s", "error", "notebook", "log",
-                   "out_dir"]
+SUMMARY_COLUMNS = ["name", "status", "state", "reason", "job_id", "elapsed_s", "wall_s", "error", "notebook",
+                   "log", "out_dir"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,10 +144,13 @@ def read_spec(path: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------- outcomes
 
 def record(job: Job, status: str, wall_s: float | None = None, error: str = "", notebook: Path | None = None,
-           *, job_id: str = "", state: str = "", elapsed_s: float | None = None) -> dict[str, Any]:
+           *, job_id: str = "", state: str = "", reason: str = "",
+           elapsed_s: float | None = None) -> dict[str, Any]:
     """One row of sweep.csv. `status` is the sweep's word (done, skipped, failed, pending, running,
-    interrupted, not run); `state` the scheduler's (SLURM's PENDING, RUNNING, FAILED, TIMEOUT, ...)."""
-    return {"name": job.name, "status": status, "state": state, "job_id": job_id,
+    interrupted, not run; `--status` adds unknown); `state` the scheduler's (SLURM's PENDING, RUNNING,
+    FAILED, TIMEOUT, ...) and `reason` its why (a pending task's JobArrayTaskLimit, Priority, ...):
+    not an error, so never in `error`, which holds what went wrong."""
+    return {"name": job.name, "status": status, "state": state, "reason": reason, "job_id": job_id,
             "elapsed_s": None if elapsed_s is None else round(elapsed_s, 1),
             "wall_s": None if wall_s is None else round(wall_s, 2), "error": error,
             "notebook": str(notebook) if notebook else "", "log": str(job.log), "out_dir": str(job.out_dir),

@@ -18,6 +18,10 @@ OnResult = Callable[[dict[str, Any]], None]
 
 
 class Launcher(Protocol):
+    """A launcher may also have `report_finished(jobs, on_result)`: the runner hands it the jobs that
+    are done before it launches anything, to report what it knows of them (SlurmLauncher: their job
+    id and state, and `done` for those that finished while no sweep watched)."""
+
     def launch(self, jobs: Sequence[Job], on_result: OnResult) -> None:
         """Run `jobs`, calling `on_result(record)` as each one ends; on KeyboardInterrupt, stop them."""
 

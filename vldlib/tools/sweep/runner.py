@@ -70,10 +70,11 @@ def run_sweep(notebook: str | os.PathLike, grid: Grid | str | os.PathLike | None
               launcher_options: Mapping[str, Any] | None = None):
     """Run every unfinished job of the grid; return the summary DataFrame (also DIR/sweep.csv).
 
-    `grid` is a mapping, a list of mappings or a YAML path. Statuses: done (ran now), skipped
-    (finished earlier), failed, interrupted, not run, and for SLURM tasks left running (detached,
-    or the sweep interrupted) pending or running. `jobs`: at a time (default: one per GPU, else 1
-    locally; all at once on SLURM). Example, from a notebook:
+    `grid` is a mapping, a list of mappings or a YAML path. Statuses: done (ran now, or on SLURM
+    finished while no sweep watched), skipped (finished and reported earlier), failed, interrupted,
+    not run, and for SLURM tasks left running (detached, or the sweep interrupted) pending or
+    running. `jobs`: at a time (default: one per GPU, else 1 locally; all at once on SLURM).
+    Example, from a notebook:
 
         df = run_sweep("notebooks/train.ipynb", {"dropout": [0.0, 0.9], "steps": 20}, "runs/smoke", jobs=2)
         df[df.status == "failed"][["name", "error", "notebook"]]
@@ -95,17 +96,23 @@ def run_sweep(notebook: str | os.PathLike, grid: Grid | str | os.PathLike | None
         bar = tqdm(total=len(planned), initial=len(planned) - len(todo), desc=f"sweep {out_dir.name}",
                    unit="job", disable=not progress)
         failed = 0
+        counted = {j.name for j in planned if rows[j.name]["status"] == "skipped"}  # in the bar's `initial`
 
         def on_result(rec: dict[str, Any]) -> None:
             nonlocal failed
             rows[rec["name"]] = rec
             failed += rec["status"] == "failed"
-            bar.update(int(rec["status"] in ("done", "failed")))
+            if rec["status"] in ("done", "failed") and rec["name"] not in counted:
+                counted.add(rec["name"])
+                bar.update(1)
             bar.set_postfix(failed=failed, refresh=True)
             write_summary(summary_frame(list(rows.values())), summary_path)
 
         try:
             write_summary(summary_frame(list(rows.values())), summary_path)
+            report_finished = getattr(launcher, "report_finished", None)  # SLURM: job ids and states
+            if report_finished is not None:
+                report_finished([j for j in planned if rows[j.name]["status"] == "skipped"], on_result)
             launcher.launch(todo, on_result)
         finally:
             bar.close()

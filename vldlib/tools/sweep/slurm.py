@@ -10,7 +10,12 @@
 - The watch loop asks `squeue` (which works without accounting). A task gone from the queue
   without `done` or `error.json` failed: its SLURM state (FAILED, OUT_OF_MEMORY, TIMEOUT,
   PREEMPTED, NODE_FAIL, CANCELLED) comes from `scontrol show job` (or `sacct` when accounting
-  keeps it), and an `error.json` naming it and the log is written for it.
+  keeps it), and an `error.json` naming it and the log is written for it. A task whose notebook
+  raised exits with an error, so SLURM says FAILED there too, never COMPLETED.
+- What SLURM said of each task, and when, goes to DIR/slurm_states.json: when the controller does
+  not answer, `--status` shows these last known states with their age instead of guessing, and a
+  re-run tells a job that finished while no sweep watched (reported `done`, with its job id and
+  state) from one reported before (`skipped`).
 """
 
 from __future__ import annotations
@@ -26,19 +31,22 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import submitit
 
-from vldlib.tools.sweep.execute import execute_job
+from vldlib.tools.sweep.execute import execute_job, slurm_task_id
 from vldlib.tools.sweep.jobs import KERNEL, Job, finished_outcome, record, write_spec
 from vldlib.tools.sweep.local import OnResult
 from vldlib.tools.sweep.worker import env_with_vldlib
 from vldlib.utils import write_json_atomic
 
 REGISTRY = "slurm_jobs.json"
+STATES = "slurm_states.json"  # job id -> the last state SLURM gave for it, and when (`remember_states`)
 LOG_FOLDER = "slurm-logs"
 RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "SIGNALING", "STAGE_OUT", "RESIZING", "SUSPENDED", "STOPPED"}
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
+         "DEADLINE"}  # a task in one of these states has left the queue for good
 # reasons a task pends for good until someone changes the request or the partition
 STUCK_REASONS = {"PartitionTimeLimit", "PartitionNodeLimit", "PartitionConfig", "QOSMaxWallDurationPerJobLimit",
                  "AssocMaxWallDurationPerJobLimit", "QOSMaxCpuPerJobLimit", "QOSMaxGRESPerJob",
@@ -103,6 +111,46 @@ def ended_state(job_id: str) -> TaskState:
     return TaskState("UNKNOWN", "gone from the queue; no accounting remembers it")
 
 
+def remember_states(out_dir: Path, states: Mapping[str, TaskState]) -> None:
+    """Keep what SLURM said of these tasks, and when, in DIR/slurm_states.json. squeue forgets a task
+    when it ends and says nothing while the controller is down; this file still knows. Best effort:
+    a sweep folder this user may not write is only read (a watching sweep and `--status` may both
+    write it; the later write wins, and either one holds fresh answers)."""
+    if not states:
+        return
+    known = {jid: {"state": s.state, "reason": s.reason, "elapsed_s": s.elapsed_s, "seen": seen}
+             for jid, (s, seen) in remembered_states(out_dir).items()}
+    now = time.time()
+    known.update({jid: {"state": s.state, "reason": s.reason, "elapsed_s": s.elapsed_s, "seen": now}
+                  for jid, s in states.items()})
+    try:
+        write_json_atomic(out_dir / STATES, known)
+    except OSError:
+        pass
+
+
+def remembered_states(out_dir: Path) -> dict[str, tuple[TaskState, float]]:
+    """job id -> (its last known TaskState, when it was seen: seconds since the epoch); entries that
+    are not of that shape are left out (the file is only a memory, never trusted blindly)."""
+    try:
+        data = json.loads((out_dir / STATES).read_text())
+    except (OSError, ValueError):
+        return {}
+    known = {}
+    for jid, v in (data.items() if isinstance(data, dict) else ()):
+        if isinstance(v, dict) and isinstance(v.get("state"), str) and isinstance(v.get("seen"), (int, float)):
+            elapsed = v.get("elapsed_s")
+            known[str(jid)] = (TaskState(v["state"], str(v.get("reason") or ""),
+                                         elapsed if isinstance(elapsed, (int, float)) else None), float(v["seen"]))
+    return known
+
+
+class NotebookFailed(RuntimeError):
+    """Raised by a SLURM task whose notebook failed (its error.json is written): the task then exits
+    with an error and SLURM records FAILED. Returning would make SLURM say COMPLETED beside a
+    failed job."""
+
+
 # ----------------------------------------------------------------------------------- the task
 
 class NotebookTask(submitit.helpers.Checkpointable):
@@ -114,22 +162,23 @@ class NotebookTask(submitit.helpers.Checkpointable):
     def __call__(self, job: Job, kernel_name: str = KERNEL) -> dict[str, Any]:
         if job.done_path.exists():  # finished by an earlier task: leave its log and notebook alone
             return finished_outcome(job) or record(job, "done")
-        job_id = os.environ.get("SLURM_JOB_ID", "")
-        task = "_".join(filter(None, [os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")]))
-        if job_id and shutil.which("scontrol"):  # array tasks share the array's name until they start
-            _query(["scontrol", "update", f"JobId={task or job_id}", f"JobName={job.out_dir.parent.name}:{job.name}"])
+        job_id, task = os.environ.get("SLURM_JOB_ID", ""), slurm_task_id()
+        if task and shutil.which("scontrol"):  # array tasks share the array's name until they start
+            _query(["scontrol", "update", f"JobId={task}", f"JobName={job.out_dir.parent.name}:{job.name}"])
         handler = logging.FileHandler(job.log, mode="a")
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         logger = logging.getLogger("papermill")
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
-        logger.info("=== SLURM task %s (job %s) on %s starts %s", task or job_id, job_id, socket.gethostname(),
-                    job.name)
+        logger.info("=== SLURM task %s (job %s) on %s starts %s", task, job_id, socket.gethostname(), job.name)
         try:
-            return execute_job(job, kernel_name)
+            outcome = execute_job(job, kernel_name)
         finally:
             logger.removeHandler(handler)
             handler.close()
+        if outcome["status"] == "failed":
+            raise NotebookFailed(f"job {job.name} failed: {outcome['error']}; see {outcome['notebook'] or job.log}")
+        return outcome
 
     def checkpoint(self, job: Job, kernel_name: str = KERNEL) -> submitit.helpers.DelayedSubmission:
         with open(job.log, "a") as log:
@@ -230,6 +279,7 @@ class SlurmLauncher:
     def _watch(self, tracked: dict[str, tuple[Job, dict[str, Any]]], on_result: OnResult) -> None:
         """Report each task's state changes until every task has left the queue (or once, detached)."""
         waiting, shown, warned = dict(tracked), {}, set()
+        out_dir = next(iter(tracked.values()))[0].out_dir.parent if tracked else None
         try:
             while waiting:
                 live = queue_states()
@@ -239,6 +289,8 @@ class SlurmLauncher:
                         return
                     time.sleep(self.poll_s)
                     continue
+                remember_states(out_dir, {e["job_id"]: live[e["job_id"]] for _, e in waiting.values()
+                                          if e["job_id"] in live})
                 for name, (job, entry) in list(waiting.items()):
                     jid, q = entry["job_id"], live.get(entry["job_id"])
                     if q is None:
@@ -248,8 +300,8 @@ class SlurmLauncher:
                     status = "running" if q.state in RUNNING else "pending"
                     if shown.get(name) != (status, q.state, q.reason):
                         shown[name] = (status, q.state, q.reason)
-                        on_result(record(job, status, None, q.reason, entry["stderr"], job_id=jid, state=q.state,
-                                         elapsed_s=q.elapsed_s))
+                        on_result(record(job, status, None, "", entry["stderr"], job_id=jid, state=q.state,
+                                         reason=q.reason, elapsed_s=q.elapsed_s))
                     if q.state == "PENDING" and (q.reason in STUCK_REASONS or "WallDuration" in q.reason) \
                             and (jid, q.reason) not in warned:
                         warned.add((jid, q.reason))
@@ -270,7 +322,9 @@ class SlurmLauncher:
     def _ended(self, job: Job, entry: dict[str, Any]) -> dict[str, Any]:
         """The record of a task that left the queue; one without a result is failed, with error.json."""
         final = ended_state(entry["job_id"])
-        scheduler = dict(job_id=entry["job_id"], state=final.state, elapsed_s=final.elapsed_s)
+        if final.state != "UNKNOWN":
+            remember_states(job.out_dir.parent, {entry["job_id"]: final})  # reported: a re-run says skipped
+        scheduler = dict(job_id=entry["job_id"], state=final.state, reason=final.reason, elapsed_s=final.elapsed_s)
         for attempt in range(3):  # a shared file system may show the task's last file a moment late
             outcome = finished_outcome(job, **scheduler)
             if outcome is not None:
@@ -286,6 +340,34 @@ class SlurmLauncher:
                                            "job_id": entry["job_id"], "log": entry["stderr"],
                                            "stdout": entry["stdout"], "wall_s": None, "params": job.params})
         return record(job, "failed", None, error, Path(entry["stderr"]), **scheduler)
+
+    def report_finished(self, jobs: Sequence[Job], on_result: OnResult) -> None:
+        """Give the finished `jobs` (those with `done`) their SLURM job id and state. One whose end no
+        sweep has reported yet (it finished while the sweep was detached or killed) is reported
+        `done` now, with the state SLURM gives; the others stay `skipped`, with the state remembered.
+        Jobs that another launcher finished are left as they are. While the controller does not
+        answer, the unreported ones are `done` without a state (asking scontrol would take long)."""
+        if self.cluster != "slurm" or not jobs:
+            return
+        out_dir = jobs[0].out_dir.parent
+        registry, remembered = _load_registry(out_dir), remembered_states(out_dir)
+        ids = {job.name: registry.get(job.name, {}).get("job_id", "") for job in jobs}
+        ours = [job for job in jobs if ids[job.name] and finished_by(job) == ids[job.name]]
+        reported = {job.name for job in ours if remembered.get(ids[job.name], (TaskState(""),))[0].state in ENDED}
+        answers = queue_states() is not None if len(reported) < len(ours) else False
+        ended = {}
+        for job in ours:
+            jid = ids[job.name]
+            if job.name in reported:
+                final, status = remembered[jid][0], "skipped"
+            else:
+                final, status = ended_state(jid) if answers else TaskState(""), "done"
+                if final.state in ENDED:
+                    ended[jid] = final
+            outcome = finished_outcome(job, job_id=jid, state=final.state, elapsed_s=final.elapsed_s)
+            if outcome is not None:
+                on_result({**outcome, "status": status})
+        remember_states(out_dir, ended)
 
     def _watch_futures(self, running: dict[submitit.Job, Job], on_result: OnResult) -> None:
         """submitit's local executor: its jobs are child processes, watched through their futures."""
@@ -309,6 +391,16 @@ def _load_registry(out_dir: Path) -> dict[str, Any]:
         return json.loads((out_dir / REGISTRY).read_text())
     except (OSError, json.JSONDecodeError):
         return {}
+
+
+def finished_by(job: Job) -> str:
+    """The SLURM task id that wrote the job's `done` ("" when none did, or an older sweep wrote it):
+    the registry keeps the last submission only, and another launcher may have finished the job."""
+    try:
+        done = json.loads(job.done_path.read_text())
+    except (OSError, ValueError):
+        return ""
+    return str(done.get("slurm_job_id") or "") if isinstance(done, dict) else ""
 
 
 def _link_logs(job: Job, entry: dict[str, Any]) -> None:
