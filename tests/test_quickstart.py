@@ -8,11 +8,18 @@ import pytest
 from vldlib.experiments.quickstart import run_quickstart
 
 
-def test_quickstart_notebook_writes_tables_figures_and_a_computed_summary(fake_benchmark, tmp_path):
+def test_quickstart_notebook_writes_tables_figures_and_a_computed_summary(fake_benchmark, tmp_path, capfd):
     out = run_quickstart({"benchmark": str(fake_benchmark), "backbone": "test_resnet", "pretrained": False,
                           "resolution": 32, "train_stages": 1, "steps": 4, "eval_every": 2,
                           "batch_size": 4, "seeds": [0, 1, 2], "test_envs": [0, 1], "lr": 0.05},
-                         output_dir=str(tmp_path / "qs"), log_output=False)
+                         output_dir=str(tmp_path / "qs"), log_output=True)
+    # the console (the kernel's own stderr included) is quiet: what the cells print, one line per run,
+    # never a figure's or a table's repr, nor ipykernel's warning about TCP on every start
+    console = "".join(capfd.readouterr())
+    for noise in ("<Figure size", "<IPython.core.display", "Kernel is running over TCP", "leaked semaphore"):
+        assert noise not in console, f"{noise!r} on the console:\n{console[-3000:]}"
+    runs = [p.name for p in (out / "runs").iterdir()]
+    assert len(runs) == 12 and all(sum(r in line for line in console.splitlines()) == 1 for r in runs)
     for name in ("00_quickstart.ipynb", "results.csv", "selected.csv", "table.csv", "ood_vs_iid.png",
                  "curves.png", "domains.png", "summary.md", "floors.csv", "design.csv", "power.csv"):
         assert (out / name).exists(), name
