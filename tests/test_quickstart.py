@@ -8,7 +8,7 @@ import pytest
 from vldlib.experiments.quickstart import run_quickstart
 
 
-def test_quickstart_notebook_writes_tables_figures_and_a_computed_summary(fake_benchmark, tmp_path):
+def test_quickstart_notebook_writes_tables_figures_and_a_computed_summary(fake_benchmark, tmp_path, capfd):
     # tuned_by: a choices table (as notebook 07 writes it), a different lr and weight decay per cell
     chosen = {(0.0, 0): (0.05, 1e-4), (0.0, 1): (0.01, 1e-2), (0.9, 0): (0.02, 1e-1), (0.9, 1): (0.05, 1e-2)}
     pd.DataFrame([{"backbone": "test_resnet", "train_stages": 1, "dropout": r, "test_env": t, "lr": lr,
@@ -18,7 +18,14 @@ def test_quickstart_notebook_writes_tables_figures_and_a_computed_summary(fake_b
                           "resolution": 32, "train_stages": 1, "steps": 4, "eval_every": 2,
                           "batch_size": 4, "seeds": [0, 1, 2], "test_envs": [0, 1], "lr": 0.05,
                           "tuned_by": str(tmp_path / "choices.csv")},
-                         output_dir=str(tmp_path / "qs"), log_output=False)
+                         output_dir=str(tmp_path / "qs"), log_output=True)
+    # the console (the kernel's own stderr included) is quiet: what the cells print, one line per run,
+    # never a figure's or a table's repr, nor ipykernel's warning about TCP on every start
+    console = "".join(capfd.readouterr())
+    for noise in ("<Figure size", "<IPython.core.display", "Kernel is running over TCP", "leaked semaphore"):
+        assert noise not in console, f"{noise!r} on the console:\n{console[-3000:]}"
+    runs = [p.name for p in (out / "runs").iterdir()]
+    assert len(runs) == 12 and all(sum(r in line for line in console.splitlines()) == 1 for r in runs)
     for name in ("00_quickstart.ipynb", "results.csv", "selected.csv", "table.csv", "ood_vs_iid.png",
                  "curves.png", "domains.png", "summary.md", "floors.csv", "design.csv", "power.csv"):
         assert (out / name).exists(), name

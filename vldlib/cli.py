@@ -22,6 +22,7 @@ COMMANDS = {
     "quickstart": "vldlib.experiments.quickstart",
     "sweep": "vldlib.tools.sweep.cli",
     "bench": "vldlib.tools.bench.cli",
+    "notebooks": "vldlib.tools.notebooks",
 }
 
 

@@ -23,7 +23,7 @@ from vldlib.config import TrainConfig
 from vldlib.data.registry import benchmark_label
 from vldlib.experiments.grid import grid, run_grid, steps_for, with_paths
 from vldlib.experiments.tuning import apply_choices, read_choices
-from vldlib.paths import project_root, resolve
+from vldlib.paths import find_notebook, locate, project_root, resolve
 
 NOTEBOOK = "notebooks/00_quickstart.ipynb"
 PAPER_PARAMS = "notebooks/00_quickstart.paper.yaml"
@@ -107,11 +107,8 @@ def run_study_runs(params: dict) -> list[Path]:
 
 
 def notebook_path(name: str = NOTEBOOK) -> Path:
-    path = project_root() / name
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: the quickstart runs from a checkout of vldlib "
-                                f"(git clone, then `bash .ci/setup`); run it from inside that folder.")
-    return path
+    """The quickstart's notebook or parameter file: the checkout's, else the installed package's."""
+    return find_notebook(name)
 
 
 def _parse_params(items: list[str]) -> dict:
@@ -148,20 +145,34 @@ def _output_dir(params: dict, paper: bool, out: str | None) -> Path:
                    or default_output_dir({**paper, **params}))
 
 
-class _CellLog(logging.Handler):
-    """papermill logs each cell's output line by line; show them as plain terminal lines."""
+class _Console:
+    """Where papermill writes what the notebook's cells print (stream outputs only: a figure's or a
+    table's text repr, `<Figure size 1040x520 with 32 Axes>`, is for the notebook, not the terminal).
+    Looks up sys.stdout/sys.stderr at each write, so a redirected or captured stream gets it."""
 
-    def emit(self, record: logging.LogRecord) -> None:
-        msg = record.getMessage()
-        if msg.startswith(("Executing", "Ending Cell", "Working directory", "Input Notebook", "Output Notebook")) \
-                or "Kernel is running over TCP" in msg or not msg.strip():
-            return
-        print(msg, flush=True)
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def write(self, text: str) -> None:
+        stream = getattr(sys, self.name)
+        stream.write(text)
+        stream.flush()
+
+    def flush(self) -> None:
+        getattr(sys, self.name).flush()
+
+
+# The kernel's own log lines go to the terminal (its stderr is ours): at its default level ipykernel
+# warns on every start that "Kernel is running over TCP without encryption" (it listens on 127.0.0.1
+# and every message is signed with the key of a connection file only this user can read) and, after a
+# kill, that its parent exited. Its errors still show.
+QUIET_KERNEL = ["--IPKernelApp.log_level=ERROR"]
 
 
 def read_params_file(path: str | Path) -> dict:
-    """A YAML file of notebook parameters (`00_quickstart.gpu.yaml`); errors name the file."""
-    p = Path(path)
+    """A YAML file of notebook parameters (`00_quickstart.gpu.yaml`; a shipped one is found by its
+    name from any folder, see `vldlib.paths.locate`); errors name the file."""
+    p = locate(path)
     data = read_yaml_mapping(p, "parameter: value")
     unknown = sorted(set(data) - set(DEFAULTS))
     if unknown:
@@ -172,7 +183,8 @@ def read_params_file(path: str | Path) -> dict:
 def run_quickstart(params: dict | None = None, *, paper: bool = False, output_dir: str | None = None,
                    log_output: bool = True, config: str | Path | None = None) -> Path:
     """Execute the quickstart notebook; return the output folder. `config`: a YAML file of
-    parameters (e.g. notebooks/00_quickstart.gpu.yaml), under `params`."""
+    parameters (e.g. notebooks/00_quickstart.gpu.yaml), under `params`. `log_output`: show what the
+    notebook's cells print (one line per run, ...) on the console as it runs."""
     params = dict(params or {})
     if config is not None:
         params = {**read_params_file(config), **params}
@@ -185,18 +197,11 @@ def run_quickstart(params: dict | None = None, *, paper: bool = False, output_di
     out.mkdir(parents=True, exist_ok=True)
     import papermill as pm  # here, not at the top: `--runs-only` works where Jupyter is not installed
 
-    handler = _CellLog()
-    logger = logging.getLogger("papermill")
-    if log_output:
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-    try:
-        # written as it runs: after a failure it shows the error in place
-        pm.execute_notebook(str(notebook_path()), str(out / "00_quickstart.ipynb"), parameters=params,
-                            cwd=str(project_root()), log_output=log_output, progress_bar=False,
-                            kernel_name="python3")
-    finally:
-        logger.removeHandler(handler)
+    console = {"stdout_file": _Console("stdout"), "stderr_file": _Console("stderr")} if log_output else {}
+    # written as it runs: after a failure it shows the error in place
+    pm.execute_notebook(str(notebook_path()), str(out / "00_quickstart.ipynb"), parameters=params,
+                        cwd=str(project_root()), progress_bar=False, kernel_name="python3",
+                        extra_arguments=QUIET_KERNEL, **console)
     return out
 
 
@@ -228,7 +233,9 @@ def _cli(args: argparse.Namespace) -> int:
         params = _parse_params(args.param)
         if args.config:
             params = {**read_params_file(args.config), **params}
-    except ValueError as e:
+        if not args.runs_only:
+            notebook_path()  # found before anything runs; the error names where it looked
+    except (ValueError, FileNotFoundError) as e:
         return print_error(e)
     if args.data_dir:
         params["data_dir"] = args.data_dir

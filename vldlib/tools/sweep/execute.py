@@ -12,6 +12,7 @@ import socket
 import time
 from typing import Any, Mapping
 
+from vldlib.paths import is_packaged
 from vldlib.tools.sweep.grid import RESERVED
 from vldlib.tools.sweep.jobs import KERNEL, Job, record
 from vldlib.utils import write_json_atomic
@@ -38,7 +39,8 @@ def _error_line(exc: BaseException) -> str:
 def execute_job(job: Job, kernel_name: str = KERNEL) -> dict[str, Any]:
     """Run the notebook of `job` to completion; write `done` last on success, evidence on failure.
 
-    The notebook runs with cwd = its own folder (relative paths behave as in Jupyter) and is
+    The notebook runs with cwd = its own folder (relative paths behave as in Jupyter; one of the
+    installed package's notebooks runs in the current folder instead) and is
     executed into a temporary file that is renamed into place, so `executed.ipynb` is never half a
     notebook. Returns the `record` of the run; never raises for a failing notebook.
     """
@@ -52,8 +54,10 @@ def execute_job(job: Job, kernel_name: str = KERNEL) -> dict[str, Any]:
     tmp = out / f".executed.{os.getpid()}.tmp.ipynb"
     t0 = time.time()
     try:
+        # a notebook of the installed package runs in the current folder, never in site-packages
+        cwd = os.getcwd() if is_packaged(job.notebook) else str(job.notebook.parent)
         papermill.execute_notebook(str(job.notebook), str(tmp), parameters={**job.params, RESERVED: str(out)},
-                                   cwd=str(job.notebook.parent), kernel_name=kernel_name,
+                                   cwd=cwd, kernel_name=kernel_name,
                                    progress_bar=False, log_output=True)
     except Exception as e:  # noqa: BLE001 - any failure of the notebook is a failed job, reported
         wall = time.time() - t0

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from vldlib.paths import locate
 from vldlib.tools.sweep.grid import (
     RESERVED,
     Grid,
@@ -53,10 +54,10 @@ def write_summary(df, path: Path) -> None:
 def prepare(notebook: str | os.PathLike, grid: Grid | str | os.PathLike | None, out_dir: str | os.PathLike,
             overrides: Mapping[str, Any] | None = None) -> list[Job]:
     """Grid (mapping, list or YAML path) + overrides -> validated jobs, reusing existing folders."""
-    notebook = Path(notebook).resolve()
+    notebook = locate(notebook).resolve()  # as given, else a shipped one by name (checkout, then package)
     if not notebook.is_file():
         raise FileNotFoundError(f"notebook {notebook} does not exist")
-    grids = load_grid(grid) if isinstance(grid, (str, os.PathLike)) else as_grids(grid)
+    grids = load_grid(locate(grid)) if isinstance(grid, (str, os.PathLike)) else as_grids(grid)
     if overrides and RESERVED in overrides:
         raise ValueError(f"'{RESERVED}' is set by the sweep for each job; use --out to place the runs")
     params = expand_grid(apply_overrides(grids, overrides))
