@@ -41,11 +41,11 @@ EvalFn = Callable[[nn.Module, dict[str, Any]], "dict[str, tuple[torch.Tensor, to
 # what must agree across runs: the evaluation data (benchmark, held-out envs, split seed and
 # fraction) for any combination; the architecture, what was trained, the input size and the
 # starting point as well for weight averaging
-ENSEMBLE_KEYS = ("benchmark", "test_envs", "trial_seed", "holdout")
+ENSEMBLE_KEYS = ("benchmark", "test_envs", "trial_seed", "holdout", "train_fraction")  # the last: training envs' "in"
 SOUP_KEYS = ENSEMBLE_KEYS + ("backbone", "head", "train_stages", "resolution", "init_fingerprint")
 # runs written before a field existed used its default
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)
-             if f.name in ("holdout", "head", "train_stages", "resolution")}
+             if f.name in ("holdout", "head", "train_stages", "resolution", *TrainConfig.ADDED_LATER)}
 WHICH = ("best", "last")  # best.pt (DiWA's choice) or the final weights (the paper's Fig 1)
 
 

@@ -34,6 +34,13 @@ def plateau_check(curves: pd.DataFrame, by: Sequence[str] = ("dropout",), tail: 
 
     `plateaued` is True when the gain is below `tolerance` (1 point by default): training
     longer would not change the selected checkpoint much.
+
+    `lr_constant` says whether that reading means it: True when every run of the configuration
+    kept one learning rate throughout (`lr_decay_at=[]`, `--lr-decay-at ''`), False when the rate
+    changed (the default x0.1 at half the run: the tail then lies after the decay, where every
+    curve flattens whether or not the model has converged, so `plateaued` there may be the
+    decay's doing), NaN when the records do not say (`step_lr` absent). Judge a budget on a
+    constant-lr run, or on a longer one (issue 23 section 4).
     """
     rows = []
     for key, g in curves.groupby(list(by)):
@@ -51,8 +58,17 @@ def plateau_check(curves: pd.DataFrame, by: Sequence[str] = ("dropout",), tail: 
                      "gain": at_end - at_start, "best_iid": best,
                      "fit_acc_at_end": end["fit_acc"].mean() if "fit_acc" in g else float("nan"),
                      "training_mode_acc_at_end": end["train_acc"].mean() if "train_acc" in g else float("nan"),
-                     "plateaued": bool(at_end - at_start < tolerance)})
+                     "plateaued": bool(at_end - at_start < tolerance), "lr_constant": _lr_constant(g)})
     return pd.DataFrame(rows)
+
+
+def _lr_constant(g: pd.DataFrame) -> bool | float:
+    """Whether every run in `g` used one learning rate at every recorded step (NaN: not recorded).
+    Equal up to rounding: a record's rate is the optimizer's divided by `head_lr_mult`."""
+    if "step_lr" not in g or g["step_lr"].isna().all():
+        return float("nan")
+    lr = g.groupby("run")["step_lr"].agg(["min", "max"])
+    return bool(((lr["max"] - lr["min"]) <= 1e-9 * lr["max"].abs()).all())
 
 
 def plot_validation_curves(curves: pd.DataFrame, hue: str = "dropout", style: str | None = None) -> plt.Figure:

@@ -160,7 +160,7 @@ def across_runs(selected: pd.DataFrame, group: Sequence[str] = ("benchmark", "te
 # parameters-cell names that are TrainConfig fields, copied into `base_config` as they are
 CONFIG_PARAMS = ("data_dir", "backbone", "pretrained", "resolution", "train_stages", "cache_trunk", "augment",
                  "augment_on", "cache_images", "channels_last", "batch_size", "eval_every", "device", "freeze_bn",
-                 "lr_decay_at")
+                 "lr_decay_at", "train_fraction")
 
 
 @dataclass

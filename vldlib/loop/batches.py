@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from vldlib.config import TrainConfig, UsageError
 from vldlib.data import MultiDomainFolder, split_domain
+from vldlib.data.splits import train_subset
 from vldlib.data.cache import cache_root, cached_benchmark, cached_domain, image_sizes
 from vldlib.data.datasets import ArrayDataset, ImageDataset
 from vldlib.data.gpu_augment import ArraySource, DeviceBatches, augment_batch, normalisation_of, sample_params
@@ -33,7 +34,7 @@ from vldlib.utils import atomic_path, computed_once, config_hash, seed_hash
 class Data:
     """What the loop reads: per training domain a dataset, and every (domain, split) to evaluate."""
 
-    train: list[torch.utils.data.Dataset]  # one per training domain (its "in" split)
+    train: list[torch.utils.data.Dataset]  # one per training domain (its "in" split, or `train_fraction` of it)
     evals: dict[str, torch.utils.data.Dataset]  # "env0_in", "env0_out", ...
     domains: list[str]
     classes: list[str]
@@ -68,12 +69,19 @@ def make_data(cfg: TrainConfig, bench: MultiDomainFolder, mean, std) -> Data:
 
     train, evals, split_files = [], {}, []
     for env in range(n_env):
-        ins, outs = split_domain(len(bench.samples[env]), cfg.trial_seed, env, cfg.holdout, bench.groups(env))
+        groups = bench.groups(env)
+        ins, outs = split_domain(len(bench.samples[env]), cfg.trial_seed, env, cfg.holdout, groups)
+        if env in train_envs:
+            # a training domain's "in" is what it trains on, and its eval-mode accuracy there is
+            # `fit_acc`: both the subset; the held-out domain and every "out" split stay whole
+            ins = train_subset(ins, cfg.train_fraction, cfg.trial_seed, env, groups)
         split_files.append([[bench.samples[env][i] for i in ins], [bench.samples[env][i] for i in outs]])
         if env in train_envs:
             if cfg.batch_size > len(ins):
+                part = "" if cfg.train_fraction == 1 else f" at train_fraction {cfg.train_fraction:g}"
                 raise UsageError(f"batch_size {cfg.batch_size} is larger than the 'in' split of domain "
-                                 f"{bench.domains[env]!r} ({len(ins)} images); use --batch-size <= {len(ins)}")
+                                 f"{bench.domains[env]!r}{part} ({len(ins)} images); use --batch-size <= {len(ins)}"
+                                 + ("" if not part else " or a larger --train-fraction"))
             train.append(subset(env, ins, tf_train))
         evals[f"env{env}_in"] = subset(env, ins, tf_eval)
         if cfg.val_augment and env in train_envs:  # the official code's default (no --outsplit_noaug)
@@ -271,7 +279,9 @@ def trunk_features(net: FineTuneNet, data: Data, cfg: TrainConfig, device: torch
                 with atomic_path(path) as tmp:
                     torch.save(_trunk_cache_entry(evals, key), tmp)
     # The cache holds every (domain, split) and is shared by runs holding out different domains;
-    # which of them are trained on is decided here, per run, never stored with the cache.
+    # which of them are trained on is decided here, per run, never stored with the cache. (At a
+    # train_fraction below 1 the training domains' "in" splits are subsets, which depend on the
+    # held-out domain: such runs share a cache per held-out domain and fraction, as `data.key` says.)
     return {"evals": evals, "train": [evals[f"env{e}_in"] for e in data.train_envs]}
 
 
