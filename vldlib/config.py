@@ -170,6 +170,7 @@ class TrainConfig:
     average_from: int = 300  # weight average and logit ensemble start at this step
     eval_batch_size: int = 256  # batch size for evaluation
     keep_last: bool = True  # keep last.pt after the run finished (needed only to extend it)
+    save_weights: bool = True  # keep the run's weights (best.pt, and final.pt without keep_last) for soups and analyses; False: records only (with keep_last=False: last.pt, the resume state, goes at the end)
     # --- system
     seed: int = 0  # training seed: head init, batch order, augmentation, dropout masks
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
@@ -186,7 +187,11 @@ class TrainConfig:
 
     # Fields that do not change results: left out of the run's identity hash.
     NON_IDENTITY = ("data_dir", "device", "num_workers", "out", "run_name", "progress", "keep_last",
-                    "eval_batch_size", "cache_trunk", "num_threads", "compile", "cudnn_benchmark")
+                    "save_weights", "eval_batch_size", "cache_trunk", "num_threads", "compile", "cudnn_benchmark")
+    # save_weights too: a study that reads only records.jsonl (the quickstart, the effect map) need not
+    # write 30 MB of weights a run, and its runs are the same runs as those of a study that keeps them.
+    # A run trained without them is then refused, naming it and the fix, by whatever needs its weights
+    # (`vldlib.loop.load_run_model`, the across-run soups of `vldlib.evaluate.combine`).
     # cache_images is part of the identity: the cached square is resampled twice (resize, then crop
     # and resize), so its pixels differ slightly from the reference path's even with the same crops
 
@@ -266,6 +271,10 @@ class TrainConfig:
         if self.val_augment and not self.augment:
             raise UsageError("val_augment evaluates the validation split with the training augmentation, but "
                              "augment is off: set augment=True (--augment) or val_augment=False.")
+        if not self.save_weights and self.keep_last:
+            raise UsageError("save_weights=False keeps no weights, but keep_last=True keeps last.pt (the weights "
+                             "and optimiser state, to extend the run): set keep_last=False too (--no-keep-last), "
+                             "or save_weights=True.")
         if self.cache_trunk and self.train_stages is None:
             raise UsageError("cache_trunk needs a frozen trunk: set train_stages (e.g. 1, or 0 for the head only).")
 
