@@ -17,7 +17,7 @@ import pickle
 import platform
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -65,9 +65,10 @@ def writing(path: Path, *also: type[Exception]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: Path) -> Iterator[bool]:
+def run_lock(run_dir: Path, should_stop: Callable[[], bool] | None = None) -> Iterator[bool]:
     """Hold an exclusive lock on RUN_DIR/.lock while training; yield whether another process held it
     first (then that process has finished or died, and the run's files must be read again).
+    `should_stop`: the wait gives up with `StopRequested` when asked (`FileLock.acquire`).
 
     `utils.FileLock`: the kernel releases it when its holder exits, even by kill -9, so a stale lock
     never blocks a resume.
@@ -80,7 +81,7 @@ def run_lock(run_dir: Path) -> Iterator[bool]:
         if waited:
             print(f"[vldlib] {run_dir} is being trained by {lock.holder() or 'a process'}; waiting for it to "
                   f"finish", flush=True)
-            lock.acquire()
+            lock.acquire(should_stop)
         with writing(path):  # a disk already full fails here, the first write of a run
             lock.set_holder(f"PID {os.getpid()} on {platform.node()}")
         yield waited

@@ -60,7 +60,16 @@ from vldlib.loop.rundir import (  # noqa: F401
 )
 from vldlib.loop.step import TrainStep
 from vldlib.model import FineTuneNet, build_net, create_model, data_config, weights_fingerprint
-from vldlib.utils import append_jsonl, read_json, read_jsonl, seed_hash, write_json_atomic, write_text_atomic
+from vldlib.utils import (
+    StopRequested,
+    append_jsonl,
+    check_stop,
+    read_json,
+    read_jsonl,
+    seed_hash,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 
 def first_non_finite(losses: list[torch.Tensor]) -> int | None:
@@ -112,14 +121,32 @@ def build_run_net(cfg: TrainConfig, num_classes: int, device: torch.device) -> t
     return net, data_config(model), init_fingerprint
 
 
-def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> Path:
+def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None,
+          report_phase: Callable[[str], None] | None = None) -> Path:
     """Run (or resume, or skip if finished) one fine-tuning run; returns its directory.
 
-    `should_stop` (e.g. a threading.Event's is_set) is asked before each step; when it says yes the
-    run returns unfinished, resumable from its last checkpoint (the explorer's stop button)."""
+    `should_stop` (e.g. a threading.Event's is_set; the explorer's stop button) is asked in every
+    phase, at most a batch apart: while images are checked, before the network is built, while the
+    frozen-trunk outputs are computed, while waiting for a lock, and before each step. When it says
+    yes the run returns unfinished, resumable from its last checkpoint (evaluation), and what the
+    preparation finished (checked images, computed trunk outputs) is kept for the next start. An
+    evaluation under way is finished first: it is what saves the steps before it.
+    `report_phase(name)` is called as each phase starts ("loading the benchmark", ..., "training"),
+    for a caller that shows what a run is doing before its first evaluation."""
     cfg = cfg.resolved()  # the benchmark's steps and evaluation interval where they were left unset
     cfg.validate()
     run_dir = run_dir_for(cfg)
+    try:
+        return _train(cfg, run_dir, should_stop, report_phase or (lambda _phase: None))
+    except StopRequested:  # raised by a phase of the preparation (the step loop returns by itself)
+        print(f"[vldlib] stopped while preparing {run_dir} (nothing trained yet in this start)")
+        return run_dir
+
+
+def _train(cfg: TrainConfig, run_dir: Path, should_stop: Callable[[], bool] | None,
+           report_phase: Callable[[str], None]) -> Path:
+    """`train`'s body. A stop asked during the preparation raises `StopRequested` out of it (from
+    any depth: image checks, trunk outputs, a lock); the step loop returns by itself."""
     if (run_dir / "done").exists():
         print(f"[vldlib] already finished: {run_dir} (delete its 'done' file to run it again)")
         return run_dir
@@ -135,9 +162,13 @@ def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> Pa
     torch.backends.cudnn.benchmark = device.type == "cuda" and cfg.cudnn_benchmark
 
     # --- model: pretrained backbone, dropout on the penultimate features, frozen BN
-    bench = load_benchmark(cfg.benchmark, cfg.data_dir, skip_bad=cfg.skip_bad, progress=cfg.progress)
+    report_phase("loading the benchmark")
+    bench = load_benchmark(cfg.benchmark, cfg.data_dir, skip_bad=cfg.skip_bad, progress=cfg.progress,
+                           should_stop=should_stop)
     fingerprint = data_fingerprint(bench)
     check_same_data(run_dir, read_json(run_dir / "meta.json"), fingerprint)  # before anything is written
+    check_stop(should_stop)
+    report_phase("building the network")
     net, norm, init_fingerprint = build_run_net(cfg, len(bench.classes), device)
     moved = DistanceFromStart(net)  # the start, before a checkpoint is loaded into the net
     frozen = frozen_fingerprint(net.model)  # what a last.pt without the frozen parameters resumes onto
@@ -148,7 +179,10 @@ def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> Pa
     loads_with_workers = cfg.augment_on == "workers" and not cfg.cache_trunk
     torch.set_num_threads(cpu_plan(cfg.num_workers if loads_with_workers else 0, cfg.num_threads, len(data.train))[0])
     held_out_split = ood_split(bench)  # which part of a held-out domain measures o.o.d. accuracy
-    features = trunk_features(net, data, cfg, device) if cfg.cache_trunk else None
+    check_stop(should_stop)
+    if cfg.cache_trunk:
+        report_phase("computing the frozen-trunk outputs (cached for later runs)")
+    features = trunk_features(net, data, cfg, device, should_stop) if cfg.cache_trunk else None
     forward = net.tail if features is not None else net
     # compiled for training only: evaluation (eval mode) would compile a second graph for little gain
     train_forward = torch.compile(forward, dynamic=False) if cfg.compile else forward
@@ -163,7 +197,8 @@ def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> Pa
     # finds the run done, or resumes it from where the first stopped
     with writing(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
-    with run_lock(run_dir) as waited:
+    check_stop(should_stop)
+    with run_lock(run_dir, should_stop) as waited:
         if waited and (run_dir / "done").exists():
             print(f"[vldlib] finished meanwhile by another process: {run_dir}")
             return run_dir
@@ -260,7 +295,9 @@ def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> Pa
             bar.set_postfix(val=f"{score:.3f}", **({} if interval is None else {"loss": f"{interval['loss']:.3f}"}),
                             test=f"{np.mean([acc['model'][f'env{t}_{held_out_split}'] for t in cfg.test_envs]):.3f}")
 
+        check_stop(should_stop)
         if start == 0 and not (run_dir / "last.pt").exists():
+            report_phase("evaluating the start")
             evaluate(0, None)  # the pretrained start: a selection candidate, as in the official code
         # Running sums stay on the device: reading a GPU value each step would stall the pipeline.
         # For the same reason the finiteness check reads the recent losses in batches on a GPU.
@@ -268,6 +305,7 @@ def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> Pa
         zero = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
         loss_sum, correct, seen, recent = zero(), zero(), 0, []
         t_interval, last_eval = time.perf_counter(), start
+        report_phase("training")
         net.train()
         for step, batch in enumerate(train_batches(data, cfg, start, device, features), start=start):
             if should_stop is not None and should_stop():  # stopped by the caller: resumes from last.pt
