@@ -10,11 +10,6 @@
 
 from __future__ import annotations
 
-import json
-import signal
-import subprocess
-import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,13 +18,13 @@ import pytest
 
 from vldlib.config import TrainConfig, UsageError
 from vldlib.evaluate import combine as S
-from vldlib.loop import WeightsNotKept, load_run_model, run_dir_for, weights_file
+from vldlib.loop import WeightsNotKept, load_run_model, weights_file
 from vldlib.loop import train as loop_train
 from vldlib.loop.train import train
 from vldlib.utils import read_jsonl
 
 from test_soups import Fns, _tiny, make_run
-from test_train import RESUME_SCRIPT, stable, tiny_config
+from test_train import kill_mid_run, stable, tiny_config
 
 
 def no_weights(root: Path, **kw) -> TrainConfig:
@@ -58,18 +53,7 @@ def test_a_killed_run_without_weights_resumes_with_identical_records(fake_benchm
     kw = dict(steps=16, eval_every=4, average_from=4, augment=True, dropout=0.5, benchmark=str(fake_benchmark))
     reference = train(no_weights(tmp_path / "ref", **kw))
     cfg = no_weights(tmp_path / "killed", **kw)
-    run = run_dir_for(cfg)
-    proc = subprocess.Popen([sys.executable, "-c", RESUME_SCRIPT, json.dumps(cfg.__dict__)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if len(read_jsonl(run / "records.jsonl")) >= 3 and (run / "last.pt").exists():
-            break
-        if proc.poll() is not None:
-            pytest.fail(f"training subprocess ended early: {proc.stderr.read().decode()[-2000:]}")
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    run = kill_mid_run(cfg)
     assert not (run / "done").exists() and not (run / "best.pt").exists()
     capsys.readouterr()
     train(cfg)

@@ -257,22 +257,29 @@ train(cfg)
 """
 
 
-def test_killed_run_resumes_with_identical_records(fake_benchmark, tmp_path):
-    kw = dict(steps=16, eval_every=4, average_from=4, augment=True, dropout=0.5)
-    reference = train(tiny_config(tmp_path / "ref", **{**kw, "benchmark": str(fake_benchmark)}))
-    cfg = tiny_config(tmp_path / "killed", **{**kw, "benchmark": str(fake_benchmark)})
+def kill_mid_run(cfg: TrainConfig, records: int = 3):
+    """Train `cfg` in a subprocess and kill -9 it once `records` evaluations and last.pt are on disk:
+    a run stopped where only its checkpoint can resume it. Returns its run folder."""
     run = run_dir_for(cfg)
     proc = subprocess.Popen([sys.executable, "-c", RESUME_SCRIPT, json.dumps(cfg.__dict__)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline:
-        if len(read_jsonl(run / "records.jsonl")) >= 3 and (run / "last.pt").exists():
+        if len(read_jsonl(run / "records.jsonl")) >= records and (run / "last.pt").exists():
             break
         if proc.poll() is not None:
             pytest.fail(f"training subprocess ended early: {proc.stderr.read().decode()[-2000:]}")
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    return run
+
+
+def test_killed_run_resumes_with_identical_records(fake_benchmark, tmp_path):
+    kw = dict(steps=16, eval_every=4, average_from=4, augment=True, dropout=0.5)
+    reference = train(tiny_config(tmp_path / "ref", **{**kw, "benchmark": str(fake_benchmark)}))
+    cfg = tiny_config(tmp_path / "killed", **{**kw, "benchmark": str(fake_benchmark)})
+    run = kill_mid_run(cfg)
     assert not (run / "done").exists()
     train(cfg)
     assert stable(read_jsonl(run / "records.jsonl")) == stable(read_jsonl(reference / "records.jsonl"))
