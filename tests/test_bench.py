@@ -164,6 +164,8 @@ def test_bench_cli_picks_the_quickstart_on_a_cpu_and_refuses_mixed_options(capsy
     assert "--config images" in capsys.readouterr().err
     assert main(["bench", "--steps-scaling", "10"]) == 2
     assert "--steps-scaling expects N,M" in capsys.readouterr().err
+    assert main(["bench", "--run-split", "0"]) == 2
+    assert "--run-split N: N is a number of runs" in capsys.readouterr().err
 
 
 def test_steps_scaling_times_real_runs(fake_benchmark, tmp_path):
@@ -192,3 +194,30 @@ def test_steps_per_dropout_rate():
     assert steps_for({0.0: 600, 0.9: 1200}, 0.9) == 1200 and steps_for({"0.9": 1200}, 0.9) == 1200
     with pytest.raises(ValueError, match="no value for dropout rate 0.5"):
         steps_for({0.0: 600}, 0.5)
+
+
+def test_run_split_times_every_part_of_the_loop_and_puts_it_back(fake_benchmark, tmp_path, monkeypatch):
+    """`bench --run-split`: each run's parts are measured (none counted twice: together no longer
+    than the run), the checkpoint writes are the loop's, and the loop's functions are its own again
+    afterwards. The one-off costs run on caches of their own, leaving VLDLIB_CACHE as it was."""
+    from vldlib.loop.step import TrainStep
+    from vldlib.tools.bench import split as SP
+
+    loss, save = TrainStep.loss, T.save_checkpoint
+    lines: list[str] = []
+    monkeypatch.setattr(SP.tempfile, "tempdir", str(tmp_path))
+    res = SP.run_split(_tiny_run(fake_benchmark, steps=4, eval_every=2, average_from=2), runs=2, one_offs=False,
+                       log=lines.append, overrides={"save_weights": False, "keep_last": False})
+    assert [r["run"][:10] for r in res["runs"]] == ["fake-te0-p", "fake-te0-p"] and len(lines) == 5
+    for r in res["runs"]:
+        measured = {k: v for k, v in r["parts"].items() if k != "other"}
+        assert all(measured[k] > 0 for k in ("setup", "model build", "steps", "evaluation", "checkpoints"))
+        assert sum(measured.values()) <= r["wall_s"]
+        assert {k: len(v) for k, v in r["checkpoint_writes"].items()} == {"last.pt": 3}  # steps 0, 2, 4
+        assert r["files_mb"] == {}  # records only: nothing left
+    assert TrainStep.loss is loss and T.save_checkpoint is save
+    monkeypatch.setenv("VLDLIB_CACHE", str(tmp_path / "mine"))
+    costs = SP.one_off_costs(_tiny_run(fake_benchmark), tmp_path / "cold")
+    assert set(costs) == {"image check, cold", "image check, remembered", "trunk cache build"}
+    assert (tmp_path / "cold" / "cold-cache" / "trunk").is_dir() and not (tmp_path / "mine").exists()
+    assert SP.os.environ["VLDLIB_CACHE"] == str(tmp_path / "mine")

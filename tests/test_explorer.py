@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 import warnings
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -89,7 +90,7 @@ def test_plot_shows_loss_both_accuracies_and_earlier_runs_over_their_full_range(
                             "dropout": [0.0] * 3 + [0.9] * 3})
     fig = ex.plot_curves(curve, earlier, title="t", total_steps=20)
     loss, iid, ood = fig.axes[:3]
-    assert [a.get_title() for a in (loss, iid, ood)] == ["training loss", "i.i.d. validation", "o.o.d. test"]
+    assert [a.get_title() for a in (loss, iid, ood)] == ["training loss (log scale)", "i.i.d. validation", "o.o.d. test"]
     assert iid.get_ylabel() == "accuracy (%)" and loss.get_ylabel() == "cross-entropy"
     assert all(a.get_xlim()[1] >= 500 for a in (loss, iid, ood))  # earlier runs not clipped to this run's 20 steps
     assert max(iid.lines[0].get_ydata()) == pytest.approx(90)  # percent, not fraction
@@ -98,6 +99,74 @@ def test_plot_shows_loss_both_accuracies_and_earlier_runs_over_their_full_range(
     colours = {tuple(line.get_color()) if not isinstance(line.get_color(), str) else line.get_color()
                for line in ood.lines[:2]}
     assert len(colours) == 2  # one colour per rate
+
+
+def test_loss_axis_is_logarithmic_so_a_high_rate_does_not_flatten_the_others():
+    """Issue 26 item 7: a run whose loss starts near 26 squeezed every other rate to a flat line on a
+    linear axis; on the log axis a rate whose loss falls from 2 to 0.1 spans most of the panel."""
+    curve = pd.DataFrame({"step": [0, 10, 20], "loss": [float("nan"), 2.0, 0.1], "iid_acc": [0.3, 0.5, 0.6],
+                          "ood_acc": [0.3, 0.4, 0.45]})
+    earlier = pd.DataFrame({"run": ["a"] * 3, "step": [10, 20, 30], "loss": [26.0, 8.0, 3.0],
+                            "iid_acc": [0.5, 0.6, 0.7], "ood_acc": [0.3, 0.4, 0.5], "dropout": [0.9] * 3})
+    loss = ex.plot_curves(curve, earlier, total_steps=30).axes[0]
+    assert loss.get_yscale() == "log"
+    lo, hi = (np.log10(v) for v in loss.get_ylim())
+    assert (np.log10(2.0) - np.log10(0.1)) / (hi - lo) > 0.4  # the low run's fall: not a flat line at the bottom
+
+
+def test_a_curve_without_a_training_loss_says_so_instead_of_meaningless_axes():
+    """Issue 26 item 5: a run stopped right after its start evaluation (step 0 has no training loss)
+    left a loss axis from -0.04 to 0.04; the loss panel now says why it is empty."""
+    start_only = pd.DataFrame({"step": [0], "loss": [float("nan")], "iid_acc": [0.3], "ood_acc": [0.3]})
+    loss = ex.plot_curves(start_only, None, total_steps=300).axes[0]
+    assert "no training loss yet" in " ".join(t.get_text() for t in loss.texts)
+    assert not len(loss.get_yticks())
+
+
+def test_stop_while_the_run_prepares_is_heard_and_says_nothing_was_evaluated(root, monkeypatch):
+    """Issue 26 item 5: a stop pressed while the frozen-trunk outputs are computed acts within a
+    batch (it waited for the whole phase, 26 s on ObjectStyles), and the panel shows a message, not
+    an empty plot."""
+    from vldlib.model import FineTuneNet
+
+    trunk = FineTuneNet.trunk
+    # 6 splits of at most 15 images, one batch each: a 12 s phase, heard within a batch (2 s)
+    monkeypatch.setattr(FineTuneNet, "trunk", lambda self, x: (time.sleep(2), trunk(self, x))[1])
+    bench = make_fake_benchmark(root / "fresh", per_class=6)  # its trunk outputs are not cached yet
+    panel = ex.Explorer(data_dir=str(root), runs_dir=str(root / "runs"), compare=[str(root / "nothing")],
+                        defaults={**TINY, "benchmark": str(bench), "steps": 300})
+    panel.button.click()
+    deadline = time.time() + 60
+    while not panel.live.phase.startswith("computing the frozen-trunk") and time.time() < deadline:
+        time.sleep(0.02)
+    assert "computing the frozen-trunk" in panel.live.phase
+    time.sleep(1)
+    assert "computing the frozen-trunk" in panel.status.value  # the status line says what the run is doing
+    t0 = time.perf_counter()
+    panel.stop_button.click()
+    while panel.button.disabled and time.perf_counter() - t0 < 30:
+        time.sleep(0.02)
+    assert time.perf_counter() - t0 < 5, f"the stop took {time.perf_counter() - t0:.1f} s"
+    assert panel.status.value.startswith("stopped before its first evaluation"), panel.status.value
+    assert panel.image.layout.display == "none" and panel.png == b""
+
+
+def test_run_button_returns_at_once_even_when_earlier_runs_load_slowly(root, monkeypatch):
+    """The button's callback runs in the kernel: while it works, no other widget message (the stop
+    button's click) is handled. Loading the earlier runs (every run under `compare`) is the
+    watcher's job, not the callback's."""
+    slow = ex.earlier_curves
+    monkeypatch.setattr(ex, "earlier_curves", lambda *a, **k: (time.sleep(10), slow(*a, **k))[1])
+    panel = ex.Explorer(data_dir=str(root), runs_dir=str(root / "runs"), compare=[str(root / "runs")],
+                        defaults={**TINY, "benchmark": str(root / "fake"), "steps": 3000, "dropout": 0.35})
+    t0 = time.perf_counter()
+    panel.button.click()
+    assert time.perf_counter() - t0 < 3 and panel.live.running
+    panel.stop_button.click()
+    deadline = time.time() + 60
+    while panel.button.disabled and time.time() < deadline:
+        time.sleep(0.05)
+    assert not panel.live.running and not panel.live.finished
 
 
 def test_empty_plot_draws_without_a_legend_warning():

@@ -2,7 +2,9 @@
 `20_explorer` parameterized for tiny fake data; headless Chromium (through Selenium) runs all its
 cells, sets a long run in the panel, presses run, then stop, and the test checks that the widgets
 rendered (no "Loading widget"), the plot updated while training, and the run stopped unfinished.
-Screenshots land in outputs/explorer/ (explorer.png, the stopped panel, is the README's).
+Before the panel, the notebook's default run must be drawn while it trains (issue 26 item 6); after
+the stop, a save in JupyterLab must change nothing git stores (issue 26 item 8: the notebooks' clean
+filter). Screenshots land in outputs/explorer/ (explorer.png, the stopped panel, is the README's).
 
 Needs Debian's `chromium` and `chromium-driver` and PyPI's `selenium` (.ci/setup installs them);
 skipped, saying which is missing, without them."""
@@ -27,6 +29,7 @@ from conftest import make_fake_benchmark
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = ROOT / "outputs" / "explorer"
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+DEFAULT_STEPS = 1500  # the notebook's default run: long enough to be seen drawn while it trains
 
 pytestmark = [
     pytest.mark.slow,
@@ -63,7 +66,7 @@ def lab(tmp_path):
     nb = load_notebook_node(str(ROOT / "notebooks" / "20_explorer.ipynb"))
     params = dict(benchmark=str(bench), data_dir=str(tmp_path / "data"), output_dir=str(tmp_path / "out"),
                   runs_dir=str(tmp_path / "runs"), compare_dirs=[str(tmp_path / "runs")], backbone="test_resnet",
-                  pretrained=False, resolution=32, train_stages=1, steps=20, batch_size=4, device="cpu",
+                  pretrained=False, resolution=32, train_stages=1, steps=DEFAULT_STEPS, batch_size=4, device="cpu",
                   interactive=True)
     nbformat.write(parameterize_notebook(nb, params), work / "20_explorer.ipynb")
     _lab_settings(tmp_path / "settings")
@@ -159,7 +162,9 @@ def _drive(lab, browser) -> None:
         _wait(lambda: browser.find_elements(By.CSS_SELECTOR, f"li[data-command='{command}']"), 10,
               f"menu item {command} missing: {[e.get_attribute('data-command') for e in browser.find_elements(By.CSS_SELECTOR, 'li.lm-Menu-item')]}")[0].click()
 
+    saved_before = (tmp / "work" / "20_explorer.ipynb").read_text(encoding="utf-8")
     click_menu("Run", "runmenu:run-all")
+    _see_the_default_run_drawn_while_it_trains(browser)
 
     def button(label):
         found = [b for b in browser.find_elements(By.CSS_SELECTOR, "button.jupyter-button") if b.text.strip() == label]
@@ -198,3 +203,45 @@ def _drive(lab, browser) -> None:
     assert not (run / "done").exists() and (run / "last.pt").exists()  # stopped unfinished, resumable
     time.sleep(3)  # stopped means stopped: no evaluation after the stop
     assert _eval_steps(tmp / "runs", 5000) == evals
+    _save_and_check_git_stores_nothing_new(browser, tmp / "work" / "20_explorer.ipynb", saved_before)
+
+
+def _see_the_default_run_drawn_while_it_trains(browser) -> None:
+    """The default run's cell shows its plot (an image in its output) while its status line still
+    says it is training, i.e. before its last step: drawn live, not once at the end."""
+    from selenium.webdriver.common.by import By
+
+    def cell_output():
+        cells = [c for c in browser.find_elements(By.CSS_SELECTOR, ".jp-Notebook .jp-CodeCell")
+                 if "run_drawn" in c.find_element(By.CSS_SELECTOR, ".jp-InputArea").text]
+        if not cells:
+            return None, ""
+        area = cells[0].find_elements(By.CSS_SELECTOR, ".jp-OutputArea")
+        text = area[0].text if area else ""
+        return (area[0].find_elements(By.CSS_SELECTOR, "img") if area else []), text
+
+    seen = []
+
+    def drawn_while_training():
+        images, text = cell_output()
+        seen.append(text.splitlines()[:1])
+        return images and f"of {DEFAULT_STEPS}" in text and "done" not in text
+    _wait(drawn_while_training, 240, f"the default run was not drawn while it trained; its output read {seen[-5:]}",
+          poll=0.2)
+
+
+def _save_and_check_git_stores_nothing_new(browser, path: Path, before: str) -> None:
+    """Save in JupyterLab: the file gets its outputs and a rewritten kernelspec, and the notebooks'
+    clean filter (what git stores) turns it back into the notebook as written."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    from vldlib.tools.notebook_filter import clean
+
+    browser.find_element(By.CSS_SELECTOR, ".jp-Notebook .jp-Cell .jp-InputPrompt").click()
+    browser.find_element(By.TAG_NAME, "body").send_keys(Keys.CONTROL, "s")
+    _wait(lambda: path.read_text(encoding="utf-8") != before, 30, "saving in JupyterLab wrote nothing")
+    time.sleep(1)  # the whole file
+    saved = path.read_text(encoding="utf-8")
+    assert json.loads(saved)["metadata"]["kernelspec"] != json.loads(before)["metadata"]["kernelspec"]
+    assert clean(saved) == clean(before)

@@ -198,18 +198,22 @@ def test_incompatible_runs_refused(tmp_path):
 
 
 def test_soups_refuse_other_holdout_stages_head_or_resolution(tmp_path):
-    """Same benchmark, domains and start, but another split fraction, trained part, head or input
-    size: averaging such weights (or, for the split, ensembling them) is meaningless."""
+    """Same benchmark, domains and start, but another split fraction, training subset, trained part,
+    head or input size: averaging such weights (or, for the split and the subset, ensembling them:
+    their training domains' "in" splits differ) is meaningless."""
     a = make_run(tmp_path, "a")  # written before these fields existed: the defaults
     fns = Fns({}, linear_eval)
     for i, (key, value) in enumerate([("holdout", 0.3), ("train_stages", 1), ("head", "multiblock3"),
-                                      ("resolution", 96)]):
+                                      ("resolution", 96), ("train_fraction", 0.5)]):
         other = make_run(tmp_path, f"o{i}", **{key: value})
         with pytest.raises(ValueError, match=f"{key} differs"):
             S.uniform_soup([a, other], load_fn=fns.load_fn, eval_fn=fns.eval_fn)
     with pytest.raises(ValueError, match="holdout differs"):
         S.logit_ensemble([a, tmp_path / "o0"], load_fn=fns.load_fn, eval_fn=fns.eval_fn)
-    same = make_run(tmp_path, "same", holdout=0.2, head="linear", train_stages=None, resolution=224)
+    with pytest.raises(ValueError, match="train_fraction differs"):
+        S.logit_ensemble([a, tmp_path / "o4"], load_fn=fns.load_fn, eval_fn=fns.eval_fn)
+    same = make_run(tmp_path, "same", holdout=0.2, head="linear", train_stages=None, resolution=224,
+                    train_fraction=1.0)
     assert S.check_compatible([a, same])["resolution"] == 224  # explicit defaults equal missing ones
     with pytest.raises(ValueError, match="which must be"):
         S.uniform_soup([a, same], "final", load_fn=fns.load_fn, eval_fn=fns.eval_fn)

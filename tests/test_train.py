@@ -257,22 +257,29 @@ train(cfg)
 """
 
 
-def test_killed_run_resumes_with_identical_records(fake_benchmark, tmp_path):
-    kw = dict(steps=16, eval_every=4, average_from=4, augment=True, dropout=0.5)
-    reference = train(tiny_config(tmp_path / "ref", **{**kw, "benchmark": str(fake_benchmark)}))
-    cfg = tiny_config(tmp_path / "killed", **{**kw, "benchmark": str(fake_benchmark)})
+def kill_mid_run(cfg: TrainConfig, records: int = 3):
+    """Train `cfg` in a subprocess and kill -9 it once `records` evaluations and last.pt are on disk:
+    a run stopped where only its checkpoint can resume it. Returns its run folder."""
     run = run_dir_for(cfg)
     proc = subprocess.Popen([sys.executable, "-c", RESUME_SCRIPT, json.dumps(cfg.__dict__)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline:
-        if len(read_jsonl(run / "records.jsonl")) >= 3 and (run / "last.pt").exists():
+        if len(read_jsonl(run / "records.jsonl")) >= records and (run / "last.pt").exists():
             break
         if proc.poll() is not None:
             pytest.fail(f"training subprocess ended early: {proc.stderr.read().decode()[-2000:]}")
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    return run
+
+
+def test_killed_run_resumes_with_identical_records(fake_benchmark, tmp_path):
+    kw = dict(steps=16, eval_every=4, average_from=4, augment=True, dropout=0.5)
+    reference = train(tiny_config(tmp_path / "ref", **{**kw, "benchmark": str(fake_benchmark)}))
+    cfg = tiny_config(tmp_path / "killed", **{**kw, "benchmark": str(fake_benchmark)})
+    run = kill_mid_run(cfg)
     assert not (run / "done").exists()
     train(cfg)
     assert stable(read_jsonl(run / "records.jsonl")) == stable(read_jsonl(reference / "records.jsonl"))
@@ -580,6 +587,38 @@ def test_lr_milestones_in_step_numbers(fake_benchmark, tmp_path, monkeypatch):
     assert [u["groups"][0]["lr"] for u in spy.updates] == pytest.approx([0.01] * 3 + [0.001] * 3 + [0.0001] * 2)
     with pytest.raises(ValueError, match="step number"):
         tiny_config(tmp_path, steps=8, lr_decay_at=[5000]).validate()
+
+
+def test_constant_lr_run_and_its_plateau_check(fake_benchmark, tmp_path, monkeypatch):
+    """lr_decay_at=[] (`--lr-decay-at ''`, `--param lr_decay_at=[]`) keeps the rate for the whole run, and
+    the plateau check says which of its rows are judged on a constant rate (issue 23 section 4): the
+    default decay flattens the tail whether or not the model has converged."""
+    import argparse
+
+    from vldlib.config import add_arguments, from_args
+    from vldlib.evaluate.convergence import plateau_check, validation_curves
+    from vldlib.evaluate.scores import load_runs
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, TrainConfig)
+    assert from_args(TrainConfig, parser.parse_args(["--lr-decay-at", ""])).lr_decay_at == []
+    spy = _Spy(monkeypatch)
+    flat = tiny_config(tmp_path, steps=8, eval_every=2, average_from=2, lr=0.01, lr_decay_at=[], head_lr_mult=10.0)
+    flat.validate()
+    assert flat.lr_milestones() == []
+    flat_dir = train(flat)
+    assert [g["lr"] for u in spy.updates for g in u["groups"]] == pytest.approx([0.01, 0.1] * 8)  # body, head
+    records = [r for r in read_jsonl(flat_dir / "records.jsonl") if r.get("type", "eval") == "eval"]
+    assert [r["lr"] for r in records] == pytest.approx([0.01] * 5)
+    decayed_dir = train(tiny_config(tmp_path, steps=8, eval_every=2, average_from=2, lr=0.01, lr_decay_at=[0.5],
+                                    head_lr_mult=10.0))
+    table = plateau_check(validation_curves(load_runs([flat_dir, decayed_dir])), by=("lr_decay_at",))
+    table = table.set_index("lr_decay_at")
+    assert table["lr_constant"].to_dict() == {"": True, "0.5": False}
+    # the gain: mean i.i.d. validation (training domains' "out" splits) at step 8 minus at step 6
+    iid = {r["step"]: np.mean([v for k, v in r["acc"]["model"].items() if k.endswith("_out") and k != "env0_out"])
+           for r in records}
+    assert table.loc["", "gain"] == pytest.approx(iid[8] - iid[6]) and table.loc["", "from_step"] == 6
 
 
 def test_val_augment_evaluates_training_domains_out_split_augmented(fake_benchmark, tmp_path):

@@ -28,7 +28,7 @@ from vldlib.model import check_backbone, check_dropout, check_head
 
 T = TypeVar("T")
 __all__ = ["MAX_RESOLUTION", "TrainConfig", "UsageError", "add_arguments", "add_flag", "coerce", "error_exit_code",
-           "field_docs", "from_args", "from_dict", "load_file", "parse_bool", "print_error"]
+           "added_later_defaults", "field_docs", "from_args", "from_dict", "load_file", "parse_bool", "print_error"]
 
 MAX_RESOLUTION = 2048  # px: 84x the pixels of the paper's 224; beyond it a batch no longer fits on one GPU
 
@@ -140,6 +140,7 @@ class TrainConfig:
     test_envs: list[int] = field(default_factory=lambda: [0])  # held-out domain index(es)
     trial_seed: int = 0  # seeds the 80/20 in/out split of every domain, nothing else
     holdout: float = 0.2  # fraction of every domain held out ("out" split)
+    train_fraction: float = 1.0  # train on this fraction of each training domain's "in" split (nested subsets fixed by trial_seed; validation and test untouched)
     resolution: int = 224  # input size in pixels
     augment: bool = True  # DomainBed's training augmentation (off: eval resize only)
     val_augment: bool = False  # evaluate the training domains' "out" split with the training augmentation (the official code without --outsplit_noaug)
@@ -162,13 +163,14 @@ class TrainConfig:
     head_lr_mult: float = 1.0  # classifier lr = lr x this (paper Fig 6: 10)
     weight_decay: float = 1e-4  # on every parameter
     momentum: float = 0.9  # SGD momentum
-    lr_decay_at: list[float] = field(default_factory=lambda: [0.5])  # where lr *= lr_decay: fractions of steps (< 1) or step numbers (>= 1)
+    lr_decay_at: list[float] = field(default_factory=lambda: [0.5])  # where lr *= lr_decay: fractions of steps (< 1) or step numbers (>= 1); [] (--lr-decay-at '') keeps lr constant
     lr_decay: float = 0.1  # lr multiplier at each of lr_decay_at
     # --- evaluation and averaging
     eval_every: int | None = None  # evaluate and checkpoint every this many steps, at 0 and at the last (None: BenchmarkSpec.checkpoint_freq; 300)
     average_from: int = 300  # weight average and logit ensemble start at this step
     eval_batch_size: int = 256  # batch size for evaluation
     keep_last: bool = True  # keep last.pt after the run finished (needed only to extend it)
+    save_weights: bool = True  # keep the run's weights (best.pt, and final.pt without keep_last) for soups and analyses; False: records only (with keep_last=False: last.pt, the resume state, goes at the end)
     # --- system
     seed: int = 0  # training seed: head init, batch order, augmentation, dropout masks
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
@@ -185,9 +187,19 @@ class TrainConfig:
 
     # Fields that do not change results: left out of the run's identity hash.
     NON_IDENTITY = ("data_dir", "device", "num_workers", "out", "run_name", "progress", "keep_last",
-                    "eval_batch_size", "cache_trunk", "num_threads", "compile", "cudnn_benchmark")
+                    "save_weights", "eval_batch_size", "cache_trunk", "num_threads", "compile", "cudnn_benchmark")
+    # save_weights too: a study that reads only records.jsonl (the quickstart, the effect map) need not
+    # write 30 MB of weights a run, and its runs are the same runs as those of a study that keeps them.
+    # A run trained without them is then refused, naming it and the fix, by whatever needs its weights
+    # (`vldlib.loop.load_run_model`, the across-run soups of `vldlib.evaluate.combine`).
     # cache_images is part of the identity: the cached square is resampled twice (resize, then crop
     # and resize), so its pixels differ slightly from the reference path's even with the same crops
+
+    # Fields added after runs were already on disk, each with the value those runs used (its
+    # default): left out of the identity at that value, so every existing run keeps its folder
+    # name and is found finished; a run that sets another value is another run. Readers of old
+    # config.json files fill them in (`vldlib.evaluate.scores.load_runs`, `combine`).
+    ADDED_LATER = ("train_fraction",)
 
     def resolved(self) -> "TrainConfig":
         """This config with the fields left unset (None) filled in: `steps` and `eval_every` from the
@@ -231,6 +243,9 @@ class TrainConfig:
             raise UsageError(f"head_lr_mult must be > 0, got {self.head_lr_mult}")
         if not 0 < self.holdout < 1:
             raise UsageError(f"holdout fraction must be in (0, 1), got {self.holdout}; e.g. --holdout 0.2 (the paper's)")
+        if not 0 < self.train_fraction <= 1:
+            raise UsageError(f"train_fraction must be in (0, 1], got {self.train_fraction}; e.g. --train-fraction 0.25 "
+                             f"trains on a quarter of each training domain's 'in' split (1: all of it)")
         if not self.test_envs:
             raise UsageError("test_envs is empty: name at least one held-out domain index")
         bad = [f for f in self.lr_decay_at if not (0 < f < 1 or (f >= 1 and float(f).is_integer() and f < self.steps))]
@@ -256,12 +271,25 @@ class TrainConfig:
         if self.val_augment and not self.augment:
             raise UsageError("val_augment evaluates the validation split with the training augmentation, but "
                              "augment is off: set augment=True (--augment) or val_augment=False.")
+        if not self.save_weights and self.keep_last:
+            raise UsageError("save_weights=False keeps no weights, but keep_last=True keeps last.pt (the weights "
+                             "and optimiser state, to extend the run): set keep_last=False too (--no-keep-last), "
+                             "or save_weights=True.")
         if self.cache_trunk and self.train_stages is None:
             raise UsageError("cache_trunk needs a frozen trunk: set train_stages (e.g. 1, or 0 for the head only).")
 
     def identity(self) -> dict:
-        """The fields that change results, of the resolved config (unset steps = the benchmark's)."""
-        return {k: v for k, v in asdict(self.resolved()).items() if k not in self.NON_IDENTITY}
+        """The fields that change results, of the resolved config (unset steps = the benchmark's);
+        an `ADDED_LATER` field only when it differs from its default, so that adding a field never
+        renames the runs already on disk."""
+        defaults = added_later_defaults()
+        return {k: v for k, v in asdict(self.resolved()).items()
+                if k not in self.NON_IDENTITY and not (k in defaults and v == defaults[k])}
+
+
+def added_later_defaults() -> dict[str, Any]:
+    """{field: default} of `TrainConfig.ADDED_LATER`: the value a run written before the field existed used."""
+    return {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in TrainConfig.ADDED_LATER}
 
 
 DEFAULT_STEPS, DEFAULT_EVAL_EVERY = 10_000, 300  # the paper's, for a benchmark that is a folder

@@ -9,8 +9,9 @@ import json
 import os
 import stat
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 def seed_hash(*args: Any) -> int:
@@ -28,6 +29,21 @@ def seed_hash(*args: Any) -> int:
 def config_hash(d: dict[str, Any], n: int = 10) -> str:
     """Short stable hash of a JSON-able dict (key order does not matter)."""
     return hashlib.md5(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+class StopRequested(Exception):
+    """The caller asked a long computation to stop (the explorer's stop button).
+
+    Raised from wherever the work is (checking images, computing cached trunk outputs, waiting for
+    a lock) by `check_stop`, and caught by `vldlib.loop.train.train`, which then returns the run
+    unfinished and resumable. An exception, so that a stop leaves any depth at once without every
+    layer passing a flag back up; whatever was finished before it is kept by the layer it passes."""
+
+
+def check_stop(should_stop: Callable[[], bool] | None) -> None:
+    """Raise `StopRequested` when `should_stop` (e.g. a threading.Event's is_set) says so; None never stops."""
+    if should_stop is not None and should_stop():
+        raise StopRequested("stopped by the caller")
 
 
 @contextlib.contextmanager
@@ -75,9 +91,16 @@ class FileLock:
         except BlockingIOError:
             return False
 
-    def acquire(self) -> None:
-        """Take the lock, waiting for its holder to release it or to exit."""
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
+    def acquire(self, should_stop: Callable[[], bool] | None = None, poll: float = 0.1) -> None:
+        """Take the lock, waiting for its holder to release it or to exit. With `should_stop`, the
+        wait polls (every `poll` s) and gives up with `StopRequested` when asked: a stop pressed
+        while another process holds the lock is not deaf until that process finishes."""
+        if should_stop is None:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            return
+        while not self.try_acquire():
+            check_stop(should_stop)
+            time.sleep(poll)
 
     def holder(self) -> str:
         """What the holder wrote with `set_holder` ("" when nothing yet)."""
@@ -102,12 +125,13 @@ class FileLock:
 
 
 @contextlib.contextmanager
-def computed_once(path: str | os.PathLike) -> Iterator[None]:
+def computed_once(path: str | os.PathLike, should_stop: Callable[[], bool] | None = None) -> Iterator[None]:
     """Hold the lock PATH.lock while computing the file `path`, so that processes asking for the
     same cache file at once (runs trained in parallel) compute it once: the others wait, then find
-    it written. Taking it clears the temporaries of writers killed mid-write."""
+    it written. Taking it clears the temporaries of writers killed mid-write. `should_stop`: see
+    `FileLock.acquire`."""
     with FileLock(f"{path}.lock", mode=0o666) as lock:  # a shared cache: others may lock it too
-        lock.acquire()
+        lock.acquire(should_stop)
         remove_orphaned_temporaries(path)
         yield
 

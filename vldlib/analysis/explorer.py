@@ -26,6 +26,7 @@ from vldlib.loop import run_dir_for
 from vldlib.paths import resolve
 from vldlib.utils import read_jsonl
 from vldlib.experiments.grid import with_paths
+from vldlib.evaluate.axes import min_span
 from vldlib.evaluate.scores import load_runs, per_step_scores
 from vldlib.loop.train import train
 from vldlib.data import get_spec, list_benchmarks
@@ -75,31 +76,42 @@ def curve_of(run_dir: str | Path) -> pd.DataFrame:
 
 
 class LiveRun:
-    """One explorer run trained in a background thread, stoppable between steps.
+    """One explorer run trained in a background thread, stoppable in every phase.
 
     `stop()` (the stop button) or a KeyboardInterrupt while `watch` waits (Kernel > Interrupt) asks
-    `train` to return before its next step; the run then stays unfinished and resumable from its
-    last checkpoint (evaluation), so pressing run again with the same settings continues it.
+    `train` to return: within a batch while it prepares (checking images, computing the frozen-trunk
+    outputs, which it keeps for the next start), before its next step while it trains. The run then
+    stays unfinished and resumable from its last checkpoint (evaluation), so pressing run again
+    with the same settings continues it. `phase` says what it is doing, or last did ("" before it starts).
     """
 
     def __init__(self, cfg: TrainConfig):
         self.cfg, self.run_dir = cfg, run_dir_for(cfg)
         self.stop_event = threading.Event()
         self.error: BaseException | None = None
+        self.phase = ""
+        self.stopped_at: float | None = None  # time.perf_counter() of stop() and of the thread's end:
+        self.ended_at: float | None = None  # the stop latency a status line reports
         self._thread = threading.Thread(target=self._work, daemon=True, name="vldlib-explorer")
 
     def _work(self) -> None:
 
+        def report_phase(name: str) -> None:
+            self.phase = name
         try:
-            train(self.cfg, should_stop=self.stop_event.is_set)
+            train(self.cfg, should_stop=self.stop_event.is_set, report_phase=report_phase)
         except BaseException as e:  # re-raised by watch() in the caller's thread
             self.error = e
+        finally:
+            self.ended_at = time.perf_counter()
 
     def start(self) -> LiveRun:
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        if not self.stop_event.is_set():
+            self.stopped_at = time.perf_counter()
         self.stop_event.set()
 
     @property
@@ -110,30 +122,47 @@ class LiveRun:
     def finished(self) -> bool:
         return (self.run_dir / "done").exists()
 
-    def watch(self, on_update: Callable[[pd.DataFrame], None] | None = None, poll: float = 0.5) -> Path:
+    def watch(self, on_update: Callable[[pd.DataFrame], None] | None = None, poll: float = 0.5,
+              on_poll: Callable[[], None] | None = None) -> Path:
         """Wait for the run, calling `on_update(curve)` each time a new evaluation is recorded (and
-        once at the end); an interrupt stops the run cleanly. Returns the run dir."""
-        seen = -1
+        once at the end) and `on_poll()` every `poll` seconds (a status line); an interrupt stops
+        the run cleanly. Returns the run dir as soon as the run's thread ends."""
+        seen, records = -1, self.run_dir / "records.jsonl"
+        read: tuple | None = None
+        curve = curve_of(self.run_dir)
         try:
             while True:
                 alive = self._thread.is_alive()
-                curve = curve_of(self.run_dir)
+                stamp = _file_stamp(records)
+                if stamp != read:  # parse the records only when the file changed
+                    read, curve = stamp, curve_of(self.run_dir)
                 if on_update is not None and len(curve) != seen:
                     seen = len(curve)
                     on_update(curve)
                 if not alive:
                     break
-                time.sleep(poll)
+                if on_poll is not None:
+                    on_poll()
+                self._thread.join(poll)  # returns at once when the run ends
         except KeyboardInterrupt:
             self.stop()
             self._thread.join()
             if on_update is not None:
                 on_update(curve_of(self.run_dir))
-            print(f"[vldlib] interrupted: {self.run_dir} stopped before its next step (resumable)")
+            print(f"[vldlib] interrupted: {self.run_dir} stopped (resumable)")
         self._thread.join()
         if self.error is not None:
             raise self.error
         return self.run_dir
+
+
+def _file_stamp(path: Path) -> tuple[int, int] | None:
+    """(size, mtime) of a file, None when missing: whether it changed since it was last read."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 def run_live(cfg: TrainConfig, on_update: Callable[[pd.DataFrame], None] | None = None, poll: float = 0.5) -> Path:
@@ -146,18 +175,48 @@ def run_live(cfg: TrainConfig, on_update: Callable[[pd.DataFrame], None] | None 
     return LiveRun(cfg).start().watch(on_update, poll)
 
 
-def progress_bar(total: int, desc: str = "training") -> Callable[[pd.DataFrame], None]:
-    """An `on_update` for `run_live` that advances a tqdm bar to the last evaluated step."""
-    from tqdm.auto import tqdm
+def run_drawn(cfg: TrainConfig, compare: Iterable[str | Path], title: str, poll: float = 0.25
+              ) -> tuple[Path, pd.DataFrame]:
+    """Train `cfg` (or reuse it) as `run_live` does, drawing it in the cell's output while it
+    trains: a status line (what the run is doing, seconds since the start), and its learning curve
+    next to the comparable finished runs under `compare`, redrawn at each evaluation, the first
+    (step 0, the start) included. Returns (run dir, the earlier runs drawn).
 
-    bar = tqdm(total=total, desc=desc)
+    Display handles, not widgets: the drawing needs no front-end extension, so papermill, nbconvert
+    and a notebook reopened without its kernel keep the last one. The run starts first: reading the
+    earlier runs and loading matplotlib (2 s on the loaded 2-core machine) happen while it prepares,
+    on the core its single thread leaves free, not after its first evaluation."""
+    from IPython.display import HTML, Image, display
 
-    def update(curve: pd.DataFrame) -> None:
+    t0, evaluated = time.perf_counter(), [""]
+    live = LiveRun(cfg).start()
+    status = display(HTML(f"starting {live.run_dir.name} ..."), display_id=True)
+    plot = display(HTML(""), display_id=True)
+    try:
+        earlier = earlier_curves(compare, cfg.benchmark, cfg.test_envs[0], match=comparable(cfg))
+    except BaseException:  # an interrupt or an error here stops the run: no thread left training
+        live.stop()
+        live.watch()
+        raise
+    earlier = earlier[earlier.run != str(live.run_dir)] if len(earlier) else earlier
+    if not len(earlier):  # nothing to draw yet: load matplotlib now, while the run prepares on its one thread
+        plot_curves(curve_of(live.run_dir).iloc[:0], None)
+
+    def show_phase() -> None:
+        status.update(HTML(f"{live.phase or 'starting'}{evaluated[0]} ({time.perf_counter() - t0:.0f} s): "
+                           f"{live.run_dir.name}"))
+
+    def draw(curve: pd.DataFrame) -> None:
+        if len(curve) or len(earlier):
+            plot.update(Image(data=figure_png(plot_curves(curve, earlier, title=title, total_steps=cfg.steps)),
+                              format="png"))
         if len(curve):
-            bar.update(int(curve.step.max()) - bar.n)
-        if bar.n >= total:
-            bar.close()
-    return update
+            evaluated[0] = f", evaluated step {int(curve.step.iloc[-1])} of {cfg.steps}"
+            show_phase()
+    run_dir = live.watch(draw, poll, on_poll=show_phase)
+    status.update(HTML(f"{'done' if live.finished else 'stopped (run the cell again to continue it)'} "
+                       f"after {time.perf_counter() - t0:.0f} s: {run_dir.name}"))
+    return run_dir, earlier
 
 
 def describe_run(curve: pd.DataFrame, earlier: pd.DataFrame) -> str:
@@ -214,28 +273,54 @@ def plot_curves(curve: pd.DataFrame, earlier: pd.DataFrame | None = None, title:
     earlier runs thinner, one colour per dropout rate, each over its own full range of steps, so a
     new rate can be judged against what was already tried.
 
+    The loss axis is logarithmic: the training loss (measured with dropout on) of the rates ends
+    orders of magnitude apart. With the default settings on emoji (the official nn.Linear head
+    init), rate 0 falls from 2.1 to 0.018 in 300 steps, 0.5 to 0.07, 0.9 from 4.0 only to 1.3; on
+    a linear axis the 0.9 run flattens the others onto the floor after a third of the run, on a log
+    axis every rate's fall reads as its ratio. (Per-rate normalisation would hide that 0.9 stays
+    high, which is the point of the comparison.) Before the run has a training loss (its only
+    evaluation is step 0, the start) the loss panel says so instead of drawing axes around nothing,
+    and the accuracy axes span at least `axes.MIN_SPAN` points.
+
     Built on `matplotlib.figure.Figure` (not pyplot), so the explorer's watcher thread can draw
     without touching the notebook's figure manager; show it with `display(fig)`."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     fig = Figure(figsize=(11, 3.6))
     axes = fig.subplots(1, 3)
     rates = sorted(earlier.dropout.unique()) if earlier is not None and len(earlier) else []
     colour = {r: f"C{i % 10}" for i, r in enumerate(rates)}
-    panels = (("loss", "training loss", "cross-entropy"), ("iid_acc", "i.i.d. validation", "accuracy (%)"),
+    panels = (("loss", "training loss (log scale)", "cross-entropy"), ("iid_acc", "i.i.d. validation", "accuracy (%)"),
               ("ood_acc", "o.o.d. test", "accuracy (%)"))
     for ax, (metric, name, unit) in zip(axes, panels):
         scale = 1 if metric == "loss" else 100
+        drawn = []
         for run, g in (earlier.groupby("run") if rates else ()):
             if metric in g:
                 ax.plot(g.step, scale * g[metric], color=colour[g.dropout.iloc[0]], alpha=0.8, lw=1.2)
+                drawn.append(g[metric])
         if len(curve) and metric in curve:
             ax.plot(curve.step, scale * curve[metric], "o-", color="black", ms=3, lw=2.2, label="this run")
+            drawn.append(curve[metric])
         right = max(total_steps or 0, int(earlier.step.max()) if rates else 0)
         if right:
-            ax.set_xlim(0, right * 1.02)
+            ax.set_xlim(-0.02 * right, right * 1.02)  # the start's point (step 0) inside the frame
         ax.set(title=name, xlabel="step", ylabel=unit)
         ax.grid(alpha=0.3)
+        if metric != "loss":
+            min_span(ax, "y")  # one point, or a flat start, is not stretched into a fake trend
+        else:
+            values = pd.to_numeric(pd.concat(drawn), errors="coerce") if drawn else pd.Series(dtype=float)
+            if (values > 0).any():
+                ax.set_yscale("log")
+                ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 0.01 0.02 0.05 0.1 ... 5 10
+                ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+                ax.yaxis.set_minor_formatter(NullFormatter())
+            else:
+                ax.set_yticks([])
+                ax.text(0.5, 0.5, "no training loss yet:\nthe first is recorded at the\nfirst evaluation after step 0",
+                        transform=ax.transAxes, ha="center", va="center", fontsize=9, color="0.35")
     for r in rates:
         axes[-1].plot([], [], color=colour[r], lw=1.2, label=f"earlier, dropout rate {r:g}")
     handles, labels = axes[-1].get_legend_handles_labels()
@@ -328,22 +413,35 @@ class Explorer:
                 "dropout": round(float(self.dropout.value), 4), "steps": int(self.steps.value)}
 
     def _draw(self, curve: pd.DataFrame, earlier: pd.DataFrame, title: str, steps: int) -> None:
+        """Draw the curve (with the earlier runs) into the panel; with nothing of either to draw,
+        hide the image rather than show empty axes (the status line says why)."""
         self.last_curve = curve
         self.progress.value = int(curve.step.max()) if len(curve) else 0
+        if not len(curve) and not len(earlier):
+            self.png, self.image.value = b"", b""
+            self.image.layout.display = "none"
+            return
         self.png = figure_png(plot_curves(curve, earlier, title=title, total_steps=steps))
         self.image.value = self.png
+        self.image.layout.display = None
 
     def show(self, run_dir: str | Path) -> None:
         """Draw an existing run (e.g. the notebook's default run) into the panel."""
         run_dir = Path(run_dir)
         cfg = explorer_config(self.data_dir, self.runs_dir, **self.settings())
-        earlier = earlier_curves(self.compare, cfg.benchmark, int(self.test_env.value), match=comparable(cfg))
-        earlier = earlier[earlier.run != str(run_dir)] if len(earlier) else earlier
+        earlier = self._earlier(cfg, run_dir)
         self.progress.max = cfg.steps
-        self._draw(curve_of(run_dir), earlier, f"dropout rate {cfg.dropout:g}, held out {self.test_env.label}, "
-                   f"{cfg.steps} steps", cfg.steps)
+        self._draw(curve_of(run_dir), earlier, self._title(cfg), cfg.steps)
         self.last_run = run_dir
         self.status.value = f"showing {run_dir.name}"
+
+    def _earlier(self, cfg: TrainConfig, run_dir: Path) -> pd.DataFrame:
+        """The finished runs `cfg` is compared with (not itself)."""
+        earlier = earlier_curves(self.compare, cfg.benchmark, cfg.test_envs[0], match=comparable(cfg))
+        return earlier[earlier.run != str(run_dir)] if len(earlier) else earlier
+
+    def _title(self, cfg: TrainConfig) -> str:
+        return f"dropout rate {cfg.dropout:g}, held out {self.test_env.label}, {cfg.steps} steps"
 
     def snapshot(self):
         """The panel's current plot as a static image, for viewers without widgets."""
@@ -352,46 +450,72 @@ class Explorer:
         return Image(data=self.png, format="png")
 
     def stop(self) -> None:
-        """Ask the current run to stop before its next step (it stays resumable)."""
-        if self.live is not None:
+        """Ask the current run to stop: within a batch while it prepares, before its next step
+        while it trains (it stays resumable)."""
+        if self.live is not None and self.live.running:
             self.live.stop()
             self.status.value = f"stopping {self.live.run_dir.name} ..."
 
     def run(self, _button: Any = None, wait: bool = True) -> Path | None:
         """Train the configuration the widgets show (or reuse it if finished), live. With
         `wait=False` (the button) it returns at once; otherwise it returns the run dir when the
-        run ends (an interrupt stops it cleanly)."""
+        run ends (an interrupt stops it cleanly).
+
+        The run starts before anything else is done (loading the earlier runs happens in the
+        watcher thread), so the button's callback returns at once and a stop is heard at once."""
         if self.live is not None and self.live.running:
             self.status.value = "a run is in progress: stop it first"
             return None
-        s = self.settings()
-        cfg = explorer_config(self.data_dir, self.runs_dir, **s)
+        cfg = explorer_config(self.data_dir, self.runs_dir, **self.settings())
         live = self.live = LiveRun(cfg)
-        earlier = earlier_curves(self.compare, cfg.benchmark, s["test_env"], match=comparable(cfg))
-        earlier = earlier[earlier.run != str(live.run_dir)] if len(earlier) else earlier
         self.progress.max, self.progress.value = cfg.steps, 0
-        title = f"dropout rate {cfg.dropout:g}, held out {self.test_env.label}, {cfg.steps} steps"
-        self.status.value = f"training {live.run_dir.name} ..."
+        title = self._title(cfg)
+        self.status.value = f"starting {live.run_dir.name} ..."
         self.button.disabled, self.stop_button.disabled = True, False
         t0 = time.perf_counter()
         live.start()  # before returning: a stop pressed right after run finds it running
 
+        def show_phase() -> None:
+            if not live.stop_event.is_set():
+                self.status.value = f"{live.phase or 'starting'} ({time.perf_counter() - t0:.0f} s): {live.run_dir.name}"
+
+        def draw(curve: pd.DataFrame, earlier: pd.DataFrame) -> None:
+            if not live.running and live.error is None:  # the run ended: say so before the last drawing
+                self.last_curve = curve
+                self.status.value = self._ending(live, live.ended_at - t0)
+            self._draw(curve, earlier, title, cfg.steps)
+
         def watch() -> Path:
             try:
-                self.last_run = live.watch(lambda curve: self._draw(curve, earlier, title, cfg.steps))
+                earlier = self._earlier(cfg, live.run_dir)
+                self.last_run = live.watch(lambda curve: draw(curve, earlier), on_poll=show_phase)
             except Exception as e:
                 self.status.value = f"<b>failed</b>: {type(e).__name__}: {e}"
                 raise
             finally:
                 self.button.disabled, self.stop_button.disabled = False, True
-            end = self.last_curve.iloc[-1] if self.last_curve is not None and len(self.last_curve) else None
-            state = "done" if live.finished else "stopped (press run to continue it)"
-            self.status.value = (f"{state} after {time.perf_counter() - t0:.0f} s: {live.run_dir.name}" +
-                                 (f"; step {int(end.step)}: i.i.d. {100 * end.iid_acc:.1f}%, "
-                                  f"o.o.d. {100 * end.ood_acc:.1f}%" if end is not None else ""))
+            self.status.value = self._ending(live, live.ended_at - t0)
             return live.run_dir
 
         if wait:
             return watch()
         threading.Thread(target=watch, daemon=True, name="vldlib-explorer-watch").start()
         return None
+
+    def _ending(self, live: LiveRun, seconds: float) -> str:
+        """The status line once a run ended: done or stopped, where, and (stopped) how soon after
+        the stop; a run stopped before its first evaluation says so instead of plotting nothing."""
+        end = self.last_curve.iloc[-1] if self.last_curve is not None and len(self.last_curve) else None
+        if live.finished:
+            state = "done"
+        elif end is None:
+            return (f"stopped before its first evaluation, while {live.phase or 'starting'}: nothing of "
+                    f"this run to plot yet (press run to start it again; finished preparation is kept). "
+                    f"{live.run_dir.name}")
+        else:
+            state = "stopped (press run to continue it)"
+        latency = (f", {live.ended_at - live.stopped_at:.1f} s after stop"
+                   if live.stopped_at and live.ended_at and not live.finished else "")
+        return (f"{state} after {seconds:.0f} s{latency}: {live.run_dir.name}" +
+                (f"; step {int(end.step)}: i.i.d. {100 * end.iid_acc:.1f}%, o.o.d. {100 * end.ood_acc:.1f}%"
+                 if end is not None else ""))

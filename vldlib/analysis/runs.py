@@ -30,7 +30,7 @@ from vldlib.config import TrainConfig
 from vldlib.data import load_benchmark
 from vldlib.evaluate.scores import ood_split
 from vldlib.experiments.grid import with_paths
-from vldlib.loop import build_run_net, load_run_model, resolve_device
+from vldlib.loop import build_run_net, load_run_model, resolve_device, weights_file
 from vldlib.loop.batches import make_data, trunk_features
 from vldlib.model import FineTuneNet, data_config
 
@@ -94,9 +94,7 @@ def load_run_data(run_dir: str | Path, which: str = "best", device: str = "cpu")
     The trunk outputs come from the same on-disk cache the training used (computed if missing).
     """
     run_dir = Path(run_dir)
-    if not (run_dir / f"{which}.pt").exists() and not (which == "last" and (run_dir / "final.pt").exists()):
-        raise FileNotFoundError(f"{run_dir / (which + '.pt')} not found: the run has no {which!r} checkpoint. "
-                                f"Use which='best' (always kept) or train the run first.")
+    weights_file(run_dir, which)  # before any work: WeightsNotKept names the run and the fix when it has none
     net, cfg_dict = load_run_model(run_dir, which)
     cfg = config_io.from_dict(TrainConfig, cfg_dict)
     meta = json.loads((run_dir / "meta.json").read_text())

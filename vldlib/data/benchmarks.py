@@ -37,6 +37,9 @@ No source publishes checksums, so no md5 is recorded; see `vldlib.data.download`
 
 from __future__ import annotations
 
+import functools
+
+from vldlib.data.objectstyles_rules import DEFAULT_RESOLUTION, VARIANT_RESOLUTIONS, variant_name
 from vldlib.data.registry import BenchmarkSpec, Source, register_benchmark
 
 # In a `counts` version, this key holds the total image count; a version with only this key is
@@ -189,15 +192,25 @@ def _build_objectstyles(data_dir, **kwargs):
     return build_objectstyles(data_dir, **kwargs)
 
 
-OBJECT_STYLES = register_benchmark(BenchmarkSpec(
-    name="ObjectStyles",
-    domains=("clipart", "lineart", "photo", "render3d"),
-    classes=None,  # the classes every domain has enough images of; the build's README lists them
-    builder=_build_objectstyles,
-    group_by_object=True,  # an emoji's renderings by several vendors stay on one side of the split
-    description="Offline, PACS-shaped: animals, food, plants, tools, vehicles ... as clipart (Debian "
-                "openclipart-png), line art (Noto Emoji font, Fluent Emoji High Contrast, EmojiOne monotone), "
-                "photographs (Debian tuxpaint-stamps-default) and 3D / colour-cartoon emoji (npm "
-                "@lobehub/fluent-emoji-3d, Noto colour, Twemoji); no object in two domains. Built from registry packages by "
-                "`python -m vldlib data build ObjectStyles`.",
-))
+def _objectstyles_spec(resolution: int) -> BenchmarkSpec:
+    """ObjectStyles stored at `resolution` px, under its own name and folder (`variant_name`): the
+    same sources, rules, classes and split rule; only the pixels differ. A run's identity holds the
+    benchmark name, so runs on two stored sizes are never mistaken for one another."""
+    name = variant_name(resolution)
+    size = "" if resolution == DEFAULT_RESOLUTION else f" Stored at {resolution} px (the default: {DEFAULT_RESOLUTION})."
+    return BenchmarkSpec(
+        name=name,
+        domains=("clipart", "lineart", "photo", "render3d"),
+        classes=None,  # the classes every domain has enough images of; the build's README lists them
+        builder=functools.partial(_build_objectstyles, resolution=resolution, name=name),
+        group_by_object=True,  # an emoji's renderings by several vendors stay on one side of the split
+        description="Offline, PACS-shaped: animals, food, plants, tools, vehicles ... as clipart (Debian "
+                    "openclipart-png), line art (Noto Emoji font, Fluent Emoji High Contrast, EmojiOne monotone), "
+                    "photographs (Debian tuxpaint-stamps-default) and 3D / colour-cartoon emoji (npm "
+                    "@lobehub/fluent-emoji-3d, Noto colour, Twemoji); no object in two domains. Built from registry "
+                    f"packages by `python -m vldlib data build {name}`.{size}",
+    )
+
+
+OBJECT_STYLES = register_benchmark(_objectstyles_spec(DEFAULT_RESOLUTION))
+OBJECT_STYLES_VARIANTS = {px: register_benchmark(_objectstyles_spec(px)) for px in VARIANT_RESOLUTIONS}

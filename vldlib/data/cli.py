@@ -19,6 +19,7 @@ examples:
   python -m vldlib data download PACS --data-dir data --source hf     # the Hugging Face Hub copy
   python -m vldlib data build emoji --data-dir data                   # offline benchmark, no download
   python -m vldlib data build ObjectStyles --data-dir data            # offline, from apt/npm packages
+  python -m vldlib data build ObjectStyles@256 --data-dir data        # the same, stored at 256 px
 
 Downloads resume after an interruption (run the same command again). When a source fails (Google
 Drive quotas, moved links) the error says what to fetch by hand and the --archive command that
@@ -164,9 +165,11 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     add_flag(q, "--image-check", default=True, help="decode every image (--no-image-check: count files only)")
     q.set_defaults(func=_cmd_verify)
 
-    q = sub.add_parser("build", help="build an offline benchmark (emoji)",
-                       epilog="example: python -m vldlib data build emoji --data-dir data")
-    q.add_argument("name", help="benchmark name, e.g. emoji")
+    q = sub.add_parser("build", help="build an offline benchmark (emoji, ObjectStyles, ObjectStyles@256)",
+                       epilog="examples:\n  python -m vldlib data build emoji --data-dir data\n"
+                              "  python -m vldlib data build ObjectStyles@256 --data-dir data   # stored at 256 px",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("name", help="benchmark name, e.g. emoji, ObjectStyles or ObjectStyles@256 (its stored size)")
     common(q)
     add_flag(q, "--force", help="rebuild even if it exists")
     q.set_defaults(func=_cmd_build)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from vldlib.data.registry import BenchmarkSpec, get_spec, is_benchmark_path
 from vldlib.data.splits import ObjectGroups, object_of
-from vldlib.utils import write_json_atomic
+from vldlib.utils import StopRequested, check_stop, write_json_atomic
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # Files that archives and operating systems scatter around; never treated as data.
@@ -127,8 +128,11 @@ def _manifest_path(root: Path) -> Path:
     return cache / "checked" / f"{root.name}-{key}.json"
 
 
-def _check_images(files: list[Path], root: Path, progress: bool) -> dict[str, str]:
-    """Decode every image once; remember good files by (size, mtime) so later loads are instant."""
+def _check_images(files: list[Path], root: Path, progress: bool, should_stop: Callable[[], bool] | None = None
+                  ) -> dict[str, str]:
+    """Decode every image once; remember good files by (size, mtime) so later loads are instant.
+    A stop (`should_stop`, asked before each image) keeps the files checked so far, then raises
+    `StopRequested`."""
     manifest_file = _manifest_path(root)
     try:
         known = json.loads(manifest_file.read_text())
@@ -151,18 +155,27 @@ def _check_images(files: list[Path], root: Path, progress: bool) -> dict[str, st
     if todo:
         from tqdm.auto import tqdm
 
-        for f, sig in tqdm(todo, desc=f"checking images of {root.name}", disable=not progress,
-                           unit="img", mininterval=1.0):
-            reason = check_image(f)
-            if reason is None and sig is not None:
-                good[str(f)] = sig
-            elif reason is not None:
-                bad[str(f)] = reason
         try:
-            write_json_atomic(manifest_file, good)
-        except OSError:
-            pass  # a read-only cache only costs time next load
+            for f, sig in tqdm(todo, desc=f"checking images of {root.name}", disable=not progress,
+                               unit="img", mininterval=1.0):
+                check_stop(should_stop)
+                reason = check_image(f)
+                if reason is None and sig is not None:
+                    good[str(f)] = sig
+                elif reason is not None:
+                    bad[str(f)] = reason
+        except StopRequested:
+            _remember_good(manifest_file, {**known, **good})  # the images checked before the stop
+            raise
+        _remember_good(manifest_file, good)
     return bad
+
+
+def _remember_good(manifest_file: Path, good: dict[str, list[int]]) -> None:
+    try:
+        write_json_atomic(manifest_file, good)
+    except OSError:
+        pass  # a read-only cache only costs time next load
 
 
 def scan_folder(
@@ -172,6 +185,7 @@ def scan_folder(
     skip_bad: bool = False,
     check_images: bool = True,
     progress: bool = True,
+    should_stop: Callable[[], bool] | None = None,
 ) -> MultiDomainFolder:
     """Scan and check `root/<domain>/<class>/<image>`.
 
@@ -179,6 +193,7 @@ def scan_folder(
     domain, domains whose class lists differ, classes that differ from the registered list, empty
     classes or domains, non-image files and undecodable images. With `skip_bad=True`, non-image
     and corrupt files are skipped instead and counted in `.skipped` (and printed), never silently.
+    `should_stop` is asked before each image checked (`_check_images`).
     """
     root = Path(root)
     name = spec.name if spec else root.name
@@ -255,7 +270,7 @@ def scan_folder(
         samples.append(dom)
 
     if check_images:
-        bad = _check_images(all_files, root, progress)
+        bad = _check_images(all_files, root, progress, should_stop)
         if bad:
             if not skip_bad:
                 first = sorted(bad.items())[:5]

@@ -36,12 +36,12 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vldlib.data.builds import dist_version, fit_on_white, read_manifest
-from vldlib.data.objectstyles_dedup import duplicate_rule, group_domain
+from vldlib.data.objectstyles_dedup import HASH_RESOLUTION, duplicate_rule, group_domain
 from vldlib.data.objectstyles_readme import readme
 from vldlib.utils import write_json_atomic, write_text_atomic
 
@@ -56,6 +56,9 @@ from vldlib.data.objectstyles_rules import (  # noqa: F401  (the rules, also rea
     JPEG_QUALITY,
     FORMAT_VERSION,
     EXPECTED_FILES_SHA256,
+    EXPECTED_FILES_SHA256_AT,
+    VARIANT_RESOLUTIONS,
+    variant_name,
     PHOTO_MAX_EQUAL_NEIGHBOURS,
     TUXPAINT_FOLDERS,
     TUXPAINT_EXCLUDED_FOLDERS,
@@ -66,6 +69,9 @@ from vldlib.data.objectstyles_rules import (  # noqa: F401  (the rules, also rea
     EMOJI_VENDORS,
     SVG_SCALE,
 )
+
+
+Loader = Callable[[tuple[int, ...]], list["Image.Image | None"]]  # sizes (px) -> one fitted image per size
 
 
 class ObjectStylesError(RuntimeError):
@@ -227,24 +233,31 @@ def _iconify_svgs(package: Path, names: dict[int, str]) -> dict[int, str]:
     return out
 
 
-def _emoji_drawers(roots: dict[str, Path], resolution: int, names: dict[int, str]) -> dict[str, dict[int, object]]:
-    """vendor -> code point -> loader of the fitted RGB image (None when blank)."""
+def _file_loader(path: Path) -> Loader:
+    """A loader of a raster source: decoded once, fitted at each size asked."""
+    return lambda sizes: [fit_object(rgba, r) for rgba in [_open_rgba(path)] for r in sizes]
+
+
+def _svg_loader(**source) -> Loader:
+    """A loader of an SVG (`svg=` text or `path=`): drawn at SVG_SCALE x each size, then fitted there,
+    so an image at a size is the same whichever other sizes are asked with it."""
+    return lambda sizes: [fit_object(_svg_rgba(SVG_SCALE * r, **source), r) for r in sizes]
+
+
+def _emoji_drawers(roots: dict[str, Path], names: dict[int, str]) -> dict[str, dict[int, Loader]]:
+    """vendor -> code point -> loader of the fitted RGB images (None when blank)."""
     from vldlib.data.emoji import STYLES, render
 
-    size = SVG_SCALE * resolution
     noto = STYLES["noto"]
 
-    def iconify(key: str) -> dict[int, object]:
-        return {cp: (lambda svg=svg: fit_object(_svg_rgba(size, svg=svg), resolution))
-                for cp, svg in _iconify_svgs(roots[key] / "package", names).items()}
+    def iconify(key: str) -> dict[int, Loader]:
+        return {cp: _svg_loader(svg=svg) for cp, svg in _iconify_svgs(roots[key] / "package", names).items()}
 
     return {
-        "noto": {cp: (lambda cp=cp: render(noto, cp, resolution)[0]) for cp in noto.available()},
+        "noto": {cp: (lambda sizes, cp=cp: [render(noto, cp, r)[0] for r in sizes]) for cp in noto.available()},
         "fluenthc": iconify("fluenthc"), "emojione": iconify("emojione"), "notocolor": iconify("notocolor"),
-        "fluent3d": {cp: (lambda p=p: fit_object(_open_rgba(p), resolution))
-                     for cp, p in _fluent_files(roots["fluent3d"] / "package/assets").items()},
-        "twemoji": {cp: (lambda p=p: fit_object(_svg_rgba(size, path=p), resolution))
-                    for cp, p in _fluent_files(roots["twemoji"], ".svg").items()},
+        "fluent3d": {cp: _file_loader(p) for cp, p in _fluent_files(roots["fluent3d"] / "package/assets").items()},
+        "twemoji": {cp: _svg_loader(path=p) for cp, p in _fluent_files(roots["twemoji"], ".svg").items()},
     }
 
 
@@ -274,9 +287,9 @@ def _open_rgba(path: Path) -> Image.Image:
         return im.convert("RGBA")
 
 
-def collect(roots: dict[str, Path], resolution: int) -> tuple[dict[str, dict[str, list[tuple[str, object]]]],
-                                                               list[dict[str, str]]]:
-    """domain -> class -> [(stem, loader)], and the list of sources left out with the reason."""
+def collect(roots: dict[str, Path]) -> tuple[dict[str, dict[str, list[tuple[str, Loader]]]], list[dict[str, str]]]:
+    """domain -> class -> [(stem, loader)], and the list of sources left out with the reason. A
+    loader takes the sizes to draw (px) and returns one fitted RGB image per size (None: blank)."""
     items: dict[str, dict[str, list]] = {d: {} for d in DOMAINS}
     skipped: list[dict[str, str]] = []
 
@@ -297,16 +310,16 @@ def collect(roots: dict[str, Path], resolution: int) -> tuple[dict[str, dict[str
         if frac >= PHOTO_MAX_EQUAL_NEIGHBOURS:
             skipped.append({"domain": "photo", "item": stem, "reason": f"a drawing ({frac:.2f} equal neighbours)"})
             continue
-        add("photo", cls, stem, lambda p=p: fit_object(_open_rgba(p), resolution))
+        add("photo", cls, stem, _file_loader(p))
     clip = roots["openclipart"] / "usr/share/openclipart/png"
     for cls, stem, p in folder_items(clip, OPENCLIPART_FOLDERS):
         if reason := _too_large(p):
             skipped.append({"domain": "clipart", "item": stem, "reason": reason})
             continue
-        add("clipart", cls, stem, lambda p=p: fit_object(_open_rgba(p), resolution))
+        add("clipart", cls, stem, _file_loader(p))
 
     catalogue = _emoji_catalogue()
-    drawers = _emoji_drawers(roots, resolution, {cp: name for _, cp, name in catalogue})
+    drawers = _emoji_drawers(roots, {cp: name for _, cp, name in catalogue})
     for cls, cp, name in catalogue:
         domain = emoji_domain(cp)
         for vendor in EMOJI_VENDORS[domain]:
@@ -316,6 +329,15 @@ def collect(roots: dict[str, Path], resolution: int) -> tuple[dict[str, dict[str
                 continue
             add(domain, cls, f"{cp:x}.{vendor}", load)  # `splits.object_of` of the stem is the emoji
     return items, skipped
+
+
+def _jpeg_bytes(img: Image.Image) -> bytes:
+    """The image as the builder stores it (JPEG, JPEG_QUALITY), in memory."""
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return buf.getvalue()
 
 
 def _emoji_summary(root: Path) -> dict[str, dict]:
@@ -350,8 +372,14 @@ def _versions(roots: dict[str, Path]) -> dict[str, str]:
 
 def build_objectstyles(data_dir: str | os.PathLike, *, force: bool = False, resolution: int = DEFAULT_RESOLUTION,
                        progress: bool = True, roots: dict[str, Path] | None = None,
-                       min_per_class: int = MIN_PER_CLASS, expected_files_sha256: str | None = None) -> Path:
-    """Build `data_dir/ObjectStyles/<domain>/<class>/<stem>.jpg` (+ README.md, manifest.json); return it.
+                       min_per_class: int = MIN_PER_CLASS, expected_files_sha256: str | None = None,
+                       name: str = NAME) -> Path:
+    """Build `data_dir/<name>/<domain>/<class>/<stem>.jpg` (+ README.md, manifest.json); return it.
+
+    `name` is the folder (and the manifest's name), `ObjectStyles` unless given: the registered
+    `ObjectStyles@256` passes `variant_name(256)` with resolution 256, so the stored sizes live side
+    by side, each checked against its own pin. Every size holds the same files and near-duplicate
+    groups (found on the images drawn at HASH_RESOLUTION px), so the same in/out split.
 
     `roots` maps "tuxpaint", "openclipart" and the npm keys of `PACKAGES` to folders laid out like the
     unpacked packages, and optionally "twemoji" to a folder of `<code point>.svg` (default: the
@@ -360,8 +388,9 @@ def build_objectstyles(data_dir: str | os.PathLike, *, force: bool = False, reso
     renamed into place with manifest.json last, like the emoji build; an existing complete build
     with the same settings is returned untouched unless `force` (which also unpacks the verified
     packages again). Built from the pinned packages with the default settings, the files' hash must
-    be `EXPECTED_FILES_SHA256` (or `expected_files_sha256`): otherwise nothing is installed and an
-    `ObjectStylesError` names both hashes and the drawing libraries' versions.
+    be `EXPECTED_FILES_SHA256` (at another registered size, `EXPECTED_FILES_SHA256_AT`'s; or
+    `expected_files_sha256`): otherwise nothing is installed and an `ObjectStylesError` names both
+    hashes and the drawing libraries' versions. A size without a pin is built unchecked, and says so.
     """
     from tqdm.auto import tqdm
 
@@ -369,7 +398,9 @@ def build_objectstyles(data_dir: str | os.PathLike, *, force: bool = False, reso
     if resolution < 32:
         raise ValueError(f"resolution={resolution} is too small for photographs; use 32 or more (default 128).")
     data_dir = Path(data_dir)
-    final = data_dir / NAME
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise ValueError(f"name {name!r} must be one plain folder name, e.g. {variant_name(256)!r}.")
+    final = data_dir / name
     settings = {"resolution": resolution, "format_version": FORMAT_VERSION, "min_per_class": min_per_class}
     if final.exists() and not force:
         old = read_manifest(final)
@@ -392,8 +423,12 @@ def build_objectstyles(data_dir: str | os.PathLike, *, force: bool = False, reso
         from vldlib.data.objectstyles_sources import package_roots
 
         roots = package_roots(progress=progress, force=force)
-        if expected_files_sha256 is None and resolution == DEFAULT_RESOLUTION and min_per_class == MIN_PER_CLASS:
-            expected_files_sha256 = EXPECTED_FILES_SHA256
+        if expected_files_sha256 is None and min_per_class == MIN_PER_CLASS:
+            expected_files_sha256 = EXPECTED_FILES_SHA256_AT.get(resolution)
+            if expected_files_sha256 is None and progress:
+                print(f"[vldlib] ObjectStyles: no expected files sha256 is pinned for {resolution} px (pinned: "
+                      f"{sorted(EXPECTED_FILES_SHA256_AT)} px), so this build is not checked against one; its "
+                      f"hash is in its manifest.json.", flush=True)
     if "twemoji" not in roots:
         from vldlib.data.emoji import _site_file
 
@@ -402,7 +437,7 @@ def build_objectstyles(data_dir: str | os.PathLike, *, force: bool = False, reso
     if missing:
         raise ValueError(f"roots lacks {missing}; pass folders for {', '.join(ROOT_KEYS)}.")
     try:
-        items, skipped = collect(roots, resolution)
+        items, skipped = collect(roots)
     except FileNotFoundError as e:
         raise ObjectStylesError(f"{e.filename} is missing from the unpacked packages: the unpacked folder is "
                                 f"not the pinned package's. Delete {Path(e.filename or '.').parent} (or the "
@@ -418,26 +453,34 @@ def build_objectstyles(data_dir: str | os.PathLike, *, force: bool = False, reso
         raise ObjectStylesError(f"only {classes} have at least {min_per_class} images in every domain; "
                                 f"the sources ({ {k: str(v) for k, v in roots.items()} }) look incomplete.")
     data_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}.building-{os.getpid()}-", dir=data_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.building-{os.getpid()}-", dir=data_dir))
     try:
         todo = [(d, c, stem, load) for d in DOMAINS for c in classes for stem, load in items[d][c]]
         counts = {d: {c: 0 for c in classes} for d in DOMAINS}
-        for d, c, stem, load in tqdm(todo, desc="ObjectStyles", unit="img", disable=not progress, mininterval=1.0):
-            img = load()
-            if img is None:
+        # Near-duplicates are found on the image as the default build stores it (HASH_RESOLUTION px,
+        # JPEG): a build at another size draws that image too, so every stored size groups the same
+        # objects and splits them alike (hashing a 256 px image shrunk to 128 moved 3 of 50 groups).
+        sizes = (resolution,) if resolution == HASH_RESOLUTION else (resolution, HASH_RESOLUTION)
+        hash_jpegs: dict[str, dict[str, bytes]] | None = None if len(sizes) == 1 else {d: {} for d in DOMAINS}
+        for d, c, stem, load in tqdm(todo, desc=name, unit="img", disable=not progress, mininterval=1.0):
+            img, *at_hash = load(sizes)
+            if img is None or None in at_hash:  # blank at either size: left out at every size alike
                 skipped.append({"domain": d, "item": stem, "reason": "blank"})
                 continue
             (tmp / d / c).mkdir(parents=True, exist_ok=True)
             img.save(tmp / d / c / f"{stem}.jpg", quality=JPEG_QUALITY)
+            if hash_jpegs is not None:
+                hash_jpegs[d][f"{c}/{stem}.jpg"] = _jpeg_bytes(at_hash[0])
             counts[d][c] += 1
-        duplicates = {d: group_domain(tmp / d) for d in DOMAINS}  # renames files; counts stay
+        duplicates = {d: group_domain(tmp / d, None if hash_jpegs is None else hash_jpegs[d])
+                      for d in DOMAINS}  # renames files; counts stay
         for d, groups in duplicates.items():
             for g in groups:
                 if len(g["classes"]) > 1:
                     print(f"[vldlib] ObjectStyles: near-duplicates in two classes of {d} cannot be kept on "
                           f"one side of the split: {g['files']}", flush=True)
         manifest = {
-            **settings, "name": NAME, "domains": list(DOMAINS), "classes": classes, "counts": counts,
+            **settings, "name": name, "domains": list(DOMAINS), "classes": classes, "counts": counts,
             "split_by": "object",  # read by `folder.scan_folder` when the folder is loaded by path
             "totals": {d: sum(v.values()) for d, v in counts.items()},
             "majority": {d: {"class": max(v, key=lambda c: (v[c], c)), "accuracy": max(v.values()) / sum(v.values())}
@@ -458,11 +501,11 @@ def build_objectstyles(data_dir: str | os.PathLike, *, force: bool = False, reso
                 f"{expected_files_sha256} (counts {manifest['totals']}); {final} was left as it was. The "
                 f"packages were verified by sha256, so the drawing libraries differ ({libs}) or the "
                 f"rules changed: install requirements.txt's versions and run again, or, if the change is "
-                f"intended, update EXPECTED_FILES_SHA256 in vldlib/data/objectstyles_rules.py.")
+                f"intended, update EXPECTED_FILES_SHA256_AT[{resolution}] in vldlib/data/objectstyles_rules.py.")
         write_text_atomic(tmp / "README.md", readme(manifest))
         write_json_atomic(tmp / "manifest.json", manifest)
         if final.exists():
-            old_dir = data_dir / f".{NAME}.old-{os.getpid()}"
+            old_dir = data_dir / f".{name}.old-{os.getpid()}"
             os.replace(final, old_dir)
             os.replace(tmp, final)
             shutil.rmtree(old_dir, ignore_errors=True)
@@ -472,6 +515,6 @@ def build_objectstyles(data_dir: str | os.PathLike, *, force: bool = False, reso
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     if progress:
-        print(f"[vldlib] ObjectStyles: {manifest['totals']} images; files sha256 {manifest['files_sha256'][:16]}",
+        print(f"[vldlib] {name}: {manifest['totals']} images at {resolution} px; files sha256 {manifest['files_sha256'][:16]}",
               flush=True)
     return final

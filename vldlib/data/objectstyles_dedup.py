@@ -30,7 +30,9 @@ if TYPE_CHECKING:
 HASH_RESOLUTION = 128
 """Every image is hashed at this size (the default build resolution, at which the thresholds below
 were measured), so a build at another resolution groups by the same rule: at 48 px, JPEG noise in a
-flat fill alone flips 20 dHash bits."""
+flat fill alone flips 20 dHash bits. A build at another size hashes the images drawn at this size
+(the builder passes them as `hashed`), not its own shrunk: shrinking a 256 px JPEG to 128 px moved
+borderline pairs (lemon / lime halves, two apples) across the thresholds, and so changed the split."""
 
 HASH_SIZE = 16
 """Difference hash (dHash): the grayscale image shrunk to (HASH_SIZE+1) x HASH_SIZE, bit (r, c) set when
@@ -132,20 +134,29 @@ def grouped_stem(stem: str, groups: list[list[str]]) -> str:
     return stem
 
 
-def group_domain(folder: Path) -> list[dict]:
+def group_domain(folder: Path, hashed: dict[str, bytes] | None = None) -> list[dict]:
     """Find the near-duplicate groups among `folder/<class>/*.jpg` (one domain, as stored) and rename
     their files so that each group is one object; return the groups as
     {"objects": [...], "files": ["class/new name.jpg", ...], "classes": [...]}.
 
+    `hashed` ("class/name.jpg" -> JPEG bytes of every file) gives the images to hash instead of the
+    stored ones: a build at another size passes the same images drawn at HASH_RESOLUTION px, so
+    that its groups are the default build's, bit for bit.
+
     A group whose files lie in two classes cannot be kept whole by file names (the loader's group
     key is class/object); it is returned with both classes, and the builder reports it.
     """
+    import io
+
     from PIL import Image
 
     paths = sorted(folder.glob("*/*.jpg"))
     images = []
     for p in paths:
-        with Image.open(p) as im:
+        rel = f"{p.parent.name}/{p.name}"
+        if hashed is not None and rel not in hashed:
+            raise ValueError(f"no image to hash for {p}: `hashed` must hold every stored file of {folder}")
+        with Image.open(p if hashed is None else io.BytesIO(hashed[rel])) as im:
             images.append(im.convert("RGB"))
     stems = [p.stem for p in paths]
     groups = near_duplicate_groups(stems, near_pairs(images))

@@ -84,11 +84,12 @@ def readme(manifest: dict) -> str:
     tux = ", ".join(f"`{k}` -> {c or 'unused'}" for k, c in O.TUXPAINT_FOLDERS.items())
     clip = ", ".join(f"`{k}` -> {c or 'unused'}" for k, c in O.OPENCLIPART_FOLDERS.items())
     emo = ", ".join(f"`{k}` -> {c}" for k, c in O.EMOJI_SUBGROUPS.items())
-    return f"""# ObjectStyles
+    name = manifest.get("name", O.NAME)
+    return f"""# {name}
 
 The same object classes in four styles, like PACS: photographs, clipart, 3D renderings and line
-art. Built offline from registry packages by `python -m vldlib data build ObjectStyles`
-(`vldlib.data.objectstyles.build_objectstyles`). DomainBed layout: `<domain>/<class>/<image>.jpg`;
+art. Built offline from registry packages by `python -m vldlib data build {name}`
+(`vldlib.data.objectstyles.build_objectstyles`; stored at {manifest['resolution']} px). DomainBed layout: `<domain>/<class>/<image>.jpg`;
 domains in sorted order are environments 0-3. No object appears in two domains, so a held-out
 domain is scored as DomainBed does (its "in" split, or the whole domain).
 

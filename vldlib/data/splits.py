@@ -12,6 +12,9 @@ Benchmarks that show one object several times in a domain (ObjectStyles: one emo
 several vendors) declare groups (`ObjectGroups`), and then DomainBed's split is applied to the
 groups instead of the items, so no object is both trained on ("in") and used to select the model
 ("out"). With one item per group it is DomainBed's split, item for item.
+
+A data-size study trains on a nested part of each training domain's "in" split (`train_subset`),
+drawn from the same trial seed, so "out" and the held-out domain never change with it.
 """
 
 from __future__ import annotations
@@ -102,6 +105,40 @@ def split_domain(n: int, trial_seed: int, domain_index: int, holdout: float = 0.
     out_mask = np.array([(seed_hash(trial_seed, "group", g) % 10_000) < holdout * 10_000 for g in groups])
     idx = np.arange(n)
     return idx[~out_mask], idx[out_mask]
+
+
+def train_subset(ins: np.ndarray, fraction: float, trial_seed: int, domain_index: int,
+                 groups: Sequence[str] | None = None) -> np.ndarray:
+    """The part of one domain's "in" split (`ins`, from `split_domain`) that a run trains on when it
+    trains on `fraction` of it (`TrainConfig.train_fraction`; 1: all of it, `ins` itself).
+
+    Why this way: a data-size study compares runs on 25%, 50% and 100% of the same data, so the
+    subset is a function of the split machinery alone (trial seed, domain, fraction), never of
+    the run seed: every rate, learning rate and seed trains on the same images. The "in" items
+    (or, with `groups`, their objects: an emoji's three vendors stay together, so 25% of the
+    objects, not 25% of the renderings of most objects) are shuffled once by
+    `RandomState(seed_hash(trial_seed, "train_fraction", domain_index))` and taken in that order
+    until `round(fraction * len(ins))` items (at least one) are in: a smaller fraction takes a
+    prefix of the same order, so the 25% subset lies inside the 50% one. Returned sorted.
+    """
+    ins = np.asarray(ins, dtype=np.int64)
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"train fraction must be in (0, 1], got {fraction}; e.g. 0.25 for a quarter of the 'in' split")
+    if fraction == 1.0 or len(ins) == 0:
+        return ins
+    keys = [groups[i] for i in ins] if groups is not None else [int(i) for i in ins]
+    order = list(dict.fromkeys(keys))  # units in the domain's file order, as `_split_groups` shuffles them
+    np.random.RandomState(seed_hash(trial_seed, "train_fraction", domain_index)).shuffle(order)
+    size: dict = {}
+    for k in keys:
+        size[k] = size.get(k, 0) + 1
+    want, taken, keep = max(1, int(round(fraction * len(ins)))), 0, set()
+    for k in order:
+        if taken >= want:
+            break
+        keep.add(k)
+        taken += size[k]
+    return np.array([i for i, k in zip(ins, keys) if k in keep], dtype=np.int64)
 
 
 def out_files(bench: Domains, trial_seed: int, holdout: float = 0.2) -> dict[str, list[str]]:

@@ -3,7 +3,7 @@
 - `scores.py`: run folders -> one tidy table; THE rule of which split is i.i.d./o.o.d. (the loop uses it too).
 - `selection.py`: one checkpoint per run (training-domain validation, oracle, last); mean ± se over seeds.
 - `tables.py`: DomainBed tables, the paper's numbers beside ours (`reference.py`), Markdown/LaTeX.
-- `plots.py`: figures, shown inline and saved as PNG.
+- `plots.py`: figures, shown inline and saved as PNG; `axes.py`: axis helpers without seaborn or pyplot.
 - `effects.py`: paired differences, THE verdict rule (`is_detectable`: the 95% t interval excludes 0)
   and THE effect sentence; `student.py`: Student's t interval and p-value.
 - `power.py`: effects averaged over held-out domains, the smallest detectable effect, seeds needed.

@@ -41,16 +41,41 @@ EvalFn = Callable[[nn.Module, dict[str, Any]], "dict[str, tuple[torch.Tensor, to
 # what must agree across runs: the evaluation data (benchmark, held-out envs, split seed and
 # fraction) for any combination; the architecture, what was trained, the input size and the
 # starting point as well for weight averaging
-ENSEMBLE_KEYS = ("benchmark", "test_envs", "trial_seed", "holdout")
+ENSEMBLE_KEYS = ("benchmark", "test_envs", "trial_seed", "holdout", "train_fraction")  # the last: training envs' "in"
 SOUP_KEYS = ENSEMBLE_KEYS + ("backbone", "head", "train_stages", "resolution", "init_fingerprint")
 # runs written before a field existed used its default
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)
-             if f.name in ("holdout", "head", "train_stages", "resolution")}
+             if f.name in ("holdout", "head", "train_stages", "resolution", *TrainConfig.ADDED_LATER)}
 WHICH = ("best", "last")  # best.pt (DiWA's choice) or the final weights (the paper's Fig 1)
 
 
 # --------------------------------------------------------------------------- compatibility
 
+class WeightsNotKept(FileNotFoundError):
+    """A run's weights are needed (a soup, an ensemble across runs, an analysis of the network) but
+    it did not keep them: trained with `save_weights=False` (records only), or its file was removed."""
+
+
+NOT_KEPT_FIX = ("To use their weights, train them again with save_weights=True (the default): delete these run "
+                "folders, or give the study another runs_dir (--out), and run it again; studies that read only "
+                "records.jsonl (the quickstart, the effect map) use them as they are.")
+
+
+def weights_kept(run: str | Path) -> bool:
+    """Whether a run was trained to keep its weights: its config.json's `save_weights` (runs
+    written before the field existed kept them)."""
+    return read_json(Path(run) / "config.json").get("save_weights", True) is not False
+
+
+def check_weights_kept(run_dirs: Iterable[str | Path], what: str = "combined") -> None:
+    """Refuse, before any weights are read, runs trained with save_weights=False: one
+    `WeightsNotKept` naming every such run folder and the fix."""
+    missing = [str(r) for r in run_dirs if not weights_kept(r)]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise WeightsNotKept(f"{len(missing)} run(s) kept no weights, so they cannot be {what}: {shown}. They were "
+                             f"trained with save_weights=False (their config.json), which keeps records.jsonl "
+                             f"only. {NOT_KEPT_FIX}")
 
 
 def _run_facts(run: Path) -> dict[str, Any]:
@@ -203,6 +228,7 @@ def uniform_soup(run_dirs: Iterable[str | Path], which: str = "best", *, load_fn
     """
     _check_which(which)
     runs = [Path(r) for r in run_dirs]
+    check_weights_kept(runs, "averaged into a soup")
     check_compatible(runs, SOUP_KEYS)
     avg, base, base_cfg = StateDictAverage(), None, None
     for run in runs:
@@ -228,6 +254,7 @@ def greedy_soup(run_dirs: Iterable[str | Path], which: str = "best", *, load_fn:
     """
     _check_which(which)
     runs = [Path(r) for r in run_dirs]
+    check_weights_kept(runs, "averaged into a soup")
     check_compatible(runs, SOUP_KEYS)
     if scores is None:
         scores = {}
@@ -276,6 +303,7 @@ def logit_ensemble(run_dirs: Iterable[str | Path], which: str = "best", *, load_
     """
     _check_which(which)
     runs = [Path(r) for r in run_dirs]
+    check_weights_kept(runs, "ensembled")
     check_compatible(runs, ENSEMBLE_KEYS)
     total: dict[str, torch.Tensor] = {}
     labels: dict[str, torch.Tensor] = {}

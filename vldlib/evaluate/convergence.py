@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
-from vldlib.evaluate.plots import min_span, rate_palette
+from vldlib.evaluate.plots import NOTEBOOK_FONTS, min_span, rate_palette
 from vldlib.evaluate.scores import per_step_scores
 
 
@@ -34,6 +34,13 @@ def plateau_check(curves: pd.DataFrame, by: Sequence[str] = ("dropout",), tail: 
 
     `plateaued` is True when the gain is below `tolerance` (1 point by default): training
     longer would not change the selected checkpoint much.
+
+    `lr_constant` says whether that reading means it: True when every run of the configuration
+    kept one learning rate throughout (`lr_decay_at=[]`, `--lr-decay-at ''`), False when the rate
+    changed (the default x0.1 at half the run: the tail then lies after the decay, where every
+    curve flattens whether or not the model has converged, so `plateaued` there may be the
+    decay's doing), NaN when the records do not say (`step_lr` absent). Judge a budget on a
+    constant-lr run, or on a longer one (issue 23 section 4).
     """
     rows = []
     for key, g in curves.groupby(list(by)):
@@ -51,36 +58,54 @@ def plateau_check(curves: pd.DataFrame, by: Sequence[str] = ("dropout",), tail: 
                      "gain": at_end - at_start, "best_iid": best,
                      "fit_acc_at_end": end["fit_acc"].mean() if "fit_acc" in g else float("nan"),
                      "training_mode_acc_at_end": end["train_acc"].mean() if "train_acc" in g else float("nan"),
-                     "plateaued": bool(at_end - at_start < tolerance)})
+                     "plateaued": bool(at_end - at_start < tolerance), "lr_constant": _lr_constant(g)})
     return pd.DataFrame(rows)
+
+
+def _lr_constant(g: pd.DataFrame) -> bool | float:
+    """Whether every run in `g` used one learning rate at every recorded step (NaN: not recorded).
+    Equal up to rounding: a record's rate is the optimizer's divided by `head_lr_mult`."""
+    if "step_lr" not in g or g["step_lr"].isna().all():
+        return float("nan")
+    lr = g.groupby("run")["step_lr"].agg(["min", "max"])
+    return bool(((lr["max"] - lr["min"]) <= 1e-9 * lr["max"].abs()).all())
 
 
 def plot_validation_curves(curves: pd.DataFrame, hue: str = "dropout", style: str | None = None) -> plt.Figure:
     """i.i.d. validation, training-domain and o.o.d. accuracy (%) vs step, mean ± se over runs:
     one line per `hue` value (rates in their fixed colours), and per `style` value when given
-    (e.g. "head": one line per (head, rate), never pooled)."""
+    (e.g. "head": one line per (head, rate), never pooled).
+
+    Sized for a notebook (`plots.NOTEBOOK_WIDTH_PX` at 100 dpi, what plt.show() renders): three
+    2.5-inch panels, titles on two lines, the legend below them, so JupyterLab shows the figure at
+    full size; drawn 14 inches wide it was shown at two thirds, its ticks at 6 px."""
     ids = ["run", "step", hue] + ([style] if style else [])
     long = curves.melt(id_vars=ids, value_vars=["iid_acc", "fit_acc", "ood_acc"],
                        var_name="accuracy", value_name="value")
     long["value"] = 100 * long["value"]
-    long["accuracy"] = long["accuracy"].map({"iid_acc": "i.i.d. validation (train domains, out split)",
-                                             "fit_acc": "training data, eval mode (train domains, in split)",
-                                             "ood_acc": "o.o.d. (held-out domain)"})
+    long["accuracy"] = long["accuracy"].map({"iid_acc": "i.i.d. validation\n(train domains, out split)",
+                                             "fit_acc": "training data, eval mode\n(train domains, in split)",
+                                             "ood_acc": "o.o.d.\n(held-out domain)"})
     if hue == "dropout":
         long["dropout rate"] = long["dropout"].map(lambda r: f"{float(r):g}")
         hue, palette = "dropout rate", rate_palette(long["dropout"])
     else:
         palette = "colorblind"
-    g = sns.relplot(data=long, x="step", y="value", hue=hue, style=style, col="accuracy", kind="line",
-                    errorbar="se", palette=palette, height=3.2, aspect=1.2, facet_kws={"sharey": False})
-    g.set_titles("{col_name}")
-    g.set_axis_labels("step", "accuracy (%)")
-    for ax in g.axes.flat:
-        min_span(ax, "y")
-    if g.legend is not None:  # outside the panels, saying what it averages
-        sns.move_legend(g, "upper left", bbox_to_anchor=(1.0, 0.95), frameon=False)
-        title = g.legend.get_title().get_text()
-        g.legend.set_title(f"{title}\n(mean ± se over runs)" if title else "mean ± se over runs")
+    with plt.rc_context(NOTEBOOK_FONTS):
+        g = sns.relplot(data=long, x="step", y="value", hue=hue, style=style, col="accuracy", kind="line",
+                        errorbar="se", palette=palette, height=2.5, aspect=1.0, facet_kws={"sharey": False})
+        g.set_titles("{col_name}")
+        g.set_axis_labels("step", "accuracy (%)")
+        for ax in g.axes.flat:
+            min_span(ax, "y")
+            ax.tick_params(labelsize=NOTEBOOK_FONTS["xtick.labelsize"])  # ticks are made at draw time: fix their size now
+            ax.grid(alpha=0.3)
+        if g.legend is not None:  # below the panels, saying what it averages
+            entries = len(g.legend.get_texts())
+            sns.move_legend(g, "upper center", bbox_to_anchor=(0.5, 0.02), ncol=min(entries, 6), frameon=False)
+            title = g.legend.get_title().get_text()
+            g.legend.set_title(f"{title} (mean ± se over runs)" if title else "mean ± se over runs")
+        g.figure.tight_layout()
     return g.figure
 
 

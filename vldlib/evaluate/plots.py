@@ -18,6 +18,7 @@ import seaborn as sns
 from PIL import Image
 
 from vldlib.data.folder import MultiDomainFolder
+from vldlib.evaluate.axes import MIN_SPAN, min_span  # noqa: F401  (MIN_SPAN: part of this module's look)
 from vldlib.evaluate.reference import METHOD_LABELS, paper_reference, reference_benchmark
 from vldlib.evaluate.selection import check_columns, summarize
 from vldlib.utils import atomic_path
@@ -39,7 +40,14 @@ def _label(method: Any) -> str:
 RATE_COLORS = {0.0: "#1f77b4", 0.1: "#17becf", 0.2: "#2ca02c", 0.3: "#bcbd22", 0.5: "#9467bd", 0.7: "#8c564b",
                0.8: "#e377c2", 0.9: "#ff7f0e", 0.95: "#d62728", 0.99: "#000000"}
 _SPARE_COLORS = ["#7f7f7f", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173"]
-MIN_SPAN = 10.0  # points: the least an accuracy axis spans, so that noise never looks large
+NOTEBOOK_WIDTH_PX = 830
+"""The widest figure JupyterLab 4 shows at full size: its output area is 833 px wide in a 1280-px
+window with the file browser open (953 at 1400; measured in headless Chromium). A notebook draws a
+figure at 100 dpi (plt.show()), so a figure wider than 8.3 inches is shrunk, its text with it."""
+NOTEBOOK_FONTS = {"font.size": 10, "axes.titlesize": 10, "axes.labelsize": 10, "xtick.labelsize": 9,
+                  "ytick.labelsize": 9, "legend.fontsize": 9, "legend.title_fontsize": 9}
+"""Font sizes (points) of the notebook figures, whatever seaborn context was set before: at 100
+dpi, 9 points are 12.5 px, the least that reads comfortably next to JupyterLab's 13-px text."""
 
 
 def rate_color(rate: Any) -> str:
@@ -88,8 +96,8 @@ def legend_outside(fig: Any, axes: Sequence[Any], title: str | None = None) -> N
         if ax.get_legend() is not None:
             ax.get_legend().remove()
     if uniq:
-        fig.legend(uniq.values(), uniq.keys(), loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=8,
-                   frameon=False, title=title)
+        fig.legend(uniq.values(), uniq.keys(), loc="upper left", bbox_to_anchor=(1.0, 0.95),
+                   fontsize=NOTEBOOK_FONTS["legend.fontsize"], frameon=False, title=title)
 
 
 def floor_lines(ax: Any, majority: float | None = None, chance: float | None = None,
@@ -115,19 +123,6 @@ def floor_lines(ax: Any, majority: float | None = None, chance: float | None = N
     return lines
 
 
-def min_span(ax: Any, axis: str = "y", span: float = MIN_SPAN) -> None:
-    """Widen an accuracy axis (in %) to at least `span` points around its data, inside 0-100."""
-    lo, hi = ax.get_ylim() if axis == "y" else ax.get_xlim()
-    if hi - lo < span:
-        mid = (lo + hi) / 2
-        lo, hi = mid - span / 2, mid + span / 2
-        if lo < 0:
-            lo, hi = 0.0, span
-        if hi > 100:
-            lo, hi = 100.0 - span, 100.0
-        (ax.set_ylim if axis == "y" else ax.set_xlim)(lo, hi)
-
-
 def _per_benchmark(value: Any, benchmark: Any) -> float | None:
     return value.get(benchmark) if isinstance(value, Mapping) else value
 
@@ -151,6 +146,10 @@ def plot_iid_vs_ood(selected: pd.DataFrame, hue: str = "dropout", style: str = "
     named; error bars are ± se over `over`, n in the legend. Rates keep their fixed colours. Both
     axes span at least `MIN_SPAN` points. `majority`/`chance` (fractions, or per benchmark) draw
     the o.o.d. floors. With `reference`, the paper's points are grey crosses. Returns the Figure.
+
+    The style values are nested markers (`style_markers`): the first a small filled one, the next
+    ones hollow and larger, so points that coincide (at rate 0 the weight average and the ensemble
+    land on the fine-tuned model) stay visible as rings around each other instead of hiding.
     """
     check_columns(selected, [hue, style, "benchmark"], "plot_iid_vs_ood")
     benches = sorted(selected.benchmark.dropna().unique())
@@ -159,12 +158,19 @@ def plot_iid_vs_ood(selected: pd.DataFrame, hue: str = "dropout", style: str = "
     hues = sorted(s[hue].dropna().unique(), key=str)
     colors = ({h: rate_color(h) for h in hues} if hue == "dropout"
               else dict(zip(hues, sns.color_palette("colorblind", max(len(hues), 1)))))
-    markers = dict(zip(sorted(s[style].dropna().unique(), key=str), "osD^vP*X"))
+    markers = style_markers(s[style].dropna().unique())
+    rank = {v: i for i, v in enumerate(markers)}  # the legend lists the nested markers inside out
+    s = s.assign(_rank=s[style].map(rank)).sort_values([hue, "_rank"], key=lambda c: c.astype(str) if c.name == hue else c)
     for ax, b in zip(axes, benches):
         for _, r in s[s.benchmark == b].iterrows():
-            ax.errorbar(100 * r.iid_acc_mean, 100 * r.ood_acc_mean, xerr=100 * r.iid_acc_se,
-                        yerr=100 * r.ood_acc_se, fmt=markers.get(r[style], "o"), color=colors.get(r[hue]),
-                        ms=7, capsize=2, label=_with_n(describe({hue: r[hue], style: r[style]}), r.n))
+            colour = colors.get(r[hue])
+            marker, size, filled = markers.get(r[style], ("o", 7, True))
+            drawn = ax.errorbar(100 * r.iid_acc_mean, 100 * r.ood_acc_mean, xerr=100 * r.iid_acc_se,
+                                yerr=100 * r.ood_acc_se, fmt=marker, color=colour, ms=size, capsize=2,
+                                mfc=colour if filled else "none", mew=1.6, elinewidth=0.9,
+                                label=_with_n(describe({hue: r[hue], style: r[style]}), r.n))
+            for bars in (*drawn[1], *drawn[2]):
+                bars.set_alpha(0.45)  # error bars under the markers' outlines, not over them
         ref_b = reference_benchmark(b)
         if reference and ref_b:
             ref = paper_reference().query("benchmark == @ref_b and method == 'model'")
@@ -179,6 +185,16 @@ def plot_iid_vs_ood(selected: pd.DataFrame, hue: str = "dropout", style: str = "
     fig.tight_layout()
     _save(fig, path)
     return fig
+
+
+def style_markers(values: Any) -> dict[Any, tuple[str, float, bool]]:
+    """{value: (marker, size in points, filled)} for the style values of a scatter: methods in the
+    order of `METHOD_LABELS` (fine-tuning first), other values sorted. The first is a small filled
+    marker, each next one hollow and 4 points larger, so that markers drawn at the same place nest
+    (a dot in a square in a diamond) rather than cover each other."""
+    order = list(METHOD_LABELS)
+    ranked = sorted(values, key=lambda v: (order.index(str(v)) if str(v) in order else len(order), str(v)))
+    return {v: (m, 6.0 + 4.0 * i, i == 0) for i, (v, m) in enumerate(zip(ranked, "osD^vP*X"))}
 
 
 def plot_rate_curve(selected: pd.DataFrame, x: str = "dropout", hue: str | Sequence[str] | None = "method",

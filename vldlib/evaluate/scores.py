@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from vldlib.config import added_later_defaults
 from vldlib.data import get_spec
 from vldlib.utils import parse_jsonl, read_bounded_text
 
@@ -188,6 +189,7 @@ def _checked_records(path: Path) -> list[dict]:
 
 CONFIG_CHECKS: dict[str, tuple[str, Any]] = {  # key: (what it must be, the test); absent or null: not checked
     "dropout": ("a rate in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
+    "train_fraction": ("a fraction in (0, 1]", lambda v: _is_number(v) and 0 < v <= 1),
     "lr": ("a finite number >= 0", lambda v: _is_number(v) and 0 <= v < float("inf")),
     "head_lr_mult": ("a finite number >= 0", lambda v: _is_number(v) and 0 <= v < float("inf")),
     "weight_decay": ("a finite number >= 0", lambda v: _is_number(v) and 0 <= v < float("inf")),
@@ -308,7 +310,9 @@ def _run_info(run: Path, config: dict, meta: dict, records: list[dict]) -> dict[
         # which split of the held-out domain measures o.o.d. accuracy (see split_scores)
         "ood_split": meta.get("ood_split", "in"),
     }
-    for k, v in config.items():
+    # a field added after the run was written: the run used its default (`TrainConfig.ADDED_LATER`),
+    # so a table mixing old and new runs has no NaN there, which `groupby` would silently drop
+    for k, v in {**added_later_defaults(), **config}.items():
         if k in ("benchmark", "test_envs"):
             continue
         info[k if k not in info and k not in ROW_COLS else f"config_{k}"] = readable(v)
@@ -437,7 +441,7 @@ def split_scores(acc: dict[str, float], test_envs: Iterable[int], ood_split: str
 
 def per_step_scores(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (run, method, step): iid_acc, ood_acc, oracle_acc, fit_acc (see the module
-    docstring), and the record's loss, train_acc and rel_distance (NaN where absent)."""
+    docstring), and the record's loss, train_acc, rel_distance and step_lr (NaN where absent)."""
     keys = ["run", "method", "step"]
     parts = {
         "iid_acc": df[~df.is_test & (df.split == IID_SPLIT)],
@@ -446,7 +450,7 @@ def per_step_scores(df: pd.DataFrame) -> pd.DataFrame:
         "fit_acc": df[~df.is_test & (df.split == FIT_SPLIT)],
     }
     scores = pd.concat({k: v.groupby(keys).acc.mean() for k, v in parts.items()}, axis=1)
-    per_record = ["loss", "train_acc", "rel_distance"]
+    per_record = ["loss", "train_acc", "rel_distance", "step_lr"]
     extra = df.assign(**{c: np.nan for c in per_record if c not in df.columns}).groupby(keys)[per_record].first()
     return scores.join(extra).reset_index()
 

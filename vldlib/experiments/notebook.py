@@ -121,6 +121,12 @@ def across_runs(selected: pd.DataFrame, group: Sequence[str] = ("benchmark", "te
     plain = selected[selected.method == "model"]
     if "done" in plain.columns:
         plain = plain[plain.done.astype(bool)]
+    # every run that will be read, refused at once (naming them all and the fix) if any kept no
+    # weights (save_weights=False), before the first group's soup spends minutes
+    if methods:
+        combine.check_weights_kept(sorted({r for _, g in plain.groupby(cols, dropna=False, sort=True)
+                                           if g.run.nunique() >= min_runs for r in g.run.unique()}),
+                                   "averaged or ensembled across runs")
     rows = []
     for key, g in plain.groupby(cols, dropna=False, sort=True):
         runs = sorted(g.run.unique())
@@ -160,7 +166,7 @@ def across_runs(selected: pd.DataFrame, group: Sequence[str] = ("benchmark", "te
 # parameters-cell names that are TrainConfig fields, copied into `base_config` as they are
 CONFIG_PARAMS = ("data_dir", "backbone", "pretrained", "resolution", "train_stages", "cache_trunk", "augment",
                  "augment_on", "cache_images", "channels_last", "batch_size", "eval_every", "device", "freeze_bn",
-                 "lr_decay_at")
+                 "lr_decay_at", "train_fraction", "save_weights")
 
 
 @dataclass
@@ -180,7 +186,10 @@ class Notebook:
 
     def base_config(self, **overrides: Any) -> TrainConfig:
         """The TrainConfig every run of the notebook starts from: its parameters, averaging and
-        evaluation every `eval_every` steps, runs under `runs_out`, last.pt not kept."""
+        evaluation every `eval_every` steps, runs under `runs_out`, last.pt not kept. A study that
+        reads only records.jsonl (no soups across runs, no analysis of the weights) passes
+        `save_weights=False` (or the notebook's parameter of that name): no best.pt or final.pt,
+        30 MB a Lite0 run."""
         p = self.params
         fields = {k: p[k] for k in CONFIG_PARAMS if k in p}
         if not isinstance(p.get("steps"), dict) and p.get("steps") is not None:  # None: the benchmark's

@@ -73,7 +73,7 @@ def quickstart_config(device: str = "auto", params: dict | None = None) -> Train
         weight_decay=p["weight_decay"], batch_size=p["batch_size"], eval_every=p["eval_every"],
         average_from=p["eval_every"], test_envs=[0] if p["test_envs"] is None else [p["test_envs"][0]],
         device=p["device"] if device == "auto" else device, num_threads=p["num_threads"], keep_last=False,
-        progress=False))
+        save_weights=False, progress=False))
 
 
 def study_grid(nb) -> list[TrainConfig]:
@@ -83,13 +83,17 @@ def study_grid(nb) -> list[TrainConfig]:
 
     `tuned_by` (a choices table of the effect map, notebook 07): each (rate, held-out domain) trains
     with the lr and weight decay that the map's i.i.d. validation chose for that cell, so both arms
-    are tuned alike without the quickstart paying for the grid; None: `lr` and `weight_decay` as given."""
+    are tuned alike without the quickstart paying for the grid; None: `lr` and `weight_decay` as given.
+
+    The runs keep no weights (`save_weights=False`): the study reads only their records (its "wa"
+    and "ens" are the within-run average and ensemble, recorded at each evaluation), and 72 runs
+    would otherwise write 2 GB of best.pt and final.pt."""
     p = nb.params
     if isinstance(p["steps"], dict):
         raise ValueError(f"steps={p['steps']}: the study gives every rate the same budget; pass one number")
     h = nb.hparams()
-    configs = grid(nb.base_config(), seed=h["seed"], test_envs=nb.test_env_axis(), dropout=list(p["dropout_rates"]),
-                   lr=h["lr"], weight_decay=h["weight_decay"])
+    configs = grid(nb.base_config(save_weights=False), seed=h["seed"], test_envs=nb.test_env_axis(),
+                   dropout=list(p["dropout_rates"]), lr=h["lr"], weight_decay=h["weight_decay"])
     if p.get("tuned_by"):
         configs = apply_choices(configs, read_choices(resolve(p["tuned_by"])), source=str(p["tuned_by"]))
     return configs

@@ -10,9 +10,9 @@
 
 from vldlib.loop.device import resolve_device
 from vldlib.loop.rundir import RunOutputError, TrainingDiverged, run_dir_for
-from vldlib.loop.train import build_run_net, evaluate_logits, load_run_model
+from vldlib.loop.train import WeightsNotKept, build_run_net, evaluate_logits, load_run_model, weights_file
 
 # `train` itself is imported from its module (`from vldlib.loop.train import train`): binding the
 # name here would hide the module `vldlib.loop.train`.
-__all__ = ["RunOutputError", "TrainingDiverged", "build_run_net", "evaluate_logits", "load_run_model",
-           "resolve_device", "run_dir_for"]
+__all__ = ["RunOutputError", "TrainingDiverged", "WeightsNotKept", "build_run_net", "evaluate_logits",
+           "load_run_model", "resolve_device", "run_dir_for", "weights_file"]

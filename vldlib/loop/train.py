@@ -36,6 +36,7 @@ from vldlib import config as config_io
 from vldlib.config import TrainConfig
 from vldlib.data import load_benchmark
 from vldlib.data.splits import out_files
+from vldlib.evaluate.combine import NOT_KEPT_FIX, WeightsNotKept, weights_kept
 from vldlib.evaluate.scores import accuracies, ood_split, validation_score
 from vldlib.loop.averaging import AveragedTrainable, refresh_bn_statistics  # noqa: F401  (tests import it from here)
 from vldlib.loop.batches import bn_inputs, make_data, predict_all, train_batches, trunk_features
@@ -48,7 +49,10 @@ from vldlib.loop.rundir import (  # noqa: F401
     check_same_data,
     data_fingerprint,
     ends_with_newline,
+    frozen_fingerprint,
     load_checkpoint,
+    restore_state,
+    resume_state,
     run_dir_for,
     run_lock,
     save_checkpoint,
@@ -56,7 +60,16 @@ from vldlib.loop.rundir import (  # noqa: F401
 )
 from vldlib.loop.step import TrainStep
 from vldlib.model import FineTuneNet, build_net, create_model, data_config, weights_fingerprint
-from vldlib.utils import append_jsonl, read_json, read_jsonl, seed_hash, write_json_atomic, write_text_atomic
+from vldlib.utils import (
+    StopRequested,
+    append_jsonl,
+    check_stop,
+    read_json,
+    read_jsonl,
+    seed_hash,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 
 def first_non_finite(losses: list[torch.Tensor]) -> int | None:
@@ -108,14 +121,32 @@ def build_run_net(cfg: TrainConfig, num_classes: int, device: torch.device) -> t
     return net, data_config(model), init_fingerprint
 
 
-def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> Path:
+def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None,
+          report_phase: Callable[[str], None] | None = None) -> Path:
     """Run (or resume, or skip if finished) one fine-tuning run; returns its directory.
 
-    `should_stop` (e.g. a threading.Event's is_set) is asked before each step; when it says yes the
-    run returns unfinished, resumable from its last checkpoint (the explorer's stop button)."""
+    `should_stop` (e.g. a threading.Event's is_set; the explorer's stop button) is asked in every
+    phase, at most a batch apart: while images are checked, before the network is built, while the
+    frozen-trunk outputs are computed, while waiting for a lock, and before each step. When it says
+    yes the run returns unfinished, resumable from its last checkpoint (evaluation), and what the
+    preparation finished (checked images, computed trunk outputs) is kept for the next start. An
+    evaluation under way is finished first: it is what saves the steps before it.
+    `report_phase(name)` is called as each phase starts ("loading the benchmark", ..., "training"),
+    for a caller that shows what a run is doing before its first evaluation."""
     cfg = cfg.resolved()  # the benchmark's steps and evaluation interval where they were left unset
     cfg.validate()
     run_dir = run_dir_for(cfg)
+    try:
+        return _train(cfg, run_dir, should_stop, report_phase or (lambda _phase: None))
+    except StopRequested:  # raised by a phase of the preparation (the step loop returns by itself)
+        print(f"[vldlib] stopped while preparing {run_dir} (nothing trained yet in this start)")
+        return run_dir
+
+
+def _train(cfg: TrainConfig, run_dir: Path, should_stop: Callable[[], bool] | None,
+           report_phase: Callable[[str], None]) -> Path:
+    """`train`'s body. A stop asked during the preparation raises `StopRequested` out of it (from
+    any depth: image checks, trunk outputs, a lock); the step loop returns by itself."""
     if (run_dir / "done").exists():
         print(f"[vldlib] already finished: {run_dir} (delete its 'done' file to run it again)")
         return run_dir
@@ -131,11 +162,16 @@ def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> Pa
     torch.backends.cudnn.benchmark = device.type == "cuda" and cfg.cudnn_benchmark
 
     # --- model: pretrained backbone, dropout on the penultimate features, frozen BN
-    bench = load_benchmark(cfg.benchmark, cfg.data_dir, skip_bad=cfg.skip_bad, progress=cfg.progress)
+    report_phase("loading the benchmark")
+    bench = load_benchmark(cfg.benchmark, cfg.data_dir, skip_bad=cfg.skip_bad, progress=cfg.progress,
+                           should_stop=should_stop)
     fingerprint = data_fingerprint(bench)
     check_same_data(run_dir, read_json(run_dir / "meta.json"), fingerprint)  # before anything is written
+    check_stop(should_stop)
+    report_phase("building the network")
     net, norm, init_fingerprint = build_run_net(cfg, len(bench.classes), device)
     moved = DistanceFromStart(net)  # the start, before a checkpoint is loaded into the net
+    frozen = frozen_fingerprint(net.model)  # what a last.pt without the frozen parameters resumes onto
 
     # --- data: per-domain training sets and every eval split (optionally as cached trunk outputs)
     data = make_data(cfg, bench, norm["mean"], norm["std"])
@@ -143,7 +179,10 @@ def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> Pa
     loads_with_workers = cfg.augment_on == "workers" and not cfg.cache_trunk
     torch.set_num_threads(cpu_plan(cfg.num_workers if loads_with_workers else 0, cfg.num_threads, len(data.train))[0])
     held_out_split = ood_split(bench)  # which part of a held-out domain measures o.o.d. accuracy
-    features = trunk_features(net, data, cfg, device) if cfg.cache_trunk else None
+    check_stop(should_stop)
+    if cfg.cache_trunk:
+        report_phase("computing the frozen-trunk outputs (cached for later runs)")
+    features = trunk_features(net, data, cfg, device, should_stop) if cfg.cache_trunk else None
     forward = net.tail if features is not None else net
     # compiled for training only: evaluation (eval mode) would compile a second graph for little gain
     train_forward = torch.compile(forward, dynamic=False) if cfg.compile else forward
@@ -158,7 +197,8 @@ def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> Pa
     # finds the run done, or resumes it from where the first stopped
     with writing(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
-    with run_lock(run_dir) as waited:
+    check_stop(should_stop)
+    with run_lock(run_dir, should_stop) as waited:
         if waited and (run_dir / "done").exists():
             print(f"[vldlib] finished meanwhile by another process: {run_dir}")
             return run_dir
@@ -173,10 +213,10 @@ def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> Pa
         if (run_dir / "last.pt").exists():
             ckpt = load_checkpoint(run_dir / "last.pt")
             check_records_reach(records_path, old, cfg, ckpt["step"])  # before anything is rewritten
-            net.model.load_state_dict(ckpt["model"])
+            restore_state(net.model, ckpt["model"], ckpt.get("frozen"), run_dir / "last.pt")
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
-            averaged.load_state_dict(ckpt["averaged"])
+            restore_state(averaged, ckpt["averaged"], None, run_dir / "last.pt")  # a copy of the start just checked
             ensemble_logits, best_score, start = ckpt["ensemble_logits"], ckpt["best_score"], ckpt["step"]
             kept = [r for r in old if r.get("step", 0) <= start]
             # Also rewrite when a kill left half a line: the next append would be glued to it.
@@ -202,18 +242,26 @@ def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> Pa
 
         def evaluate(done_steps: int, interval: dict | None) -> None:
             """Evaluate the current weights (and, from `average_from`, the weight average and the
-            logit ensemble); append the record; save best.pt when validation improves, and last.pt.
+            logit ensemble); append the record; save best.pt when validation improves (unless
+            `save_weights` is off), and last.pt (the resume state, whatever `save_weights`).
             `interval`: the training statistics since the last evaluation (None at step 0)."""
             nonlocal best_score
             net.eval()
             preds = predict_all(forward, data.evals, cfg, device, features)
             acc = {"model": accuracies(preds)}
             if done_steps >= max(1, cfg.average_from):  # the average and the ensemble start after an update
-                averaged.eval()
-                wa_forward = averaged.module.tail if features is not None else averaged.module
-                if not cfg.freeze_bn:  # BatchNorm statistics of the averaged weights, not the current ones'
-                    refresh_bn_statistics(averaged.module, wa_forward, bn_inputs(data, cfg, features), device)
-                acc["wa"] = accuracies(predict_all(wa_forward, data.evals, cfg, device, features))
+                if cfg.freeze_bn and int(averaged.n_averaged) == 1:
+                    # averaged once, at this very step (it updates at every step from average_from):
+                    # the average is the current network, frozen BatchNorm statistics included, so its
+                    # predictions are those just made. One pass over the evaluation data saved: 1 in
+                    # 13 of a quickstart run's, which are 20% of its time
+                    acc["wa"] = dict(acc["model"])
+                else:
+                    averaged.eval()
+                    wa_forward = averaged.module.tail if features is not None else averaged.module
+                    if not cfg.freeze_bn:  # BatchNorm statistics of the averaged weights, not the current ones'
+                        refresh_bn_statistics(averaged.module, wa_forward, bn_inputs(data, cfg, features), device)
+                    acc["wa"] = accuracies(predict_all(wa_forward, data.evals, cfg, device, features))
                 for k, (lg, y_k) in preds.items():
                     ensemble_logits[k] = ensemble_logits.get(k, torch.zeros_like(lg)) + lg
                 acc["ens"] = accuracies({k: (ensemble_logits[k], preds[k][1]) for k in preds})
@@ -227,19 +275,29 @@ def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> Pa
             score = validation_score(acc["model"], data.train_envs)
             if score > best_score:
                 best_score = score
-                save_checkpoint(run_dir / "best.pt", {"model": net.model.state_dict(), "step": done_steps,
-                                                      "config": asdict(cfg), "score": score})
+                if cfg.save_weights:
+                    save_checkpoint(run_dir / "best.pt", {"model": net.model.state_dict(), "step": done_steps,
+                                                          "config": asdict(cfg), "score": score})
+                else:  # one written before a resume without weights is no longer the best: never left stale
+                    with writing(run_dir / "best.pt"):
+                        (run_dir / "best.pt").unlink(missing_ok=True)
             with writing(records_path):
                 append_jsonl(records_path, record)
+            # the whole weights only where a finished run keeps last.pt (load_run_model reads them);
+            # otherwise what training changed, over the start a resume builds again (resume_state)
+            whole = cfg.keep_last and done_steps == cfg.steps
             save_checkpoint(run_dir / "last.pt", {
-                "model": net.model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "averaged": averaged.state_dict(),
-                "ensemble_logits": ensemble_logits, "best_score": best_score, "step": done_steps,
-                "config": asdict(cfg)})
+                "model": net.model.state_dict() if whole else resume_state(net.model),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "averaged": averaged.state_dict() if whole else resume_state(averaged),
+                "frozen": frozen, "ensemble_logits": ensemble_logits, "best_score": best_score,
+                "step": done_steps, "config": asdict(cfg)})
             bar.set_postfix(val=f"{score:.3f}", **({} if interval is None else {"loss": f"{interval['loss']:.3f}"}),
                             test=f"{np.mean([acc['model'][f'env{t}_{held_out_split}'] for t in cfg.test_envs]):.3f}")
 
+        check_stop(should_stop)
         if start == 0 and not (run_dir / "last.pt").exists():
+            report_phase("evaluating the start")
             evaluate(0, None)  # the pretrained start: a selection candidate, as in the official code
         # Running sums stay on the device: reading a GPU value each step would stall the pipeline.
         # For the same reason the finiteness check reads the recent losses in batches on a GPU.
@@ -247,6 +305,7 @@ def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> Pa
         zero = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
         loss_sum, correct, seen, recent = zero(), zero(), 0, []
         t_interval, last_eval = time.perf_counter(), start
+        report_phase("training")
         net.train()
         for step, batch in enumerate(train_batches(data, cfg, start, device, features), start=start):
             if should_stop is not None and should_stop():  # stopped by the caller: resumes from last.pt
@@ -285,33 +344,64 @@ def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> Pa
                                   "train_acc": correct.item() / max(1, seen), "step_time": step_time})
             loss_sum, correct, seen, t_interval, last_eval = zero(), zero(), 0, time.perf_counter(), done_steps
         bar.close()
-        if not cfg.keep_last:  # keep the final weights only (across-run soups of the last weights read them)
-            final = load_checkpoint(run_dir / "last.pt")
-            save_checkpoint(run_dir / "final.pt", {k: final[k] for k in ("model", "step", "config")})
+        if not cfg.keep_last and cfg.save_weights:  # the final weights only (soups of the last weights read them)
+            save_checkpoint(run_dir / "final.pt", {"model": net.model.state_dict(), "step": cfg.steps,
+                                                   "config": asdict(cfg)})
         # `done` before removing last.pt: a kill between the two leaves a finished run with a spare
         # last.pt, never a run without last.pt that would restart from scratch
         with writing(run_dir / "done"):
             write_text_atomic(run_dir / "done", time.strftime("%Y-%m-%d %H:%M:%S\n"))
         if not cfg.keep_last:
             (run_dir / "last.pt").unlink(missing_ok=True)
+        if not cfg.save_weights:  # resumed from a part trained with weights: none of them is this run's
+            for name in ("best.pt", "final.pt"):
+                (run_dir / name).unlink(missing_ok=True)
         return run_dir
 
 
 # ----------------------------------------------------------------------------- reuse of finished runs
-def load_run_model(run_dir: str | os.PathLike, which: str = "best") -> tuple[FineTuneNet, dict]:
-    """The network of a run at its best (training-domain validation) or last checkpoint (`which`
-    "best" or "last": last.pt, or final.pt, its weights, when the run did not keep last.pt)."""
+def weights_file(run_dir: str | os.PathLike, which: str = "best") -> Path:
+    """The file holding a run's weights at its best (training-domain validation) or last checkpoint
+    (`which` "best": best.pt; "last": final.pt, the final weights of a run that did not keep last.pt,
+    or last.pt). `WeightsNotKept` naming the run folder, why and the fix when there is none: a run
+    trained with save_weights=False keeps records.jsonl only."""
     if which not in ("best", "last"):
         raise ValueError(f"which must be 'best' (best.pt) or 'last' (the final weights), got {which!r}")
     run_dir = Path(run_dir)
-    path = run_dir / f"{which}.pt"
-    if which == "last" and not path.exists() and (run_dir / "final.pt").exists():
-        path = run_dir / "final.pt"
+    # final.pt first: a run that keeps it may hold a spare last.pt (killed before removing it)
+    candidates = [run_dir / "best.pt"] if which == "best" else [run_dir / "final.pt", run_dir / "last.pt"]
+    found = next((p for p in candidates if p.exists()), None)
+    if found is not None:
+        return found
+    names = " or ".join(p.name for p in candidates)
+    if not (run_dir / "config.json").exists():
+        raise WeightsNotKept(f"{run_dir}: no {names} and no config.json: not a run folder, or a run not started; "
+                             f"train it first (vldlib.loop.train).")
+    if not weights_kept(run_dir):
+        raise WeightsNotKept(f"{run_dir}: no {names}: the run was trained with save_weights=False (its "
+                             f"config.json), which keeps records.jsonl only. {NOT_KEPT_FIX}")
+    state = "finished" if (run_dir / "done").exists() else "not finished"
+    raise WeightsNotKept(f"{run_dir}: no {names} (the run is {state}): the file was removed, or part of the run "
+                         f"was trained with save_weights=False. Delete {run_dir} and train it again with "
+                         f"save_weights=True (the default) to get its weights.")
+
+
+def load_run_model(run_dir: str | os.PathLike, which: str = "best") -> tuple[FineTuneNet, dict]:
+    """The network of a run at its best (training-domain validation) or last checkpoint (`which`;
+    see `weights_file`, whose error names the run and the fix when it kept no weights)."""
+    run_dir = Path(run_dir)
+    path = weights_file(run_dir, which)
     cfg = config_io.load_file(TrainConfig, run_dir / "config.json")
     meta = json.loads((run_dir / "meta.json").read_text())
+    ckpt = load_checkpoint(path)
     model = create_model(cfg.backbone, len(meta["classes"]), pretrained=False, dropout=cfg.dropout)
     net = build_net(model, cfg.head, cfg.train_stages, cfg.freeze_bn)
-    net.model.load_state_dict(load_checkpoint(path)["model"])
+    if path.name == "last.pt" and not set(net.model.state_dict()) <= set(ckpt["model"]):
+        # an unfinished run's last.pt holds its trained part (resume_state): put it over its start
+        net = build_run_net(cfg, len(meta["classes"]), torch.device("cpu"))[0]
+        restore_state(net.model, ckpt["model"], ckpt.get("frozen"), path)
+    else:
+        net.model.load_state_dict(ckpt["model"])
     net.eval()
     return net, asdict(cfg)
 

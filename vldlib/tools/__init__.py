@@ -1,1 +1,2 @@
-"""Tools around the study: notebook batches (`sweep`) and speed measurements (`bench`)."""
+"""Tools around the study: notebook batches (`sweep`), speed measurements (`bench`) and the
+notebooks' git clean filter (`notebook_filter`)."""

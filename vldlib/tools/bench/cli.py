@@ -12,7 +12,7 @@ import torch
 from vldlib.config import UsageError, add_flag, print_error
 from vldlib.experiments.quickstart import quickstart_config
 from vldlib.loop import resolve_device
-from vldlib.tools.bench import precision
+from vldlib.tools.bench import precision, split
 from vldlib.tools.bench.bench import OUT, BenchConfig, device_name, run_bench, write_synthetic_domains
 from vldlib.tools.bench.gpu_check import GPU_PLAN, SMOKE_PLAN, gpu_check
 from vldlib.tools.bench.runs import image_run_config, run_config_bench, steps_scaling, sweep_note
@@ -27,6 +27,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  python -m vldlib bench                       # CPU: the quickstart's runs\n"
                               "  python -m vldlib bench --steps-scaling 200,600   # a run's time vs its steps\n"
+                              "  python -m vldlib bench --run-split 6             # where a quickstart run's time goes\n"
                               "  python -m vldlib bench --resolution 64 --domains 3 --train-stages 2\n"
                               "  python -m vldlib bench --device cuda --backbone resnet50 --bf16\n"
                               "  python -m vldlib bench --gpu-check")
@@ -58,6 +59,12 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bf16-accuracy", nargs="?", const="0,1,2", metavar="SEEDS",
                    help="train the quickstart's runs in fp32 and bf16 for these seeds (default 0,1,2) and "
                         "compare their accuracy (vldlib.tools.bench.precision); finished runs are reused")
+    p.add_argument("--run-split", nargs="?", const=4, type=int, metavar="N",
+                   help="train N quickstart runs (default 4; records only, as the quickstart) in a temporary "
+                        "folder and print where each run's time goes, then the cold quickstart's one-off costs "
+                        "(vldlib.tools.bench.split)")
+    add_flag(p, "--run-split-weights", help="with --run-split: keep the runs' weights (best.pt, final.pt), "
+                                            "to compare with the quickstart's records-only runs")
     add_flag(p, "--gpu-check", help="the self-contained GPU report (~6 min on an H100)")
     add_flag(p, "--gpu-check-smoke",
                    help="every --gpu-check stage on the CPU with tiny models (a minute): checks the script itself")
@@ -108,6 +115,8 @@ def _cli_bench(args: argparse.Namespace) -> int:
                              "--config images (or change the notebook's parameters)")
         if args.steps_scaling:
             return _cli_steps_scaling(args, cfg, which)
+        if args.run_split is not None:
+            return _cli_run_split(args, cfg, which)
         if args.bf16_accuracy:
             return _cli_bf16_accuracy(args, cfg, which)
         if which == "quickstart":
@@ -157,6 +166,24 @@ def _cli_steps_scaling(args: argparse.Namespace, cfg: BenchConfig, which: str) -
     print(f"  slope {1e3 * res['slope_s_per_step']:.1f} ms/step = {res['slope_over_step_time']:.2f} x the loop's "
           f"step time; fixed {res['fixed_s']:.1f} s a run")
     print(res["note"])
+    print(f"[vldlib] written {path}")
+    return 0
+
+
+def _cli_run_split(args: argparse.Namespace, cfg: BenchConfig, which: str) -> int:
+
+    if which != "quickstart":
+        raise UsageError("--run-split times the quickstart's own runs; image options do not apply")
+    if args.run_split < 1:
+        raise UsageError(f"--run-split N: N is a number of runs (1 or more), got {args.run_split}")
+    tcfg = quickstart_config(cfg.resolved().device)
+    overrides = {"save_weights": True} if args.run_split_weights else {}
+    print(f"[vldlib] bench: where {args.run_split} quickstart runs' time goes ({tcfg.steps} steps, evaluated every "
+          f"{tcfg.eval_every}, {'weights kept' if overrides else 'records only'}, {tcfg.num_threads} thread(s)) on "
+          f"{device_name(cfg.resolved().device)}", flush=True)
+    res = split.run_split(tcfg, args.run_split, overrides=overrides)
+    path = Path(args.json) if args.json else OUT / f"run-split-{torch.device(tcfg.device).type}.json"
+    write_json_atomic(path, res)
     print(f"[vldlib] written {path}")
     return 0
 
