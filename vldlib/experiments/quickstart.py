@@ -46,7 +46,7 @@ DEFAULTS = {
     "cache_images": False,
     "dropout_rates": [0.0, 0.9],
     "test_envs": None,
-    "seeds": [0, 1, 2, 3, 4, 5, 6, 7, 8],
+    "seeds": [10, 11, 12, 13, 14, 15, 16, 17, 18],
     "steps": 300,
     "tuned_by": "outputs/effect_map_6seeds/choices.csv",
     "lr": 0.02,
