@@ -7,5 +7,5 @@ from setuptools import find_packages, setup
 setup(
     packages=[*find_packages(include=["vldlib", "vldlib.*"]), "vldlib.notebooks"],
     package_dir={"vldlib.notebooks": "notebooks"},  # data only: the notebooks and their parameter files
-    package_data={"vldlib.notebooks": ["*.ipynb", "*.yaml"]},  # vldlib.paths.SHIPPED_SUFFIXES
+    package_data={"vldlib.notebooks": ["*.ipynb", "*.yaml", "*.csv"]},  # vldlib.paths.SHIPPED_SUFFIXES
 )

@@ -37,3 +37,21 @@ def make_fake_benchmark(root: Path, domains=("d0", "d1", "d2"), classes=("a", "b
 def fake_benchmark(tmp_path: Path) -> Path:
     """3 domains x 3 classes x 6 images of 32 px."""
     return make_fake_benchmark(tmp_path / "fake")
+
+
+def stop_after_steps(n_steps: int) -> dict:
+    """`train(cfg, **stop_after_steps(n))`: lets n training steps run, then stops the run resumable
+    (last.pt at the last evaluation). `train` also asks `should_stop` while it prepares (images,
+    trunk outputs, the lock), so only the asks after `report_phase("training")`, one a step, count."""
+    state = {"training": False, "asked": 0}
+
+    def report_phase(phase: str) -> None:
+        state["training"] = phase == "training"
+
+    def should_stop() -> bool:
+        if not state["training"]:
+            return False
+        state["asked"] += 1
+        return state["asked"] > n_steps
+
+    return {"should_stop": should_stop, "report_phase": report_phase}

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import make_fake_benchmark
+from conftest import make_fake_benchmark, stop_after_steps
 from test_faults import cfg_for, no_files_written, run_cli, train_argv
 from test_results import accs, make_record, make_run
 
@@ -32,15 +32,9 @@ def own_bench(tmp_path) -> Path:
     return make_fake_benchmark(tmp_path / "bench" / "fake")
 
 
-def stopped_after(n_steps: int):
-    """A should_stop that lets `n_steps` steps run: the run stops resumable, last.pt at that step."""
-    calls = []
-    return lambda: calls.append(1) or len(calls) > n_steps
-
-
 def half_run(tmp_path: Path, bench: Path, **kw):
     cfg = cfg_for(tmp_path, bench, **kw)
-    run = train(cfg, should_stop=stopped_after(8))  # evaluated at 0 (the start), 4 and 8; last.pt at 8
+    run = train(cfg, **stop_after_steps(8))  # evaluated at 0 (the start), 4 and 8; last.pt at 8
     assert not (run / "done").exists() and [r["step"] for r in read_jsonl(run / "records.jsonl")] == [0, 4, 8]
     return cfg, run
 

@@ -24,6 +24,7 @@ from vldlib.loop.train import train
 from vldlib.utils import read_jsonl
 
 from test_soups import Fns, _tiny, make_run
+from conftest import stop_after_steps
 from test_train import kill_mid_run, stable, tiny_config
 
 
@@ -66,8 +67,7 @@ def test_weights_of_a_part_trained_with_them_are_not_left_behind(fake_benchmark,
     """Stopped with save_weights on (best.pt written), finished with it off: best.pt would be the
     best of the first part only, so it goes; the records are the uninterrupted run's."""
     kw = dict(benchmark=str(fake_benchmark), steps=12, keep_last=False)
-    calls = []
-    first = train(tiny_config(tmp_path, **kw), should_stop=lambda: calls.append(1) or len(calls) > 6)
+    first = train(tiny_config(tmp_path, **kw), **stop_after_steps(6))
     assert (first / "best.pt").exists() and not (first / "done").exists()
     run = train(no_weights(tmp_path, **kw))
     assert run == first and pt_files(run) == []
@@ -148,9 +148,8 @@ def test_last_pt_holds_the_trained_part_until_the_end_and_resumes_onto_the_start
     import torch
 
     kw = dict(benchmark=str(fake_benchmark), steps=12, train_stages=1)
-    calls = []
     cfg = tiny_config(tmp_path, **kw)
-    run = train(cfg, should_stop=lambda: calls.append(1) or len(calls) > 6)
+    run = train(cfg, **stop_after_steps(6))
     mid = torch.load(run / "last.pt", weights_only=True)
     net, _ = load_run_model(run, "last")  # an unfinished run's last weights: its trained part over its start
     frozen = {k for k, p in net.model.named_parameters() if not p.requires_grad}
@@ -181,8 +180,7 @@ def test_resuming_onto_another_start_is_refused(fake_benchmark, tmp_path):
     original = weights.read_bytes()
     cfg = tiny_config(tmp_path, benchmark=str(fake_benchmark), steps=12, train_stages=1, pretrained=True,
                       weights_file=str(weights))
-    calls = []
-    run = train(cfg, should_stop=lambda: calls.append(1) or len(calls) > 6)
+    run = train(cfg, **stop_after_steps(6))
     torch.manual_seed(1)
     torch.save(create_model("test_resnet", 3, pretrained=False).state_dict(), weights)
     with pytest.raises(ResumeRefused, match="frozen part built again now differs") as e:

@@ -99,3 +99,16 @@ def test_tuning_seeds_alone_choose():
     assert set(sel.seed) == {0, 1}
     _, both = tuned(df)
     assert dict(zip(both.dropout, both.lr))[0.0] == 0.005  # (0.60 + 0.99) / 2 > 0.71: the tuning seed mattered
+
+
+def test_the_quickstart_ships_the_choices_the_committed_map_made():
+    """The quickstart's `tuned_by` is a copy that ships with the notebooks (a wheel has no
+    outputs/); it must be the committed effect map's own choices, not a table edited by hand."""
+    from pathlib import Path
+
+    from vldlib.experiments.quickstart import DEFAULTS
+
+    root = Path(__file__).resolve().parents[1]
+    shipped = pd.read_csv(root / DEFAULTS["tuned_by"])
+    made = pd.read_csv(root / "outputs/effect_map_6seeds/choices.csv")
+    pd.testing.assert_frame_equal(shipped, made)

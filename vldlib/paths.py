@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 NOTEBOOKS = "notebooks"  # the checkout's folder of notebooks and parameter files
-SHIPPED_SUFFIXES = (".ipynb", ".yaml")  # what of it ships in the wheel and the sdist (setup.py)
+SHIPPED_SUFFIXES = (".ipynb", ".yaml", ".csv")  # what of it ships in the wheel and the sdist (setup.py)
 
 
 def is_checkout(folder: str | os.PathLike) -> bool:

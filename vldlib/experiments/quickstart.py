@@ -48,7 +48,7 @@ DEFAULTS = {
     "test_envs": None,
     "seeds": [10, 11, 12, 13, 14, 15, 16, 17, 18],
     "steps": 300,
-    "tuned_by": "outputs/effect_map_6seeds/choices.csv",
+    "tuned_by": "notebooks/00_quickstart.choices.csv",
     "lr": 0.02,
     "weight_decay": 1e-4,
     "batch_size": 32,
@@ -95,7 +95,7 @@ def study_grid(nb) -> list[TrainConfig]:
     configs = grid(nb.base_config(save_weights=False), seed=h["seed"], test_envs=nb.test_env_axis(),
                    dropout=list(p["dropout_rates"]), lr=h["lr"], weight_decay=h["weight_decay"])
     if p.get("tuned_by"):
-        configs = apply_choices(configs, read_choices(resolve(p["tuned_by"])), source=str(p["tuned_by"]))
+        configs = apply_choices(configs, read_choices(locate(p["tuned_by"])), source=str(p["tuned_by"]))
     return configs
 
 
