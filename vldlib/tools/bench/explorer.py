@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from vldlib.paths import resolve
+from vldlib.loop.device import usable_cores
 
 ROOT = Path(__file__).resolve().parents[3]
 NOTEBOOK = ROOT / "notebooks" / "20_explorer.ipynb"
@@ -40,7 +41,7 @@ def machine_load() -> str:
     one, five, _ = os.getloadavg()
     ps = subprocess.run(["ps", "-eo", "pid,pcpu,args", "--sort=-pcpu"], capture_output=True, text=True).stdout
     busiest = [line.strip()[:110] for line in ps.splitlines()[1:] if str(os.getpid()) not in line.split()[:1]][:3]
-    return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} cores; busiest: " + " | ".join(busiest)
+    return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {usable_cores()} usable cores; busiest: " + " | ".join(busiest)
 
 
 def stop_latencies(benchmark: str, data_dir: str, work: Path, repeat: int = 1) -> list[tuple[str, float, float]]:
