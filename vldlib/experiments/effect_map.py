@@ -102,8 +102,8 @@ def gain_table(selected: pd.DataFrame, a: float = 0.0, b: float = 0.9, method: s
 
 def _chosen(choices: pd.DataFrame, backbone: str, depth: int, rate: float, name: str) -> str:
     """The values of `name` chosen for one (backbone, depth, rate) over its held-out domains, with
-    how many domains chose each: "0.1 x3, 0.01 x1"."""
-    c = with_depth(choices)
+    how many domains chose each: "0.1 x3, 0.01 x1". `choices` has its `depth` column (`with_depth`)."""
+    c = choices
     g = c[(c.backbone == backbone) & (c.depth == depth) & (c.dropout == rate)][name]
     return ", ".join(f"{v:g} x{k}" for v, k in g.value_counts().sort_index(ascending=False).items())
 
@@ -120,6 +120,7 @@ def l2_table(tuned_selected: pd.DataFrame, choices: pd.DataFrame, a: float = 0.0
                                                   "iid_ci_high_points"]]
     out = gains.drop(columns=["sentence", "se_points", "detectable_points"]).merge(gauge, on=["backbone", "depth"],
                                                                                   how="left")
+    choices = with_depth(choices)
     for rate, arm in ((a, "L2"), (b, "dropout")):
         out[f"{arm}_weight_decay"] = [_chosen(choices, r.backbone, r.depth, rate, "weight_decay") for r in out.itertuples()]
         out[f"{arm}_lr"] = [_chosen(choices, r.backbone, r.depth, rate, "lr") for r in out.itertuples()]

@@ -144,9 +144,8 @@ def choices_table(choices: pd.DataFrame, domains: Sequence[str], label=None) -> 
     """One row per (backbone, depth, rate), one column per held-out domain: "lr / weight decay"
     chosen there. `label(depth, backbone)` names depths (`effect_map.depth_label`)."""
     rows = []
-    for (bb, ts, rate), g in choices.groupby(["backbone", choices.train_stages.map(_depth).fillna(-1),
-                                               "dropout"], sort=True):
-        depth = None if ts == -1 else int(ts)
+    for (bb, ts, rate), g in choices.groupby(["backbone", "train_stages", "dropout"], sort=True, dropna=False):
+        depth = _depth(ts)
         row = {"backbone": bb.replace(".offline", ""), "depth": label(depth, bb) if label else depth, "dropout": rate}
         for r in g.itertuples():
             row[domains[int(r.test_env)]] = f"{r.lr:g} / {r.weight_decay:g}"
