@@ -213,4 +213,20 @@ def _objectstyles_spec(resolution: int) -> BenchmarkSpec:
 
 
 OBJECT_STYLES = register_benchmark(_objectstyles_spec(DEFAULT_RESOLUTION))
+
+def stored_for(benchmark: str, resolution: int) -> str:
+    """The benchmark to train at `resolution` px: for ObjectStyles (at any stored size), the smallest
+    registered stored size at least `resolution` (`ObjectStyles` for 96, `ObjectStyles@256` for 224 or
+    240), or the largest when none is (260 px from 256: a 2% upscale, not 128 px blown up twice);
+    any other benchmark unchanged (it keeps its original images). A study with a resolution axis
+    names one benchmark and trains each resolution on images stored at least that large.
+
+    >>> stored_for("ObjectStyles", 96), stored_for("ObjectStyles", 224), stored_for("PACS", 224)
+    ('ObjectStyles', 'ObjectStyles@256', 'PACS')
+    """
+    sizes = sorted((DEFAULT_RESOLUTION, *VARIANT_RESOLUTIONS))
+    if benchmark not in {variant_name(s) for s in sizes}:
+        return benchmark
+    return variant_name(next((s for s in sizes if s >= int(resolution)), sizes[-1]))
+
 OBJECT_STYLES_VARIANTS = {px: register_benchmark(_objectstyles_spec(px)) for px in VARIANT_RESOLUTIONS}

@@ -33,7 +33,9 @@ def plateau_check(curves: pd.DataFrame, by: Sequence[str] = ("dropout",), tail: 
     """Per configuration: mean validation accuracy gained over the last `tail` of training.
 
     `plateaued` is True when the gain is below `tolerance` (1 point by default): training
-    longer would not change the selected checkpoint much.
+    longer would not change the selected checkpoint much. `fit_gain` and `fit_plateaued` say the
+    same of the eval-mode fit on the training domains' "in" split (`fit_acc`): a rate whose fit is
+    still rising at the end has not converged, whatever its validation curve does.
 
     `lr_constant` says whether that reading means it: True when every run of the configuration
     kept one learning rate throughout (`lr_decay_at=[]`, `--lr-decay-at ''`), False when the rate
@@ -51,6 +53,9 @@ def plateau_check(curves: pd.DataFrame, by: Sequence[str] = ("dropout",), tail: 
         at_start = g[g["step"] == start]["iid_acc"].mean()
         at_end = g[g["step"] == last_step]["iid_acc"].mean()
         best = g.groupby("run")["iid_acc"].max().mean()
+        has_fit = "fit_acc" in g and g["fit_acc"].notna().any()
+        fit_gain = (g[g["step"] == last_step]["fit_acc"].mean() - g[g["step"] == start]["fit_acc"].mean()
+                    if has_fit else float("nan"))
         # a flat validation curve after the lr decay can hide a model that never fitted its data
         end = g[g["step"] == last_step]
         rows.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), "from_step": int(start),
@@ -58,7 +63,9 @@ def plateau_check(curves: pd.DataFrame, by: Sequence[str] = ("dropout",), tail: 
                      "gain": at_end - at_start, "best_iid": best,
                      "fit_acc_at_end": end["fit_acc"].mean() if "fit_acc" in g else float("nan"),
                      "training_mode_acc_at_end": end["train_acc"].mean() if "train_acc" in g else float("nan"),
-                     "plateaued": bool(at_end - at_start < tolerance), "lr_constant": _lr_constant(g)})
+                     "plateaued": bool(at_end - at_start < tolerance), "fit_gain": fit_gain,
+                     "fit_plateaued": bool(fit_gain < tolerance) if has_fit else float("nan"),
+                     "lr_constant": _lr_constant(g)})
     return pd.DataFrame(rows)
 
 

@@ -100,7 +100,9 @@ def summarize(selected: pd.DataFrame, by: Sequence[str] = ("benchmark", "method"
 
 # --------------------------------------------------------------------------- tuning by i.i.d. validation
 HPARAMS = ("lr", "weight_decay")
-TUNING_CELL = ("backbone", "train_stages", "dropout", "test_env")  # per rate, depth, backbone, held-out domain
+# per backbone, depth, input size, training-set size, rate and held-out domain (a table without the
+# resolution or train_fraction column, a study of one of each, tunes on the others)
+TUNING_CELL = ("backbone", "train_stages", "resolution", "train_fraction", "dropout", "test_env")
 _OOD_MARKERS = ("ood", "oracle")
 
 

@@ -13,6 +13,7 @@ from vldlib.model.backbones import (
                                     data_config,
                                     depth_name,
                                     model_stages,
+                                    native_resolution,
                                     suggest_backbones,
                                     weights_fingerprint,
 )
@@ -22,5 +23,5 @@ from vldlib.model.nets import HEADS, FineTuneNet, build_net, check_head, param_g
 
 __all__ = ["ALIASES", "HEADS", "FineTuneNet", "ModelConfigError", "MultiBlockNet", "attach_dropout", "backbone_depth_name",
            "build_net", "check_backbone", "check_dropout", "check_head", "create_model", "data_config", "depth_name", "dropout_rate",
-           "head_logits", "model_stages", "param_groups", "residual_units", "suggest_backbones",
+           "head_logits", "model_stages", "native_resolution", "param_groups", "residual_units", "suggest_backbones",
            "weights_fingerprint"]

@@ -94,6 +94,21 @@ def create_model(backbone: str, num_classes: int, *, pretrained: bool = True, dr
     return attach_dropout(model, dropout)
 
 
+def native_resolution(backbone: str) -> int:
+    """The input size (px) a backbone's ImageNet weights were trained at: 224 / 240 / 260 for
+    EfficientNet-Lite0 / 1 / 2, timm's pretrained configuration for any other name. Frozen features
+    are closest to the pretraining's at this size."""
+    check_backbone(backbone)
+    name = ALIASES.get(backbone, backbone)
+    offline = _offline_registry().get(name)
+    if offline is not None:
+        return int(offline.input_size)
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not getattr(cfg, "input_size", None):
+        raise ModelConfigError(f"timm has no pretrained input size for {name!r}; give the resolution in pixels")
+    return int(cfg.input_size[-1])
+
+
 def init_classifier(model: nn.Module) -> nn.Module:
     """Initialise the new classifier as the official code's: a default `nn.Linear` (DomainBed's
     `Classifier`), weights and bias uniform in +-1/sqrt(features).
