@@ -23,6 +23,7 @@ COMMANDS = {
     "sweep": "vldlib.tools.sweep.cli",
     "bench": "vldlib.tools.bench.cli",
     "notebooks": "vldlib.tools.notebooks",
+    "book": "vldlib.tools.book",
 }
 
 
