@@ -55,3 +55,21 @@ def stop_after_steps(n_steps: int) -> dict:
         return state["asked"] > n_steps
 
     return {"should_stop": should_stop, "report_phase": report_phase}
+
+
+def headless_chromium(window: str = "1200,900"):
+    """A headless Chromium driven by Selenium (Debian's chromium and chromedriver), for the tests that
+    look at pages in a real browser; the caller quits it. Skips the test, saying what is missing."""
+    import shutil
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver, "
+                    "or bash .ci/setup)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install selenium)")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", f"--window-size={window}", "--disable-gpu"):
+        opts.add_argument(arg)
+    return webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver))
+

@@ -17,7 +17,6 @@ import http.server
 import io
 import os
 import re
-import shutil
 import threading
 import urllib.error
 import urllib.request
@@ -28,10 +27,11 @@ import nbformat
 import pytest
 from PIL import Image
 
+from conftest import headless_chromium
+
 from vldlib.cli import main
 from vldlib.tools.book import MARK, build_book, check_site
 
-CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 WIDGET = "application/vnd.jupyter.widget-view+json"
 
 
@@ -218,16 +218,7 @@ def test_a_missing_outputs_folder_or_a_folder_that_is_no_book_is_refused_clearly
 
 @pytest.fixture
 def browser():
-    if not (CHROMIUM and DRIVER):
-        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver, "
-                    "or bash .ci/setup)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install selenium)")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900",
-                "--disable-gpu"):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=DRIVER))
+    driver = headless_chromium("1200,900")
     driver.set_page_load_timeout(30)
     try:
         yield driver
