@@ -44,8 +44,26 @@ def test_topk_with_all_features_is_the_full_accuracy():
     full = float(((phi @ w.T + b).argmax(1) == y).float().mean())
     s = fu.feature_importance(w, phi.std(0))
     t = fu.ablation_curve(w, b, phi, y, s, phi.mean(0), ks=[1, 4, 16], n_random=3)
-    assert t[(t.k == 16)].acc.tolist() == pytest.approx([full] * 4)  # top and every random draw
-    assert set(t.order) == {"top", "random"} and len(t) == 3 * 4
+    at16 = t[t.k == 16]
+    assert at16[at16.order != "without_top"].acc.tolist() == pytest.approx([full] * 4)  # top and every random draw
+    assert set(t.order) == {"top", "random", "without_top"} and len(t) == 3 * 5
+    # every feature removed: each image is the training mean, so every prediction is the same class
+    constant = int((phi.mean(0) @ w.T + b).argmax())
+    assert at16[at16.order == "without_top"].acc.item() == pytest.approx(float((y == constant).float().mean()))
+    # the top 1 removed: exactly the features ranked 2.. kept
+    rest = torch.argsort(s, descending=True)[1:]
+    assert t[(t.k == 1) & (t.order == "without_top")].acc.item() == pytest.approx(
+        fu.masked_accuracy(w, b, phi, y, rest, phi.mean(0)))
+
+
+def test_top_share_and_tenth_by_hand():
+    # squared importances 9, 1, 1, 1 (total 12): the top one holds 9/12
+    assert fu.top_share([3.0, 1.0, 1.0, 1.0], k=1) == pytest.approx(0.75)
+    # 20 equal features: a tenth of them (2) hold a tenth of the total
+    assert fu.top_share(torch.ones(20)) == pytest.approx(0.1)
+    assert fu.top_share([0.0, 5.0] + [0.0] * 8) == pytest.approx(1.0)
+    assert (fu.tenth_of(1280), fu.tenth_of(16), fu.tenth_of(3)) == (128, 2, 1)
+    assert 128 in fu.default_ks(1280) and fu.default_ks(16)[-1] == 16
 
 
 # --------------------------------------------------------------------------- linearity
@@ -218,6 +236,13 @@ def test_head_usage_and_taylor_on_runs(tiny_runs):
     assert rep["agreement"] == 1.0 and rep["rel_logit_error"] < 1e-4
     assert rep["acc_trained"] == pytest.approx(summary["ood_acc"])
 
+    for split in ("iid", "ood"):  # the shares: only the top tenth, a random tenth, all but the top tenth
+        k10 = fu.tenth_of(summary["n_features"])
+        at = table[(table.split == split) & (table.k == k10)].groupby("order").acc.mean()
+        full = summary[f"{split}_acc"]
+        for order, name in (("top", "top10"), ("random", "random10"), ("without_top", "without_top10")):
+            assert summary[f"{split}_retained_{name}"] == pytest.approx(at[order] / full)
+
     st = load_run_data(tiny_runs["stage"], which="last")
     net0 = initial_net(st.cfg, len(st.meta["classes"]))
     rep = lin.taylor_report(net0.tail, st.net.tail, *st.inputs("iid"))
@@ -247,6 +272,22 @@ def _finite_difference_taylor(net0, net1, x, eps: float = 1e-4):
         f1 = copy.deepcopy(net1).double().eval().tail(xd)
         flin = f0 + (plus.tail(xd) - minus.tail(xd)) / (2 * eps)
     return f0, f1, flin
+
+
+def test_feature_usage_of_a_conv_head_run_reads_its_trained_conv_head(tiny_runs):
+    """With train_stages=1 the features are the trained last stage's output (the run's own
+    penultimate features), not the pretrained stage's: importances use their std."""
+    st = load_run_data(tiny_runs["stage"], which="last")
+    net0 = initial_net(st.cfg, len(st.meta["classes"]))
+    x, _ = st.inputs("train")
+    phi, _ = st.features("train")
+    with torch.no_grad():
+        assert torch.allclose(phi, st.net.tail_features(x), atol=1e-6)
+        assert not torch.allclose(phi, net0.tail_features(x), atol=1e-4)  # the stage was trained
+    summary, _, s = fu.head_usage(st, ks=[1, 2], n_random=1)
+    expect = fu.feature_importance(st.net.head().weight, phi.std(0))
+    assert summary["participation_ratio"] == pytest.approx(fu.participation_ratio(expect), rel=1e-5)
+    assert s == pytest.approx(sorted(expect.tolist(), reverse=True), rel=1e-5)
 
 
 def test_untrained_run_data_gives_frozen_features(tiny_runs):

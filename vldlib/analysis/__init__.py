@@ -3,6 +3,8 @@
 - `runs`: a finished run as tensors (its network, its starting point, trunk outputs of every split);
 - `feature_usage`: how many penultimate features a head relies on (importances, participation
   ratio, top-k / random-k ablations): very large dropout should spread the weight;
+- `usage_map`: feature usage across the effect map's cells (paired differences per cell and rate,
+  and whether the change in usage predicts the o.o.d. gain: Spearman with a bootstrap over seeds);
 - `linearity`: Taylor model of fine-tuning (`torch.func.jvp`), distance travelled, weight vs
   representation interpolation: fine-tuning should be near-linear, training from scratch not;
 - `dropout_l2`: dropout on a linear head's inputs against its analytic L2-type penalty;
@@ -17,4 +19,4 @@ package costs nothing.
 3.0
 """
 
-__all__ = ["dropout_l2", "explorer", "feature_usage", "linearity", "runs", "teaching"]
+__all__ = ["dropout_l2", "explorer", "feature_usage", "linearity", "runs", "teaching", "usage_map"]
