@@ -28,6 +28,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from vldlib.evaluate.effects import format_p, is_detectable
+from vldlib.evaluate.plots import legend_outside
 from vldlib.evaluate.power import domain_averaged_effect
 from vldlib.experiments.effect_map import ALL, cell_columns, depth_label, line_name, with_depth
 
@@ -169,8 +170,8 @@ def plot_rate_curves(rates: pd.DataFrame, path=None) -> plt.Figure:
     depth = rates["depth_label"].iloc[0] if len(rates) else ""
     axes[0].set_title(f"{depth}: o.o.d. gain (95% t interval)")
     axes[1].set_title(f"{depth}: i.i.d. validation difference")
-    axes[0].legend(fontsize=8)
     fig.tight_layout()
+    legend_outside(fig, axes, title="95% t interval, paired by seed")
     if path is not None:
         fig.savefig(path, dpi=110, bbox_inches="tight")
     return fig
