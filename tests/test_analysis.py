@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import copy
+import math
 
+import pandas as pd
 import pytest
 import torch
 from conftest import make_fake_benchmark
 from torch import nn
 
 from vldlib.analysis import dropout_l2 as dl2
+from vldlib.analysis import dropout_l2_study as st
 from vldlib.analysis import feature_usage as fu
 from vldlib.analysis import linearity as lin
 from vldlib.analysis import teaching
@@ -150,6 +153,165 @@ def test_dropout_and_penalty_heads_agree_at_small_p():
                                     lr=0.05, n_mc=20)
     quad = t[t["mode"] == "quadratic"].iloc[0]
     assert quad.agree_train > 0.9 and quad.rel_weight_diff < 0.5
+
+
+def test_quadratic_penalty_by_hand():
+    # X = [1, 2], W = I (2 classes), b = 0, p = 0.5 (p/(1-p) = 1): pi = softmax([1, 2]) and, per feature j,
+    # W[:, j]^T (diag pi - pi pi^T) W[:, j] = pi_1 pi_2, so the penalty is 1/2 * (1 + 4) * pi_1 pi_2
+    pi1pi2 = math.e / (1 + math.e) ** 2
+    X, W = torch.tensor([[1.0, 2.0]], dtype=torch.float64), torch.eye(2, dtype=torch.float64)
+    assert float(dl2.penalty(W, None, X, 0.5, "quadratic")) == pytest.approx(2.5 * pi1pi2, rel=1e-12)
+    assert float(dl2.penalty(W, None, X, 0.5, "ridge")) == pytest.approx(0.5 * 5 / 2, rel=1e-12)  # 1/(2C) * sum
+
+
+def test_quadratic_penalty_matches_its_definition_per_example_and_feature():
+    g = torch.Generator().manual_seed(1)
+    X, W, b = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randn(3, 4, generator=g, dtype=torch.float64), \
+        torch.randn(3, generator=g, dtype=torch.float64)
+    pi = torch.softmax(X @ W.T + b, 1)
+    total = sum(X[i, j] ** 2 * W[:, j] @ (torch.diag(pi[i]) - torch.outer(pi[i], pi[i])) @ W[:, j]
+                for i in range(5) for j in range(4))
+    assert float(dl2.penalty(W, b, X, 0.2, "quadratic")) == pytest.approx(float(0.5 * 0.25 * total / 5), rel=1e-10)
+
+
+def test_logits_loss_grad_is_the_gradient():
+    z = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    for loss in ("ce", "squared"):
+        (g,) = torch.autograd.grad(dl2.logits_loss(z, y, loss), z)
+        assert torch.allclose(dl2.logits_loss_grad(z.detach(), y, loss), g)
+
+
+def _exact_dropout_excess(W, b, X, y, p, loss):
+    """E over all 2^D masks (one example), by enumeration."""
+    import itertools
+
+    D = X.shape[1]
+    total = 0.0
+    for keep in itertools.product([0, 1], repeat=D):
+        k = torch.tensor(keep, dtype=X.dtype)
+        prob = float(torch.prod(torch.where(k == 1, 1 - p, p)))
+        total += prob * float(dl2.clean_loss(W, b, X * k / (1 - p), y, loss))
+    return total - float(dl2.clean_loss(W, b, X, y, loss))
+
+
+@pytest.mark.parametrize("loss", ["ce", "squared"])
+def test_monte_carlo_excess_matches_exact_enumeration_with_and_without_control_variate(loss):
+    g = torch.Generator().manual_seed(0)
+    X, W = torch.randn(1, 3, generator=g, dtype=torch.float64), torch.randn(2, 3, generator=g, dtype=torch.float64)
+    b, y = torch.zeros(2, dtype=torch.float64), torch.tensor([1])
+    exact = _exact_dropout_excess(W, b, X, y, 0.5, loss)
+    clean = float(dl2.clean_loss(W, b, X, y, loss))
+    cv = dl2.expected_dropout_loss(W, b, X, y, 0.5, loss, n_samples=20000) - clean
+    plain = dl2.expected_dropout_loss(W, b, X, y, 0.5, loss, n_samples=20000, control_variate=False) - clean
+    assert cv == pytest.approx(exact, rel=0.03) and plain == pytest.approx(exact, rel=0.05)
+    if loss == "squared":
+        assert exact == pytest.approx(float(dl2.penalty(W, b, X, 0.5, "squared")), rel=1e-10)  # the identity
+
+
+def test_control_variate_makes_the_squared_identity_tight_with_few_masks():
+    g = torch.Generator().manual_seed(0)
+    X, W, b = torch.randn(200, 16, generator=g), torch.randn(3, 16, generator=g), torch.randn(3, generator=g)
+    y = torch.randint(0, 3, (200,), generator=g)
+    for p in (0.1, 0.9):
+        mc = dl2.excess_vs_penalties(W, b, X, y, p, n_mc=30)
+        assert mc["ratio_squared"] == pytest.approx(1.0, abs=0.02)
+        assert set(mc) == {"mc_ce", "mc_squared", *(f"{k}_{kind}" for k in ("pen", "ratio") for kind in dl2.KINDS)}
+
+
+@pytest.fixture(scope="module")
+def stage_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dl2")
+    make_fake_benchmark(root / "fake", per_class=6)
+    cfg = TrainConfig(benchmark=str(root / "fake"), backbone="test_resnet", pretrained=False, resolution=32,
+                      train_stages=1, cache_trunk=True, augment=False, progress=False, num_workers=0)
+    return st.study_data(untrained_run_data(cfg))
+
+
+def test_fit_deep_trains_the_stage_from_the_given_head(stage_data):
+    x, y = stage_data.splits(0, 1)["train"]
+    X0, y0 = stage_data.splits(0, 0)["train"]
+    assert torch.allclose(stage_data.net.tail_features(x), X0, atol=1e-5)  # depth 0 = depth 1's start
+    before = copy.deepcopy(stage_data.net.state_dict())
+    head = dl2.fit_head(X0, y0, 3, 0.5, "quadratic", steps=5, lr=0.05)
+    still = dl2.fit_deep(stage_data.net, x, y, 3, 0.5, "quadratic", steps=3, lr=0.0, init=head)
+    assert still.body_moved == 0 and torch.equal(still.W, head.W) and torch.equal(still.b, head.b)
+    for mode in ("dropout", "quadratic"):
+        fit = dl2.fit_deep(stage_data.net, x, y, 3, 0.5, mode, steps=3, lr=0.01, init=head)
+        assert fit.body_moved > 0 and fit.features(x).shape == X0.shape and not torch.equal(fit.W, head.W)
+    for k, v in stage_data.net.state_dict().items():
+        assert torch.equal(v, before[k]), f"fit_deep changed the given network ({k})"
+
+
+def test_splits_hold_out_one_domain(stage_data):
+    sp = stage_data.splits(1, 0)
+    n = {k: len(v[1]) for k, v in stage_data.feats.items()}
+    assert len(sp["train"][1]) == n["env0_in"] + n["env2_in"] and len(sp["iid"][1]) == n["env0_out"] + n["env2_out"]
+    assert len(sp["ood"][1]) == n["env1_in"]
+
+
+def _heads_by_hand():
+    """3 seeds x 2 held-out domains, one rate: dropout o.o.d. accuracy 0.50 everywhere; the penalty
+    head's per-seed domain means are 0.51, 0.52, 0.53 (differences 1, 2, 3 points); i.i.d. identical."""
+    rows = []
+    for seed, d in zip((0, 1, 2), (0.01, 0.02, 0.03)):
+        for env, spread in ((0, -0.01), (1, +0.01)):
+            base = {"depth": 0, "test_env": env, "domain": f"d{env}", "seed": seed, "p": 0.9}
+            rows.append({**base, "mode": "dropout", "acc_ood": 0.5, "acc_iid": 0.7, "agree_ood": 1.0, "agree_iid": 1.0,
+                         "rel_weight_diff": 0.0})
+            rows.append({**base, "mode": "quadratic", "acc_ood": 0.5 + d + spread, "acc_iid": 0.7,
+                         "agree_ood": 0.9 + d, "agree_iid": 0.95, "rel_weight_diff": 0.1})
+    return pd.DataFrame(rows)
+
+
+def test_by_rate_paired_t_interval_by_hand():
+    t = st.by_rate(_heads_by_hand(), threshold=0.9).iloc[0]
+    half = 4.302652729911275 / math.sqrt(3)  # t_{0.975, 2} * sd (1 point) / sqrt(n)
+    assert t.n == 3 and t.ood_diff_points == pytest.approx(2.0)
+    assert (t.ood_ci_low, t.ood_ci_high) == (pytest.approx(2 - half), pytest.approx(2 + half))
+    assert t.iid_diff_points == 0 and t.agree_ood == pytest.approx(0.92)
+    assert (t.agree_ci_low, t.agree_ci_high) == (pytest.approx(0.92 - half / 100), pytest.approx(0.92 + half / 100))
+    assert t.verdict == "holds"  # agreement 92% >= 90%, both intervals contain 0
+    assert st.by_rate(_heads_by_hand(), threshold=0.95).iloc[0].verdict == "breaks"
+    assert st.by_rate(_heads_by_hand()[lambda d: d.seed == 0], threshold=0.5).iloc[0].verdict == "undecided"
+
+
+def test_depth_change_and_ratio_by_rate_by_hand():
+    h0 = _heads_by_hand()
+    h1 = h0.assign(depth=1)
+    h1.loc[h1["mode"] == "quadratic", "agree_ood"] -= [0.01, 0.01, 0.02, 0.02, 0.03, 0.03]  # 1, 2, 3 points
+    ch = st.depth_change(pd.concat([h0, h1])).set_index("value")
+    assert ch.loc["agree_ood", "mean"] == pytest.approx(-2.0) and ch.loc["agree_ood", "n"] == 3
+    assert ch.loc["agree_ood", "p"] == 0.9 and 0 < ch.loc["agree_ood", "p_value"] < 1  # the rate, the test
+    assert ch.loc["gap_ood", "mean"] == pytest.approx(0.0)
+    fixed = pd.DataFrame({"depth": 0, "p": 0.5, "test_env": [0, 1, 0, 1], "seed": [0, 0, 1, 1],
+                          "ratio_quadratic": [0.8, 1.0, 1.1, 1.3]})
+    r = st.ratio_by_rate(fixed, ["quadratic"]).iloc[0]  # per seed: 0.9, 1.2 -> mean 1.05, sd 0.212
+    assert r.n == 2 and r["mean"] == pytest.approx(1.05)
+    assert r.ci_high - r["mean"] == pytest.approx(12.706204736 * 0.3 / math.sqrt(2) / math.sqrt(2), rel=1e-6)
+
+
+def test_run_study_does_not_depend_on_workers():
+    g = torch.Generator().manual_seed(0)
+    feats = {f"env{e}_{s}": (torch.randn(n, 8, generator=g) + e, torch.arange(n) % 3)
+             for e in range(3) for s, n in (("in", 12), ("out", 6))}
+    data = st.StudyData(trunk={}, feats=feats, net=None, num_classes=3, domains=["a", "b", "c"])
+    prm = st.StudyParams(rates=[0.5], kinds=["quadratic"], steps=5, n_mc=3, depths=[0])
+    one = st.run_study(data, [0, 2], [0, 1], prm, workers=1)
+    two = st.run_study(data, [0, 2], [0, 1], prm, workers=2)
+    for a, b in zip(one, two):
+        pd.testing.assert_frame_equal(a, b)
+    assert sorted(one[1].domain.unique()) == ["a", "c"] and len(one[0]) == 4
+
+
+def test_tuned_l2_control_reads_the_effect_maps_table(tmp_path):
+    missing = st.tuned_l2_control(tmp_path / "none.csv", "lite", [0])
+    assert missing[0] is None and "not there yet" in missing[1]
+    pd.DataFrame({"backbone": ["lite", "lite", "other"], "depth": [0, 1, 0], "depth_label": ["head", "conv_head", "head"],
+                  "ood_0": 50.0, "ood_0.9": 51.0, "gain_points": [0.21, 0.99, 5.0], "ci_low_points": [-1.35, -0.25, 1.0],
+                  "ci_high_points": [1.77, 2.23, 9.0], "n": 6}).to_csv(tmp_path / "t.csv", index=False)
+    rows, text = st.tuned_l2_control(tmp_path / "t.csv", "lite", [0])
+    assert len(rows) == 1 and "dropout 0.9 against weight decay" in text and "head: +0.2 [-1.4, +1.8]" in text
 
 
 # --------------------------------------------------------------------------- teaching checkers

@@ -8,6 +8,7 @@
 - `linearity`: Taylor model of fine-tuning (`torch.func.jvp`), distance travelled, weight vs
   representation interpolation: fine-tuning should be near-linear, training from scratch not;
 - `dropout_l2`: dropout on a linear head's inputs against its analytic L2-type penalty;
+- `dropout_l2_study`: notebook 12's study of it per rate, held-out domain, seed and depth;
 - `explorer`: the ipywidgets dropout explorer (testable without a front-end);
 - `teaching`: exercise checkers, a tiny CNN and a small training loop for the teaching notebook.
 
@@ -19,4 +20,4 @@ package costs nothing.
 3.0
 """
 
-__all__ = ["dropout_l2", "explorer", "feature_usage", "linearity", "runs", "teaching", "usage_map"]
+__all__ = ["dropout_l2", "dropout_l2_study", "explorer", "feature_usage", "linearity", "runs", "teaching", "usage_map"]

@@ -14,7 +14,11 @@ For a linear model `z = W x~ + b` with inverted dropout `x~_j = m_j x_j / (1 - p
 
 The approximation holds when the dropout noise moves the logits little (small p, small weights);
 at p = 0.9 the noise variance is 9 x_j^2 and the higher-order terms matter, which
-`expected_dropout_loss` (Monte Carlo) measures directly.
+`expected_dropout_loss` (Monte Carlo, with a first-order control variate) measures directly.
+
+`fit_head` trains a head on fixed features with dropout or a penalty in its place; `fit_deep` does
+the same one stage deeper (the features the dropout acts on trained too). The study over rates,
+held-out domains, seeds and depths is `vldlib.analysis.dropout_l2_study`.
 
 >>> pen = penalty(W, b, X, p=0.5, kind="quadratic")                  # doctest: +SKIP
 >>> mc = expected_dropout_loss(W, b, X, y, p=0.5) - clean_loss(W, b, X, y)   # doctest: +SKIP
@@ -44,16 +48,36 @@ def _targets(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     return y if y.dim() == 2 else F.one_hot(y, num_classes).to(torch.get_default_dtype())
 
 
+def logits_loss(z: torch.Tensor, y: torch.Tensor, loss: str = "ce") -> torch.Tensor:
+    """Mean loss of logits z [N, C]: "ce" (y integer labels) or "squared" (y targets [N, C] or labels,
+    summed over outputs)."""
+    if loss == "ce":
+        return F.cross_entropy(z, y)
+    if loss == "squared":
+        return ((_targets(y, z.shape[1]).to(z.dtype) - z) ** 2).sum(1).mean()
+    raise ValueError(f"loss must be 'ce' or 'squared', got {loss!r}")
+
+
+def logits_loss_grad(z: torch.Tensor, y: torch.Tensor, loss: str = "ce") -> torch.Tensor:
+    """d logits_loss / d z [N, C]: (softmax(z) - onehot(y)) / N for "ce", -2 (y - z) / N for "squared".
+
+    >>> logits_loss_grad(torch.zeros(2, 2), torch.tensor([0, 1]))     # (0.5 - onehot) / 2
+    tensor([[-0.2500,  0.2500],
+            [ 0.2500, -0.2500]])
+    """
+    n = z.shape[0]
+    if loss == "ce":
+        return (torch.softmax(z, 1) - _targets(y, z.shape[1]).to(z.dtype)) / n
+    if loss == "squared":
+        return -2 * (_targets(y, z.shape[1]).to(z.dtype) - z) / n
+    raise ValueError(f"loss must be 'ce' or 'squared', got {loss!r}")
+
+
 def clean_loss(W: torch.Tensor, b: torch.Tensor | None, X: torch.Tensor, y: torch.Tensor, loss: str = "ce"
                ) -> torch.Tensor:
     """Mean loss without dropout: "ce" (y integer labels) or "squared" (y targets [N, C] or labels,
     summed over outputs)."""
-    z = X @ W.T + (0 if b is None else b)
-    if loss == "ce":
-        return F.cross_entropy(z, y)
-    if loss == "squared":
-        return ((_targets(y, W.shape[0]).to(z.dtype) - z) ** 2).sum(1).mean()
-    raise ValueError(f"loss must be 'ce' or 'squared', got {loss!r}")
+    return logits_loss(X @ W.T + (0 if b is None else b), y, loss)
 
 
 def penalty(W: torch.Tensor, b: torch.Tensor | None, X: torch.Tensor, p: float, kind: str = "quadratic"
@@ -76,9 +100,12 @@ def penalty(W: torch.Tensor, b: torch.Tensor | None, X: torch.Tensor, p: float, 
         return 0.5 * r / W.shape[0] * ((X ** 2) @ (W ** 2).sum(0)).mean()
     if kind == "quadratic":
         pi = torch.softmax(X @ W.T + (0 if b is None else b), dim=1)  # [N, C]
-        # W[:, j]^T (diag pi - pi pi^T) W[:, j] = sum_c pi_c W_cj^2 - (sum_c pi_c W_cj)^2, per (i, j)
-        quad = pi @ (W ** 2) - (pi @ W) ** 2  # [N, D]
-        return 0.5 * r * (quad * X ** 2).sum(1).mean()
+        # sum_j X_ij^2 W[:, j]^T (diag pi - pi pi^T) W[:, j]
+        #   = sum_c pi_ic sum_j X_ij^2 W_cj^2 - sum_j X_ij^2 (sum_c pi_ic W_cj)^2
+        X2 = X ** 2
+        first = (pi * (X2 @ (W ** 2).T)).sum(1)  # [N]: one [N, C] product instead of an [N, D] one
+        second = (X2 * (pi @ W) ** 2).sum(1)
+        return 0.5 * r * (first - second).mean()
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
 
@@ -92,12 +119,33 @@ def dropout_inputs(X: torch.Tensor, p: float, generator: torch.Generator | None 
 
 @torch.no_grad()
 def expected_dropout_loss(W: torch.Tensor, b: torch.Tensor | None, X: torch.Tensor, y: torch.Tensor, p: float,
-                          loss: str = "ce", n_samples: int = 200, seed: int = 0) -> float:
-    """Monte-Carlo estimate of E_mask loss(W dropout(X) + b): what dropout training minimises."""
+                          loss: str = "ce", n_samples: int = 200, seed: int = 0, control_variate: bool = True
+                          ) -> float:
+    """Monte-Carlo estimate of E_mask loss(W dropout(X) + b): what dropout training minimises.
+
+    With `control_variate` (default) each mask's loss has its first-order term g . eps subtracted
+    (eps = W (dropout(X) - X), the logit noise; g = `logits_loss_grad` at the clean logits). Inverted
+    dropout makes E[eps] = 0 exactly, so the expectation is unchanged, while the noise that is
+    linear in the masks, the bulk of the Monte-Carlo error at small p, is gone: for squared loss
+    each term is then exactly ||eps||^2 / N."""
     _check_p(p)
-    g = torch.Generator().manual_seed(seed)
-    vals = [float(clean_loss(W, b, dropout_inputs(X, p, g), y, loss)) for _ in range(n_samples)]
+    g = torch.Generator(device=X.device).manual_seed(seed)
+    z = X @ W.T + (0 if b is None else b)
+    grad = logits_loss_grad(z, y, loss) if control_variate else None
+    vals = []
+    for _ in range(n_samples):
+        eps = (dropout_inputs(X, p, g) - X) @ W.T
+        v = logits_loss(z + eps, y, loss)
+        vals.append(float(v if grad is None else v - (grad * eps).sum()))
     return float(np.mean(vals))
+
+
+def _init_head(num_classes: int, d: int, seed: int, device: torch.device | str = "cpu"
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The seeded starting head (drawn on the CPU, so every device starts from the same weights)."""
+    gen = torch.Generator().manual_seed(seed)
+    W = (torch.randn(num_classes, d, generator=gen) * 0.01).to(device).requires_grad_()
+    return W, torch.zeros(num_classes, device=device, requires_grad=True)
 
 
 @dataclass
@@ -122,13 +170,10 @@ def fit_head(X: torch.Tensor, y: torch.Tensor, num_classes: int, p: float, mode:
     _check_p(p)
     if mode != "dropout" and mode not in KINDS:
         raise ValueError(f"mode must be 'dropout' or one of {KINDS}, got {mode!r}")
-    gen = torch.Generator().manual_seed(seed)
-    d = X.shape[1]
-    W = (torch.randn(num_classes, d, generator=gen) * 0.01).requires_grad_()
-    b = torch.zeros(num_classes, requires_grad=True)
+    W, b = _init_head(num_classes, X.shape[1], seed, X.device)
     opt = torch.optim.Adam([W, b], lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    mask_gen = torch.Generator().manual_seed(seed + 1)
+    mask_gen = torch.Generator(device=X.device).manual_seed(seed + 1)
     for _ in range(steps):
         if mode == "dropout":
             obj = clean_loss(W, b, dropout_inputs(X, p, mask_gen), y, "ce")
@@ -196,58 +241,84 @@ def penalty_vs_mc(W: torch.Tensor, b: torch.Tensor, X: torch.Tensor, y: torch.Te
     return pd.DataFrame(rows)
 
 
-# --------------------------------------------------------------------------- the notebook's figures and conclusion
-def plot_penalty_vs_mc(fixed: pd.DataFrame):
-    """Monte Carlo excess loss of dropout at fixed weights vs the analytic penalty, per loss, log scale."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for i, (loss, g) in enumerate(fixed.groupby("loss")):
-        ax.plot(g.p, g.mc_excess, "o-", color=f"C{i}", label=f"{loss}: Monte Carlo excess loss")
-        ax.plot(g.p, g.penalty, "s--", color=f"C{i}", label=f"{loss}: analytic penalty")
-    ax.set(yscale="log", xlabel="dropout rate p", ylabel="excess loss", title="dropout's excess loss at fixed weights")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
 
 
-def plot_dropout_vs_penalty(table: pd.DataFrame):
-    """Per rate: agreement of each penalty head with the dropout head (o.o.d.), their relative
-    weight difference, and every head's accuracy (%)."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    pen = table[table["mode"] != "dropout"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    sns.lineplot(pen, x="p", y="agree_ood", hue="mode", marker="o", ax=axes[0])
-    axes[0].set(title="agreement with the dropout head (o.o.d.)", ylabel="same prediction (fraction)",
-                xlabel="dropout rate p")
-    sns.lineplot(pen, x="p", y="rel_weight_diff", hue="mode", marker="o", ax=axes[1])
-    axes[1].set(title="||W - W_dropout|| / ||W_dropout||", ylabel="relative difference", xlabel="dropout rate p")
-    acc = table.melt(id_vars=["p", "mode"], value_vars=["acc_iid", "acc_ood"], var_name="split", value_name="accuracy")
-    acc = acc.assign(accuracy=100 * acc.accuracy, split=acc.split.map({"acc_iid": "i.i.d.", "acc_ood": "o.o.d."}))
-    sns.lineplot(acc, x="p", y="accuracy", hue="mode", style="split", marker="o", ax=axes[2])
-    axes[2].set(title="accuracy", ylabel="accuracy (%)", xlabel="dropout rate p")
-    sns.move_legend(axes[2], "upper left", bbox_to_anchor=(1, 1), fontsize=7)
-    fig.tight_layout()
-    return fig
+def excess_vs_penalties(W: torch.Tensor, b: torch.Tensor, X: torch.Tensor, y: torch.Tensor, p: float,
+                        n_mc: int = 100, seed: int = 0) -> dict[str, float]:
+    """At fixed weights and one rate: the Monte-Carlo excess loss of dropout (`mc_ce`, `mc_squared`)
+    and every analytic penalty (`pen_<kind>`), with `ratio_<kind>` = penalty / excess of its loss
+    (squared: the exact identity, so 1 up to Monte-Carlo error; quadratic and ridge: against the
+    cross-entropy excess)."""
+    row = {}
+    for loss in ("ce", "squared"):
+        row[f"mc_{loss}"] = (expected_dropout_loss(W, b, X, y, p, loss, n_samples=n_mc, seed=seed)
+                             - float(clean_loss(W, b, X, y, loss)))
+    for kind in KINDS:
+        row[f"pen_{kind}"] = float(penalty(W, b, X, p, kind))
+        row[f"ratio_{kind}"] = row[f"pen_{kind}"] / row["mc_squared" if kind == "squared" else "mc_ce"]
+    return row
 
 
-def conclusion_lines(fixed: pd.DataFrame, table: pd.DataFrame, kinds, n_mc: int) -> list[str]:
-    """The summary, computed from the fixed-weight comparison and the trained heads."""
-    lo, hi = fixed.p.min(), fixed.p.max()
-    ce = fixed[fixed.loss == "ce"].set_index("p")
-    sq = fixed[fixed.loss == "squared"].set_index("p")
-    lines = [(f"- Squared loss, fixed weights: analytic / Monte-Carlo excess loss between {sq.ratio.min():.2f} and "
-              f"{sq.ratio.max():.2f} over p in [{lo:g}, {hi:g}] (1 = exact; the gap is Monte-Carlo error with {n_mc} "
-              f"masks)."),
-             (f"- Cross-entropy, fixed weights: the quadratic penalty is {ce.ratio[lo]:.2f} x the true excess loss at "
-              f"p={lo:g} and {ce.ratio[hi]:.2f} x at p={hi:g}.")]
-    drop = table[table["mode"] == "dropout"].set_index("p")
-    for k in kinds:
-        t = table[table["mode"] == k].set_index("p")
-        lines.append(f"- Trained with the {k} penalty instead of dropout: o.o.d. agreement {100 * t.agree_ood[lo]:.1f}% "
-                     f"at p={lo:g} and {100 * t.agree_ood[hi]:.1f}% at p={hi:g}; relative weight difference "
-                     f"{t.rel_weight_diff[lo]:.2f} -> {t.rel_weight_diff[hi]:.2f}; o.o.d. accuracy "
-                     f"{100 * t.acc_ood[hi]:.1f}% vs dropout's {100 * drop.acc_ood[hi]:.1f}% at p={hi:g}.")
-    return lines
+@dataclass
+class DeepFit:
+    """A network whose last trainable stage(s) and linear head were fitted together (`fit_deep`)."""
+
+    net: torch.nn.Module  # the fitted copy (a FineTuneNet), eval mode; its own classifier unused
+    W: torch.Tensor
+    b: torch.Tensor
+    mode: str
+    p: float
+    body_moved: float  # ||theta - theta_0|| / ||theta_0|| over the trained stages (not the head)
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+        """Pooled penultimate features of trunk outputs `x` through the fitted stages."""
+        return torch.cat([self.net.tail_features(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+def fit_deep(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, p: float,
+             mode: str = "dropout", steps: int = 30, lr: float = 0.001, seed: int = 0,
+             init: HeadFit | None = None) -> DeepFit:
+    """`fit_head` one stage deeper: the trainable stages of `net` (a `FineTuneNet`, e.g. train_stages=1:
+    EfficientNet's conv_head) and a linear head on their pooled output, fitted together, full batch,
+    on trunk outputs `x` (cached, frozen). Dropout p acts on the pooled features as in the model, or
+    `penalty(kind=mode)` is computed on those same features, which the stages can now change too.
+
+    `init`: the head to start from (e.g. the head-only fit of the same mode: linear probe, then
+    fine-tune); default the seeded `fit_head` start. The copy of `net` trains; `net` is untouched.
+    """
+    import copy
+
+    _check_p(p)
+    if mode != "dropout" and mode not in KINDS:
+        raise ValueError(f"mode must be 'dropout' or one of {KINDS}, got {mode!r}")
+    net = copy.deepcopy(net).to(x.device).train()  # FineTuneNet.train keeps the trunk and BatchNorm in eval mode
+    in_head = {id(q) for q in net.head().parameters()}
+    body = [q for q in net.parameters() if q.requires_grad and id(q) not in in_head]
+    if not body:
+        raise ValueError("net has no trainable stage below its head (train_stages=0?): use fit_head")
+    theta0 = torch.cat([q.detach().flatten() for q in body]).clone()
+    if init is None:
+        d = net.tail_features(x[:1]).shape[1]
+        W, b = _init_head(num_classes, d, seed, x.device)
+    else:
+        W = init.W.detach().clone().to(x.device).requires_grad_()
+        b = init.b.detach().clone().to(x.device).requires_grad_()
+    opt = torch.optim.Adam([W, b, *body], lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    mask_gen = torch.Generator(device=x.device).manual_seed(seed + 2)  # not fit_head's mask stream
+    for _ in range(steps):
+        phi = net.tail_features(x)
+        if mode == "dropout":
+            obj = clean_loss(W, b, dropout_inputs(phi, p, mask_gen), y, "ce")
+        else:
+            obj = clean_loss(W, b, phi, y, "ce") + penalty(W, b, phi, p, mode)
+        opt.zero_grad(set_to_none=True)
+        obj.backward()
+        opt.step()
+        sched.step()
+    theta = torch.cat([q.detach().flatten() for q in body])
+    moved = float((theta - theta0).norm() / theta0.norm().clamp_min(1e-12))
+    for q in net.parameters():
+        q.requires_grad_(False)
+    return DeepFit(net.eval(), W.detach(), b.detach(), mode, float(p), moved)
