@@ -290,3 +290,259 @@ def plot_taylor(taylor: pd.DataFrame):
         ax.legend(title="dropout rate", fontsize=7)
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------- the study: depth x init x rate, every domain
+INITS = ("pretrained", "scratch")
+METRICS = {"agreement": "Taylor-model agreement (o.o.d.)", "rel_logit_error": "relative logit error (o.o.d.)",
+           "body_relative": "relative distance travelled by the trained stages", "acc_trained": "o.o.d. accuracy"}
+
+
+def stage_keys(model: nn.Module, depth: int) -> list[str]:
+    """State-dict keys (parameters and buffers) of the last `depth` units of `named_stages`: what a
+    run with `train_stages=depth` trains, besides the head (EfficientNet-Lite0, depth 1: conv_head
+    and its BatchNorm bn2)."""
+    from vldlib.model.backbones import named_stages
+
+    if depth <= 0:
+        return []
+    ids = {id(t) for _, stage in named_stages(model)[-depth:] for t in [*stage.parameters(), *stage.buffers()]}
+    return [k for k, t in model.state_dict(keep_vars=True).items() if id(t) in ids]
+
+
+def scratch_state(backbone: str, depth: int, seed: int, pretrained: bool = True) -> dict[str, torch.Tensor]:
+    """"From scratch at the same depth": the pretrained network's state, with the `depth` trained
+    stages replaced by a fresh random initialisation (the backbone's own, seeded by `seed`). The
+    frozen part keeps its pretrained weights, so both arms train the same stages on the same frozen
+    features and differ only in where those stages start."""
+    from vldlib.model import create_model
+
+    state = create_model(backbone, 1, pretrained=pretrained).state_dict()
+    torch.manual_seed(1_000_003 + int(seed))
+    fresh = create_model(backbone, 1, pretrained=False)
+    for k in stage_keys(fresh, depth):
+        state[k] = fresh.state_dict()[k].clone()
+    return state
+
+
+def scratch_weights_file(backbone: str, depth: int, seed: int, folder, pretrained: bool = True):
+    """`scratch_state` saved once under `folder` (a run's `weights_file`); its path."""
+    from pathlib import Path
+
+    path = Path(folder) / f"{backbone}-scratch-d{int(depth)}-s{int(seed)}{'' if pretrained else '-rand'}.pt"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".part")
+        torch.save(scratch_state(backbone, depth, seed, pretrained), tmp)
+        tmp.replace(path)
+    return path
+
+
+def init_of(cfg) -> str:
+    return "scratch" if getattr(cfg, "weights_file", None) and "-scratch-" in str(cfg.weights_file) else "pretrained"
+
+
+def study_configs(base, depths, rates, test_envs, seeds, steps, tuned_by=None, scratch_depths=None,
+                  scratch_dir="outputs/11_linearity/scratch_weights") -> list:
+    """The pretrained arm: the effect map's runs (`usage_map.study_configs`: every depth x held-out
+    domain x rate x seed, each with its cell's tuned lr and weight decay). The scratch arm, at each
+    depth of `scratch_depths` (default: every depth >= 1; at depth 0 both arms would be the same run,
+    the head always starting random): the same runs, same lr, weight decay and steps, starting from
+    `scratch_state` (its trained stages random, seeded by the run's seed)."""
+    import dataclasses
+
+    from vldlib.analysis.usage_map import study_configs as map_configs
+
+    pre = map_configs(base, [base.backbone], list(depths), rates, test_envs, seeds, steps, tuned_by=tuned_by)
+    todo = [d for d in depths if d and d > 0] if scratch_depths is None else list(scratch_depths)
+    scratch = [dataclasses.replace(c, pretrained=True, weights_file=str(scratch_weights_file(
+        c.backbone, c.train_stages, c.seed, scratch_dir, pretrained=base.pretrained)))
+        for c in pre if c.train_stages in todo]
+    return pre + scratch
+
+
+def linearity_table(configs, run_dirs, device: str = "cpu") -> pd.DataFrame:
+    """One row per (run, split: iid, ood): test_env, depth, init, dropout, seed, `taylor_report`,
+    `finetune_distances`, the majority-class rate (the training split's most frequent class) and
+    the margin acc_trained - majority_acc. Runs of one depth and held-out domain share the frozen
+    stages, so their trunk outputs are loaded once."""
+    import dataclasses
+
+    from vldlib import config as config_io
+    from vldlib.config import TrainConfig
+    from vldlib.loop import load_run_model
+
+    rows, shared = [], {}
+    for cfg, run in zip(configs, run_dirs):
+        key = (cfg.train_stages, tuple(cfg.test_envs))
+        if key not in shared:
+            shared[key] = rd = load_run_data(run, device=device)
+        else:
+            net, cd = load_run_model(run, "best")
+            rd = dataclasses.replace(shared[key], run_dir=run, net=net.cpu().eval(),
+                                     cfg=config_io.from_dict(TrainConfig, cd))
+        net0 = initial_net(rd.cfg, len(rd.meta["classes"]))
+        dist = finetune_distances(net0, rd.net)
+        majority = int(torch.bincount(rd.inputs("train")[1]).argmax())
+        for split in ("iid", "ood"):
+            x, y = rd.inputs(split)
+            rep = taylor_report(net0.tail, rd.net.tail, x, y)
+            maj = float((y == majority).float().mean())
+            rows.append({"test_env": int(cfg.test_envs[0]), "depth": int(cfg.train_stages), "init": init_of(cfg),
+                         "dropout": float(cfg.dropout), "seed": int(cfg.seed), "split": split, "lr": cfg.lr,
+                         "weight_decay": cfg.weight_decay, **rep, **dist, "majority_acc": maj,
+                         "margin": rep["acc_trained"] - maj, "run": str(run)})
+    return pd.DataFrame(rows)
+
+
+def arm_table(table: pd.DataFrame, split: str = "ood",
+              metrics=("acc_trained", "majority_acc", "margin", "agreement", "rel_logit_error", "body_relative")
+              ) -> pd.DataFrame:
+    """Per (depth, init, dropout, metric): the mean over seeds of each seed's mean over the held-out
+    domains, with its 95% Student's t interval and n (seeds)."""
+    from vldlib.analysis.dropout_l2_study import mean_interval
+
+    t = table[table.split == split]
+    rows = []
+    for (depth, init, p), g in t.groupby(["depth", "init", "dropout"], sort=True):
+        per_seed = g.groupby("seed")[list(metrics)].mean()
+        rows += [{"depth": depth, "init": init, "dropout": p, "metric": m, **mean_interval(per_seed[m])}
+                 for m in metrics]
+    return pd.DataFrame(rows)
+
+
+def learns(arms: pd.DataFrame, margin: float) -> pd.DataFrame:
+    """Per (depth, init, dropout): does the arm beat the majority class by at least `margin`
+    (a fraction) with 95% confidence, i.e. is the lower end of its margin's t interval >= `margin`?"""
+    m = arms[arms.metric == "margin"].copy()
+    m["learns"] = m.ci_low >= margin
+    return m[["depth", "init", "dropout", "n", "mean", "ci_low", "ci_high", "learns"]].reset_index(drop=True)
+
+
+def init_effects(table: pd.DataFrame, split: str = "ood", metrics=tuple(METRICS)) -> pd.DataFrame:
+    """Per (depth, dropout, metric) with both arms: pretrained - scratch, paired by seed, each seed
+    the mean over the held-out domains (`power.domain_averaged_effect`, by="init")."""
+    from vldlib.evaluate.power import domain_averaged_effect
+
+    t = table[table.split == split]
+    rows = []
+    for (depth, p), g in t.groupby(["depth", "dropout"], sort=True):
+        if set(g.init) < set(INITS):
+            continue
+        for m in metrics:
+            e = domain_averaged_effect(g, a="scratch", b="pretrained", metric=m, by="init")
+            rows.append({"depth": depth, "dropout": p, "metric": m, "pretrained": e["b_mean"], "scratch": e["a_mean"],
+                         "difference": e["mean"], "ci_low": e["ci_low"], "ci_high": e["ci_high"], "p": e["p"],
+                         "n": e["n"], "domains": e["domains"]})
+    return pd.DataFrame(rows)
+
+
+def map_gains(path, backbone: str) -> tuple[pd.DataFrame | None, str]:
+    """The effect map's o.o.d. gain of dropout per depth (its gains.csv) for `backbone`, and a
+    sentence naming where the 95% interval of the gain excludes 0; (None, why) when absent."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.exists():
+        return None, f"The effect map's gains ({path}) are not here: run notebook 07 to compare with its cells."
+    g = pd.read_csv(path)
+    g = g[g.backbone == backbone] if "backbone" in g.columns else g
+    if not len(g):
+        return None, f"The effect map's gains ({path}) have no row for {backbone}."
+    helps = g[g.ci_low_points > 0]
+    cells = ", ".join(f"{r.depth_label} ({r.gain_points:+.1f} points [{r.ci_low_points:+.1f}, {r.ci_high_points:+.1f}])"
+                      for r in g.itertuples())
+    where = (", ".join(map(str, helps.depth_label)) if len(helps) else "no depth")
+    return g, f"In the effect map ({path}), dropout's o.o.d. gain per depth: {cells}; its interval excludes 0 at {where}."
+
+
+def _iv(row, percent: bool = False) -> str:
+    k = 100 if percent else 1
+    unit = "%" if percent else ""
+    if row["n"] < 2:
+        return f"{k * row['mean']:.{1 if percent else 3}f}{unit} (n={int(row['n'])}, no interval)"
+    return (f"{k * row['mean']:.{1 if percent else 3}f}{unit} [95% CI {k * row['ci_low']:.{1 if percent else 3}f}, "
+            f"{k * row['ci_high']:.{1 if percent else 3}f}] (n={int(row['n'])})")
+
+
+def study_lines(arms: pd.DataFrame, floor: pd.DataFrame, effects: pd.DataFrame, margin: float,
+                labels: Mapping[int, str] | None = None) -> list[str]:
+    """The answers, computed: per depth and rate, whether each arm learns (beats the majority class
+    by `margin`), its Taylor agreement, relative logit error and distance travelled (means over
+    seeds, t intervals); then pretrained - scratch, paired by seed, stated only where scratch learns."""
+    labels = labels or {}
+    lines = []
+    learned = floor.set_index(["depth", "init", "dropout"]).learns
+    a = arms.set_index(["depth", "init", "dropout", "metric"])
+    for (depth, init, p), ok in learned.items():
+        name = f"{labels.get(depth, f'depth {depth}')}, {init}, dropout {p:g}"
+        fl = floor[(floor.depth == depth) & (floor.init == init) & (floor.dropout == p)].iloc[0]
+        verdict = (f"beats the majority class by {_iv(fl, True)} points, at least {100 * margin:g} with 95% confidence"
+                   if ok else f"does NOT beat the majority class by {100 * margin:g} points with 95% confidence "
+                   f"(margin {_iv(fl, True)}): its linearity says nothing")
+        lines.append(f"- **{name}**: o.o.d. accuracy {_iv(a.loc[(depth, init, p, 'acc_trained')], True)}, {verdict}; "
+                     f"Taylor agreement {_iv(a.loc[(depth, init, p, 'agreement')], True)}, relative logit error "
+                     f"{_iv(a.loc[(depth, init, p, 'rel_logit_error')])}, distance travelled "
+                     f"{_iv(a.loc[(depth, init, p, 'body_relative')])} of the trained stages' initial norm.")
+    for (depth, p), g in (effects.groupby(["depth", "dropout"]) if len(effects) else []):
+        name = f"{labels.get(depth, f'depth {depth}')}, dropout {p:g}"
+        if not learned.get((depth, "scratch", p), False):
+            lines.append(f"- {name}: no pretrained-vs-scratch comparison, the scratch arm does not learn (above).")
+            continue
+        e = g.set_index("metric")
+        parts = []
+        for m, what in (("agreement", "Taylor agreement"), ("rel_logit_error", "relative logit error"),
+                        ("body_relative", "relative distance")):
+            r = e.loc[m]
+            k, dec = (100, 1) if m == "agreement" else (1, 3)
+            sign = "excludes 0" if r.ci_low > 0 or r.ci_high < 0 else "contains 0"
+            parts.append(f"{what} {k * r.difference:+.{dec}f} [95% CI {k * r.ci_low:+.{dec}f}, {k * r.ci_high:+.{dec}f}] "
+                         f"({sign})")
+        lines.append(f"- {name}, pretrained - scratch (n={int(e.n.iloc[0])} seeds, each the mean over "
+                     f"{int(e.domains.iloc[0])} held-out domains): " + "; ".join(parts) + ".")
+    return lines
+
+
+def regime_line(effects: pd.DataFrame, floor: pd.DataFrame, map_text: str, map_table: pd.DataFrame | None,
+                labels: Mapping[int, str] | None = None) -> str:
+    """Is the regime where dropout helps the near-linear one? Where pretrained is detectably more
+    linear than scratch (agreement higher, interval above 0), against the map's depths with a gain."""
+    labels = labels or {}
+    closer = set()
+    for r in effects[effects.metric == "agreement"].itertuples():
+        if r.ci_low > 0 and floor.set_index(["depth", "init", "dropout"]).learns.get((r.depth, "scratch", r.dropout), False):
+            closer.add(int(r.depth))
+    near = ", ".join(labels.get(d, f"depth {d}") for d in sorted(closer)) or "no depth"
+    text = f"Pretrained fine-tuning is detectably closer to linear than scratch (agreement) at: {near}. {map_text}"
+    if map_table is not None:
+        helps = {int(d) for d in map_table[map_table.ci_low_points > 0].depth}
+        both = sorted(helps & closer)
+        text += (f" Depths where both hold: {', '.join(labels.get(d, f'depth {d}') for d in both)}." if both else
+                 " No depth has both a detectable gain in the map and a detectably more linear pretrained arm here.")
+    return text
+
+
+def plot_study(arms: pd.DataFrame, labels: Mapping[int, str] | None = None):
+    """Per depth: Taylor agreement, relative logit error and distance travelled, pretrained and
+    scratch at each rate (means over seeds, 95% t intervals)."""
+    import matplotlib.pyplot as plt
+
+    labels = labels or {}
+    metrics = [("agreement", "Taylor agreement (o.o.d.)"), ("rel_logit_error", "relative logit error"),
+               ("body_relative", "||θ1-θ0|| / ||θ0|| (trained stages)"), ("margin", "accuracy - majority (o.o.d.)")]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6))
+    groups = list(arms.groupby(["init", "dropout"], sort=True))
+    colors = dict(zip(INITS, ["C0", "C3"]))
+    for ax, (m, title) in zip(axes, metrics):
+        for i, ((init, p), g) in enumerate(groups):
+            g = g[g.metric == m].sort_values("depth")
+            x = g.depth + (i - (len(groups) - 1) / 2) * 0.08
+            ax.errorbar(x, g["mean"], yerr=[g["mean"] - g.ci_low, g.ci_high - g["mean"]], fmt="o-" if p == 0 else "s--",
+                        color=colors.get(init, "k"), capsize=3, label=f"{init}, p={p:g}")
+        depths = sorted(arms.depth.unique())
+        ax.set_xticks(depths, [labels.get(d, str(d)) for d in depths])
+        ax.set(title=title)
+    axes[-1].axhline(0, color="k", lw=0.8)
+    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.tight_layout()
+    return fig
