@@ -363,8 +363,9 @@ def study_configs(base, depths, rates, test_envs, seeds, steps, tuned_by=None, s
 
 def linearity_table(configs, run_dirs, device: str = "cpu") -> pd.DataFrame:
     """One row per (run, split: iid, ood): test_env, depth, init, dropout, seed, `taylor_report`,
-    `finetune_distances`, the majority-class rate (the training split's most frequent class) and
-    the margin acc_trained - majority_acc. Runs of one depth and held-out domain share the frozen
+    `finetune_distances`, the majority-class rate (the scored split's own most frequent class: the
+    best any constant prediction can do there, the floor `vldlib.evaluate.power.floors` shows for a
+    held-out domain) and the margin acc_trained - majority_acc. Runs of one depth and held-out domain share the frozen
     stages, so their trunk outputs are loaded once."""
     import dataclasses
 
@@ -383,11 +384,10 @@ def linearity_table(configs, run_dirs, device: str = "cpu") -> pd.DataFrame:
                                      cfg=config_io.from_dict(TrainConfig, cd))
         net0 = initial_net(rd.cfg, len(rd.meta["classes"]))
         dist = finetune_distances(net0, rd.net)
-        majority = int(torch.bincount(rd.inputs("train")[1]).argmax())
         for split in ("iid", "ood"):
             x, y = rd.inputs(split)
             rep = taylor_report(net0.tail, rd.net.tail, x, y)
-            maj = float((y == majority).float().mean())
+            maj = float(torch.bincount(y).max()) / len(y)
             rows.append({"test_env": int(cfg.test_envs[0]), "depth": int(cfg.train_stages), "init": init_of(cfg),
                          "dropout": float(cfg.dropout), "seed": int(cfg.seed), "split": split, "lr": cfg.lr,
                          "weight_decay": cfg.weight_decay, **rep, **dist, "majority_acc": maj,
