@@ -194,12 +194,36 @@ def test_lodo_figure_colours_the_scored_part_of_the_held_out_domain():
 @pytest.mark.parametrize("scratch_loss,head_loss,word", [(10.0, 2.0, "as the paper"), (2.0, 10.0, "opposite"),
                                                          (3.0, 3.4, "does not show")])
 def test_dropout_cost_answer_follows_the_numbers(scratch_loss, head_loss, word):
+    """Two held-out domains x three seeds. Domain 1 loses 2 points more than domain 0 for both
+    learners; seed s adds s points to the scratch CNN's loss (seeds 0, 1, 2). By hand: the scratch
+    CNN loses scratch_loss + 1 (domains) + 1 (mean of 0, 1, 2) on average, the head head_loss + 1;
+    per seed the difference is scratch_loss - head_loss + s, mean d = scratch_loss - head_loss + 1,
+    sd 1, SE 1/sqrt(3), t(2) = 4.303: half-width 2.484."""
     from vldlib.analysis import teaching
 
     rows = []
     for learner, lost in ((teaching.SCRATCH, scratch_loss), (teaching.PRETRAINED, head_loss)):
-        rows += [dict(step=100, learner=learner, p=0.0, val_acc=0.8, train_loss=0.5),
-                 dict(step=100, learner=learner, p=0.9, val_acc=0.8 - lost / 100, train_loss=0.9)]
+        for env in (0, 1):
+            for seed in (0, 1, 2):
+                extra = 2 * env + (seed if learner == teaching.SCRATCH else 0)
+                rows += [dict(step=100, learner=learner, p=0.0, val_acc=0.8, train_loss=0.5, test_env=env, seed=seed),
+                         dict(step=100, learner=learner, p=0.9, val_acc=0.8 - (lost + extra) / 100, train_loss=0.9,
+                              test_env=env, seed=seed)]
     table, answer = teaching.dropout_cost(pd.DataFrame(rows))
-    assert table.loc[teaching.SCRATCH, "val. points lost"] == pytest.approx(scratch_loss)
-    assert word in answer and f"{scratch_loss:+.1f}" in answer
+    d = scratch_loss - head_loss + 1
+    assert table.loc[teaching.SCRATCH, "val. points lost"] == pytest.approx(scratch_loss + 2)
+    assert table.loc[teaching.PRETRAINED, "val. points lost"] == pytest.approx(head_loss + 1)
+    assert table.loc[teaching.SCRATCH, "n"] == 3
+    assert table.loc[teaching.PRETRAINED, "clean loss added"] == pytest.approx(0.4)
+    assert f"from scratch minus pretrained: {d:+.1f} points [95% CI {d - 2.484:+.1f}, {d + 2.484:+.1f}]" in answer
+    assert "n=3 seeds, each the mean over 2 held-out domains" in answer
+    assert word in answer and f"{scratch_loss + 2:+.1f} validation points" in answer
+
+
+def test_dropout_cost_with_one_run_each_has_no_interval():
+    from vldlib.analysis import teaching
+
+    rows = [dict(step=10, learner=lr, p=p, val_acc=0.5 - p / 10, train_loss=1.0)
+            for lr in (teaching.SCRATCH, teaching.PRETRAINED) for p in (0.0, 0.9)]
+    _, answer = teaching.dropout_cost(pd.DataFrame(rows))
+    assert "With one seed there is no interval" in answer and "n=1 seed," in answer
