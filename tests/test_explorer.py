@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,6 +15,8 @@ import pytest
 from conftest import make_fake_benchmark
 from vldlib.analysis import explorer as ex
 from vldlib.utils import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = dict(backbone="test_resnet", pretrained=False, resolution=32, train_stages=1, batch_size=4, lr=0.05,
             device="cpu")
@@ -194,12 +198,81 @@ def test_lodo_figure_colours_the_scored_part_of_the_held_out_domain():
 @pytest.mark.parametrize("scratch_loss,head_loss,word", [(10.0, 2.0, "as the paper"), (2.0, 10.0, "opposite"),
                                                          (3.0, 3.4, "does not show")])
 def test_dropout_cost_answer_follows_the_numbers(scratch_loss, head_loss, word):
+    """Two held-out domains x three seeds. Domain 1 loses 2 points more than domain 0 for both
+    learners; seed s adds s points to the scratch CNN's loss (seeds 0, 1, 2). By hand: the scratch
+    CNN loses scratch_loss + 1 (domains) + 1 (mean of 0, 1, 2) on average, the head head_loss + 1;
+    per seed the difference is scratch_loss - head_loss + s, mean d = scratch_loss - head_loss + 1,
+    sd 1, SE 1/sqrt(3), t(2) = 4.303: half-width 2.484."""
     from vldlib.analysis import teaching
 
     rows = []
     for learner, lost in ((teaching.SCRATCH, scratch_loss), (teaching.PRETRAINED, head_loss)):
-        rows += [dict(step=100, learner=learner, p=0.0, val_acc=0.8, train_loss=0.5),
-                 dict(step=100, learner=learner, p=0.9, val_acc=0.8 - lost / 100, train_loss=0.9)]
+        for env in (0, 1):
+            for seed in (0, 1, 2):
+                extra = 2 * env + (seed if learner == teaching.SCRATCH else 0)
+                rows += [dict(step=100, learner=learner, p=0.0, val_acc=0.8, train_loss=0.5, test_env=env, seed=seed),
+                         dict(step=100, learner=learner, p=0.9, val_acc=0.8 - (lost + extra) / 100, train_loss=0.9,
+                              test_env=env, seed=seed)]
     table, answer = teaching.dropout_cost(pd.DataFrame(rows))
-    assert table.loc[teaching.SCRATCH, "val. points lost"] == pytest.approx(scratch_loss)
-    assert word in answer and f"{scratch_loss:+.1f}" in answer
+    d = scratch_loss - head_loss + 1
+    assert table.loc[teaching.SCRATCH, "val. points lost"] == pytest.approx(scratch_loss + 2)
+    assert table.loc[teaching.PRETRAINED, "val. points lost"] == pytest.approx(head_loss + 1)
+    assert table.loc[teaching.SCRATCH, "n"] == 3
+    assert table.loc[teaching.PRETRAINED, "clean loss added"] == pytest.approx(0.4)
+    assert f"from scratch minus pretrained: {d:+.1f} points [95% CI {d - 2.484:+.1f}, {d + 2.484:+.1f}]" in answer
+    assert "n=3 seeds, each the mean over 2 held-out domains" in answer
+    assert word in answer and f"{scratch_loss + 2:+.1f} validation points" in answer
+
+
+def test_dropout_cost_with_one_run_each_has_no_interval():
+    from vldlib.analysis import teaching
+
+    rows = [dict(step=10, learner=lr, p=p, val_acc=0.5 - p / 10, train_loss=1.0)
+            for lr in (teaching.SCRATCH, teaching.PRETRAINED) for p in (0.0, 0.9)]
+    _, answer = teaching.dropout_cost(pd.DataFrame(rows))
+    assert "With one seed there is no interval" in answer and "n=1 seed," in answer
+
+
+def test_study_reference_and_a_run_against_it_by_hand(tmp_path):
+    """A quickstart table ("48.8 ± 0.5", 9 seeds): mean 0.488, SE 0.005; one new seed's 95% t
+    prediction half-width t(8) x sd x sqrt(1 + 1/9) = 2.306 x 0.015 x 1.0541 = 0.03646. The run
+    below: i.i.d. 0.5, 0.7, 0.7 at steps 0, 10, 20, so training-domain validation picks step 10
+    (earliest of the tie), whose o.o.d. 0.45 is 0.038 below the mean: outside the band."""
+    from vldlib.analysis import explorer as ex
+
+    table = tmp_path / "table.csv"
+    table.write_text("method,dropout,clipart,Avg,n\nmodel,0.0,48.8 ± 0.5,51.5 ± 0.2,9\n"
+                     "model,0.9,46.6 ± 0.5,50.8 ± 0.3,9\nwa,0.0,1.0 ± 0.1,1.0 ± 0.1,9\n")
+    ref = ex.study_reference(table, "clipart")
+    assert ref.dropout.tolist() == [0.0, 0.9] and ref.n.tolist() == [9, 9]
+    assert ref["mean"].tolist() == pytest.approx([0.488, 0.466]) and ref.se.tolist() == pytest.approx([0.005, 0.005])
+    assert ex.prediction_half_width(0.005, 9) == pytest.approx(0.03646, abs=2e-5)
+    curve = pd.DataFrame({"step": [0, 10, 20], "loss": [2.0, 1.0, 0.5], "iid_acc": [0.5, 0.7, 0.7],
+                          "ood_acc": [0.4, 0.45, 0.6]})
+    line = ex.against_study(curve, ref, 0.0, "clipart")
+    assert "selects step 10" in line and "o.o.d. 45.0%" in line and "48.8% (SE 0.5)" in line
+    assert "within 3.6 points" in line and "8 dof" in line and "outside it" in line
+    assert "inside it" in ex.against_study(curve.assign(ood_acc=[0.4, 0.47, 0.6]), ref, 0.0, "clipart")
+    assert "not 0.5" in ex.against_study(curve, ref, 0.5, "clipart")
+    fig = ex.plot_curves(curve, None, total_steps=20, study=ref)  # the study drawn on the o.o.d. panel
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "study, rate 0.9: mean of 9 seeds, 95% band of one seed" in labels
+    assert ex.study_reference(table, "photo").empty and ex.study_reference(tmp_path / "none.csv", "clipart").empty
+
+
+def test_study_numbers_only_for_the_study_design_and_tuned_recipe_or_a_stated_fallback(tmp_path):
+    from vldlib.analysis import explorer as ex
+
+    table = tmp_path / "table.csv"
+    table.write_text("method,dropout,clipart,n\nmodel,0.0,48.8 ± 0.5,9\n")
+    cfg = ex.explorer_config("data", str(tmp_path / "runs"), benchmark="ObjectStyles", test_env=0, dropout=0.0)
+    assert len(ex.study_for(cfg, table, "clipart")) == 1
+    assert ex.study_for(ex.explorer_config("data", str(tmp_path / "runs"), benchmark="ObjectStyles", steps=100),
+                        table, "clipart").empty  # another step budget: no yardstick
+    choices = ROOT / "notebooks" / "00_quickstart.choices.csv"
+    new, line = ex.tuned(cfg, choices)
+    want = pd.read_csv(choices).query("train_stages == 1 and dropout == 0.0 and test_env == 0").iloc[0]
+    assert (new.lr, new.weight_decay) == (want.lr, want.weight_decay) and "as the effect map tuned them" in line
+    same, line = ex.tuned(dataclasses.replace(cfg, backbone="test_resnet"), choices)
+    assert same.lr == cfg.lr and line.startswith("untuned (lr 0.01, weight decay 0.0001)")
+    assert ex.tuned(cfg, None)[1].endswith("as given (tuned_by=None)")

@@ -31,12 +31,22 @@ from vldlib.evaluate.scores import load_runs, per_step_scores
 from vldlib.loop.train import train
 from vldlib.data import get_spec, list_benchmarks
 from vldlib.data import load_benchmark
+from vldlib.evaluate.student import critical_t
+from vldlib.experiments.tuning import apply_choices, read_choices
 
 # A short CPU fine-tune: the last stage and the head of the offline EfficientNet, on cached outputs
 # of the frozen stages, at 96 px, without augmentation.
 DEFAULTS: dict[str, Any] = dict(benchmark="emoji", test_env=0, dropout=0.9, steps=300, backbone="efficientnet_lite0.offline",
                                 pretrained=True, resolution=96, train_stages=1, lr=0.01, weight_decay=1e-4,
                                 batch_size=32, seed=0, device="auto")
+
+# The study one explorer run is set against: the quickstart (notebook 00: ObjectStyles, Lite0, 96 px,
+# conv_head + head, 300 steps, the effect map's tuned lr and weight decay, 9 seeds, every domain held
+# out). Its run folders are not committed; its table is: per rate and held-out domain, the o.o.d.
+# accuracy at the checkpoint training-domain validation selects, mean +- SE over its seeds.
+STUDY_TABLE = "outputs/quickstart/table.csv"
+STUDY_DESIGN: dict[str, Any] = dict(benchmark="ObjectStyles", backbone="efficientnet_lite0.offline", pretrained=True,
+                                    resolution=96, train_stages=1, steps=300, batch_size=32)
 
 EVALS_PER_RUN = 30  # points on the live curve; evaluating the cached-trunk tail is cheap next to a step
 
@@ -175,11 +185,11 @@ def run_live(cfg: TrainConfig, on_update: Callable[[pd.DataFrame], None] | None 
     return LiveRun(cfg).start().watch(on_update, poll)
 
 
-def run_drawn(cfg: TrainConfig, compare: Iterable[str | Path], title: str, poll: float = 0.25
-              ) -> tuple[Path, pd.DataFrame]:
+def run_drawn(cfg: TrainConfig, compare: Iterable[str | Path], title: str, poll: float = 0.25,
+              study: pd.DataFrame | None = None) -> tuple[Path, pd.DataFrame]:
     """Train `cfg` (or reuse it) as `run_live` does, drawing it in the cell's output while it
     trains: a status line (what the run is doing, seconds since the start), and its learning curve
-    next to the comparable finished runs under `compare`, redrawn at each evaluation, the first
+    next to the comparable finished runs under `compare` (and the study's numbers, `study`), redrawn at each evaluation, the first
     (step 0, the start) included. Returns (run dir, the earlier runs drawn).
 
     Display handles, not widgets: the drawing needs no front-end extension, so papermill, nbconvert
@@ -208,8 +218,8 @@ def run_drawn(cfg: TrainConfig, compare: Iterable[str | Path], title: str, poll:
 
     def draw(curve: pd.DataFrame) -> None:
         if len(curve) or len(earlier):
-            plot.update(Image(data=figure_png(plot_curves(curve, earlier, title=title, total_steps=cfg.steps)),
-                              format="png"))
+            plot.update(Image(data=figure_png(plot_curves(curve, earlier, title=title, total_steps=cfg.steps,
+                                                          study=study)), format="png"))
         if len(curve):
             evaluated[0] = f", evaluated step {int(curve.step.iloc[-1])} of {cfg.steps}"
             show_phase()
@@ -268,7 +278,8 @@ def comparable(cfg: TrainConfig) -> dict[str, Any]:
             "resolution": cfg.resolution}
 
 
-def plot_curves(curve: pd.DataFrame, earlier: pd.DataFrame | None = None, title: str = "", total_steps: int | None = None):
+def plot_curves(curve: pd.DataFrame, earlier: pd.DataFrame | None = None, title: str = "", total_steps: int | None = None,
+                study: pd.DataFrame | None = None):
     """Training loss, i.i.d. validation and o.o.d. test accuracy against step: this run bold,
     earlier runs thinner, one colour per dropout rate, each over its own full range of steps, so a
     new rate can be judged against what was already tried.
@@ -278,7 +289,8 @@ def plot_curves(curve: pd.DataFrame, earlier: pd.DataFrame | None = None, title:
     init), rate 0 falls from 2.1 to 0.018 in 300 steps, 0.5 to 0.07, 0.9 from 4.0 only to 1.3; on
     a linear axis the 0.9 run flattens the others onto the floor after a third of the run, on a log
     axis every rate's fall reads as its ratio. (Per-rate normalisation would hide that 0.9 stays
-    high, which is the point of the comparison.) Before the run has a training loss (its only
+    high, which is the point of the comparison.) `study` (`study_for`): the study's mean o.o.d.
+    accuracy per rate, dashed, with the 95% prediction band of one new seed. Before the run has a training loss (its only
     evaluation is step 0, the start) the loss panel says so instead of drawing axes around nothing,
     and the accuracy axes span at least `axes.MIN_SPAN` points.
 
@@ -290,7 +302,8 @@ def plot_curves(curve: pd.DataFrame, earlier: pd.DataFrame | None = None, title:
     fig = Figure(figsize=(11, 3.6))
     axes = fig.subplots(1, 3)
     rates = sorted(earlier.dropout.unique()) if earlier is not None and len(earlier) else []
-    colour = {r: f"C{i % 10}" for i, r in enumerate(rates)}
+    study = study if study is not None and len(study) else None
+    colour = {r: f"C{i % 10}" for i, r in enumerate(sorted({*rates, *([] if study is None else study.dropout)}))}
     panels = (("loss", "training loss (log scale)", "cross-entropy"), ("iid_acc", "i.i.d. validation", "accuracy (%)"),
               ("ood_acc", "o.o.d. test", "accuracy (%)"))
     for ax, (metric, name, unit) in zip(axes, panels):
@@ -300,6 +313,13 @@ def plot_curves(curve: pd.DataFrame, earlier: pd.DataFrame | None = None, title:
             if metric in g:
                 ax.plot(g.step, scale * g[metric], color=colour[g.dropout.iloc[0]], alpha=0.8, lw=1.2)
                 drawn.append(g[metric])
+        if metric == "ood_acc" and study is not None:
+            for r in study.itertuples():
+                half = prediction_half_width(r.se, r.n)
+                ax.axhspan(100 * (r.mean - half), 100 * (r.mean + half), color=colour[r.dropout], alpha=0.12, lw=0)
+                ax.axhline(100 * r.mean, color=colour[r.dropout], ls="--", lw=1.2,
+                           label=f"study, rate {r.dropout:g}: mean of {r.n} seeds, 95% band of one seed")
+                drawn.append(pd.Series([r.mean - half, r.mean + half]))
         if len(curve) and metric in curve:
             ax.plot(curve.step, scale * curve[metric], "o-", color="black", ms=3, lw=2.2, label="this run")
             drawn.append(curve[metric])
@@ -364,6 +384,75 @@ def benchmark_domains(benchmark: str, data_dir: str) -> list[str]:
     return list(bench.domains)
 
 
+def tuned(cfg: TrainConfig, tuned_by: str | Path | None) -> tuple[TrainConfig, str]:
+    """`cfg` with its cell's lr and weight decay from a choices table (`tuning.apply_choices`), and a
+    line saying which recipe the run trains with; a run the table has no choice for (another
+    backbone, rate, step budget ...) keeps its lr and weight decay, and the line says so and why."""
+    given = f"lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}"
+    if not tuned_by:
+        return cfg, f"{given}, as given (tuned_by=None)"
+    try:
+        new = apply_choices([cfg], read_choices(resolve(tuned_by)), str(tuned_by))[0]
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        return cfg, f"untuned ({given}): {e}"
+    return new, f"lr {new.lr:g}, weight decay {new.weight_decay:g}, as the effect map tuned them ({tuned_by})"
+
+
+def study_reference(table: str | Path, domain: str) -> pd.DataFrame:
+    """The study's o.o.d. accuracy of held-out `domain` per dropout rate (method "model"): columns
+    dropout, mean, se (fractions), n (seeds), read from a quickstart `table.csv` ("48.8 ± 0.5")."""
+    cols = ["dropout", "mean", "se", "n"]
+    path = resolve(table)
+    t = pd.read_csv(path) if path.is_file() else pd.DataFrame()
+    if domain not in t.columns:
+        return pd.DataFrame(columns=cols)
+    t = t[t.method == "model"]
+    parts = t[domain].astype(str).str.split("±", expand=True).astype(float)
+    return pd.DataFrame({"dropout": t.dropout.astype(float), "mean": parts[0] / 100, "se": parts[1] / 100,
+                         "n": t.n.astype(int)}).reset_index(drop=True)
+
+
+def study_for(cfg: TrainConfig, table: str | Path | None, domain: str) -> pd.DataFrame:
+    """`study_reference` when `cfg` has the study's design (`STUDY_DESIGN`; rate, seed, lr and weight
+    decay may differ), else an empty table: the study's numbers are no yardstick for another design."""
+    mine = {k: getattr(cfg, k) for k in STUDY_DESIGN}
+    mine["benchmark"] = Path(str(cfg.benchmark)).name
+    if not table or any(str(mine[k]) != str(v) for k, v in STUDY_DESIGN.items()):
+        return pd.DataFrame(columns=["dropout", "mean", "se", "n"])
+    return study_reference(table, domain)
+
+
+def selected_point(curve: pd.DataFrame) -> pd.Series:
+    """The evaluation training-domain validation selects: highest i.i.d. accuracy, earliest on a tie."""
+    return curve.loc[curve.iid_acc.astype(float).idxmax()]
+
+
+def prediction_half_width(se: float, n: int) -> float:
+    """Half-width of the 95% Student's t prediction interval for one new seed around the mean of n
+    seeds with standard error `se`: t_{0.975, n-1} x sd x sqrt(1 + 1/n), sd = se x sqrt(n)."""
+    return critical_t(n - 1) * se * n ** 0.5 * (1 + 1 / n) ** 0.5
+
+
+def against_study(curve: pd.DataFrame, study: pd.DataFrame, dropout: float, domain: str) -> str:
+    """This run's selected o.o.d. accuracy against the study's seeds at its rate and held-out domain:
+    inside or outside the 95% prediction interval of one new seed, computed."""
+    if not len(curve) or not len(study):
+        return ""
+    row = study[(study.dropout - dropout).abs() < 1e-9]
+    if not len(row):
+        rates = ", ".join(f"{r:g}" for r in study.dropout)
+        return f"The study ran rates {rates} on held-out {domain}, not {dropout:g}: no yardstick for this rate."
+    r = row.iloc[0]
+    pick = selected_point(curve)
+    half = prediction_half_width(float(r.se), int(r.n))
+    inside = abs(float(pick.ood_acc) - r["mean"]) <= half
+    return (f"Training-domain validation selects step {int(pick.step)} of this run: o.o.d. "
+            f"{100 * pick.ood_acc:.1f}%. The study's {int(r.n)} seeds at rate {dropout:g}, held out {domain}: "
+            f"{100 * r['mean']:.1f}% (SE {100 * r.se:.1f}); one new seed falls within {100 * half:.1f} points of "
+            f"that mean 95% of the time (Student's t prediction interval, {int(r.n) - 1} dof): this run is "
+            f"{'inside' if inside else 'outside'} it.")
+
+
 class Explorer:
     """The widget panel. `widget` is what to display; the run button calls `run(wait=False)`, the
     stop button `stop()`.
@@ -374,10 +463,13 @@ class Explorer:
     into an Output widget)."""
 
     def __init__(self, data_dir: str = "data", runs_dir: str = "outputs/runs", compare: Iterable[str] = ("outputs",),
-                 defaults: dict[str, Any] | None = None):
+                 defaults: dict[str, Any] | None = None, tuned_by: str | Path | None = None,
+                 study_table: str | Path | None = None):
         import ipywidgets as w
 
         self.data_dir, self.runs_dir, self.compare = data_dir, runs_dir, list(compare)
+        self.tuned_by, self.study_table = tuned_by, study_table
+        self.study = pd.DataFrame()
         self.defaults = {**DEFAULTS, **(defaults or {})}
         d = self.defaults
         self.benchmark = w.Dropdown(options=available_benchmarks(data_dir, [d["benchmark"]]), value=d["benchmark"],
@@ -391,16 +483,18 @@ class Explorer:
         self.progress = w.IntProgress(value=0, min=0, max=d["steps"], description="progress")
         self.status = w.HTML("").add_class("vldlib-explorer-status")  # classes: found by the browser test
         self.image = w.Image(format="png").add_class("vldlib-explorer-plot")
+        self.recipe = w.HTML("").add_class("vldlib-explorer-recipe")  # the lr/weight decay, the study's yardstick
         self.benchmark.observe(lambda change: self._set_domains(), names="value")
         self._set_domains()
         self.button.on_click(lambda _b: self.run(wait=False))
         self.stop_button.on_click(lambda _b: self.stop())
         self.widget = w.VBox([w.HBox([self.benchmark, self.test_env]), w.HBox([self.dropout, self.steps]),
-                              w.HBox([self.button, self.stop_button, self.progress]), self.status, self.image])
+                              w.HBox([self.button, self.stop_button, self.progress]), self.status, self.recipe, self.image])
         self.live: LiveRun | None = None
         self.last_run: Path | None = None
         self.last_curve: pd.DataFrame | None = None
         self.png: bytes = b""
+        self._recipe = ""
 
     def _set_domains(self) -> None:
         domains = benchmark_domains(self.benchmark.value, self.data_dir)
@@ -421,14 +515,27 @@ class Explorer:
             self.png, self.image.value = b"", b""
             self.image.layout.display = "none"
             return
-        self.png = figure_png(plot_curves(curve, earlier, title=title, total_steps=steps))
+        self.png = figure_png(plot_curves(curve, earlier, title=title, total_steps=steps, study=self.study))
+        self.recipe.value = self._recipe + (" " + against_study(curve, self.study, float(self.dropout.value),
+                                                                self._domain()) if len(curve) else "")
         self.image.value = self.png
         self.image.layout.display = None
+
+    def _domain(self) -> str:
+        return str(self.test_env.label).split(": ", 1)[-1]
+
+    def config(self) -> TrainConfig:
+        """The run the widgets show, with its cell's tuned lr and weight decay where `tuned_by` has
+        them; sets the recipe line and the study's numbers it is drawn against."""
+        cfg, self._recipe = tuned(explorer_config(self.data_dir, self.runs_dir, **self.settings()), self.tuned_by)
+        self.study = study_for(cfg, self.study_table, self._domain())
+        self.recipe.value = self._recipe
+        return cfg
 
     def show(self, run_dir: str | Path) -> None:
         """Draw an existing run (e.g. the notebook's default run) into the panel."""
         run_dir = Path(run_dir)
-        cfg = explorer_config(self.data_dir, self.runs_dir, **self.settings())
+        cfg = self.config()
         earlier = self._earlier(cfg, run_dir)
         self.progress.max = cfg.steps
         self._draw(curve_of(run_dir), earlier, self._title(cfg), cfg.steps)
@@ -466,7 +573,7 @@ class Explorer:
         if self.live is not None and self.live.running:
             self.status.value = "a run is in progress: stop it first"
             return None
-        cfg = explorer_config(self.data_dir, self.runs_dir, **self.settings())
+        cfg = self.config()
         live = self.live = LiveRun(cfg)
         self.progress.max, self.progress.value = cfg.steps, 0
         title = self._title(cfg)

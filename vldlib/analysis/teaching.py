@@ -9,8 +9,10 @@ without printing the solution next to the question:
 correct: same mask and scaling as nn.Dropout for p in (0.1, 0.5, 0.9), identity in eval mode.
 
 `train_curve` is the smallest possible training loop (full control, no run directory), used to
-show why 90% dropout stalls training from scratch but not the training of a head on pretrained
-features.
+ask whether 90% dropout stalls training from scratch more than the training of a head on
+pretrained features; `scratch_vs_pretrained_study` runs it for every held-out domain and seed and
+`dropout_cost` answers from the paired differences (95% Student's t intervals), whichever way
+they point.
 """
 
 from __future__ import annotations
@@ -282,7 +284,8 @@ def scratch_vs_pretrained(images: dict, feats: dict, n_classes: int, rates: Sequ
 
 def plot_scratch_vs_pretrained(curves: pd.DataFrame):
     """Clean training loss (log scale) and i.i.d. validation accuracy (%) against step, one colour
-    per learner, one line style per dropout rate."""
+    per learner, one line style per dropout rate; with several held-out domains and seeds, their
+    mean and its 95% confidence band (seaborn's bootstrap over the curves)."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
@@ -297,39 +300,81 @@ def plot_scratch_vs_pretrained(curves: pd.DataFrame):
     return fig
 
 
+def _last(curves: pd.DataFrame) -> pd.DataFrame:
+    """Each curve's last evaluation; a table without `test_env`/`seed` columns is one run each."""
+    c = curves.assign(**{k: curves[k] if k in curves else 0 for k in ("test_env", "seed")})
+    return c[c.step == c.step.max()]
+
+
 def dropout_cost(curves: pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    """What the highest rate costs each learner at the last step, relative to the lowest rate:
-    validation points lost and clean training loss gained (a table), and a sentence answering
-    "does very large dropout stall training from scratch more than fine-tuning?" from these
-    numbers, whichever way they point."""
-    last = curves[curves.step == curves.step.max()]
+    """What the highest rate costs each learner at the last step, relative to the lowest rate, and
+    whether it costs training from scratch more than the pretrained head, computed, whichever way
+    it points.
+
+    Paired by seed, each seed first averaged over the held-out domains
+    (`power.domain_averaged_effect`): per learner the validation points lost (mean, 95% Student's
+    t interval, n seeds) and the clean training loss at both rates; then the contrast, per seed
+    (points lost from scratch) - (points lost by the head), with its t interval. The verdict is
+    `effects.is_detectable` of that contrast: an interval that contains 0 answers "not told apart"."""
+    from vldlib.evaluate.effects import is_detectable
+    from vldlib.evaluate.power import domain_averaged_effect
+
+    last = _last(curves)
     lo, hi = curves.p.min(), curves.p.max()
-    rows = []
+    rows, lost = [], []
     for learner, g in last.groupby("learner", sort=False):
-        a, b = g[g.p == lo].iloc[0], g[g.p == hi].iloc[0]
-        rows.append({"learner": learner, f"val. acc. at p={lo:g} (%)": 100 * a.val_acc,
-                     f"val. acc. at p={hi:g} (%)": 100 * b.val_acc, "val. points lost": 100 * (a.val_acc - b.val_acc),
-                     f"clean loss at p={lo:g}": a.train_loss, f"clean loss at p={hi:g}": b.train_loss,
-                     "clean loss added": b.train_loss - a.train_loss})
+        eff = domain_averaged_effect(g.assign(method="model"), a=hi, b=lo, metric="val_acc", by="p")
+        loss = g.groupby("p").train_loss.mean()
+        rows.append({"learner": learner, f"val. acc. at p={lo:g} (%)": 100 * eff["b_mean"],
+                     f"val. acc. at p={hi:g} (%)": 100 * eff["a_mean"], "val. points lost": 100 * eff["mean"],
+                     "ci_low": 100 * eff["ci_low"], "ci_high": 100 * eff["ci_high"], "n": eff["n"],
+                     f"clean loss at p={lo:g}": loss[lo], f"clean loss at p={hi:g}": loss[hi],
+                     "clean loss added": loss[hi] - loss[lo]})
+        side = g.pivot_table(index=["test_env", "seed"], columns="p", values="val_acc")
+        lost.append((side[lo] - side[hi]).rename("lost").reset_index().assign(learner=learner))
     table = pd.DataFrame(rows).set_index("learner")
-    lost = table["val. points lost"]
-    s, f = lost.get(SCRATCH), lost.get(PRETRAINED)
-    if s is None or f is None:
+    if not {SCRATCH, PRETRAINED} <= set(table.index):
         return table, "both learners are needed to answer the question."
-    n = int(curves.step.max())
-    facts = (f"After {n} steps, dropout rate {hi:g} cost the from-scratch CNN {s:+.1f} validation points and the "
-             f"pretrained head {f:+.1f} points (positive: worse than at rate {lo:g}; one seed).")
-    if abs(s - f) < 1.0:
-        verdict = ("The two costs are within a point of each other: this run does not show dropout stalling one "
+    both = pd.concat(lost, ignore_index=True).assign(method="model")
+    eff = domain_averaged_effect(both, a=PRETRAINED, b=SCRATCH, metric="lost", by="learner")
+    ci = lambda lo_, hi_: f"[95% CI {100 * lo_:+.1f}, {100 * hi_:+.1f}]"
+    s, f = table.loc[SCRATCH], table.loc[PRETRAINED]
+    design = f"n={eff['n']} seed{'s' * (eff['n'] != 1)}, each the mean over {eff['domains']} held-out domain" \
+             f"{'s' * (eff['domains'] != 1)}"
+    facts = (f"After {int(curves.step.max())} steps, dropout rate {hi:g} cost the from-scratch CNN "
+             f"{s['val. points lost']:+.1f} validation points [95% CI {s.ci_low:+.1f}, {s.ci_high:+.1f}] and the "
+             f"pretrained head {f['val. points lost']:+.1f} points [95% CI {f.ci_low:+.1f}, {f.ci_high:+.1f}] "
+             f"(positive: worse than at rate {lo:g}); from scratch minus pretrained: {100 * eff['mean']:+.1f} points "
+             f"{ci(eff['ci_low'], eff['ci_high'])} ({design}).")
+    if eff["n"] < 2:
+        verdict = "With one seed there is no interval: run more seeds before answering."
+    elif not is_detectable(eff):
+        verdict = ("The 95% t interval of the difference contains 0: this run does not show dropout stalling one "
                    "learner more than the other.")
-    elif s > f:
-        verdict = ("Here very large dropout hurt training from scratch more than the pretrained head, as the paper's "
-                   "argument predicts.")
+    elif eff["mean"] > 0:
+        verdict = ("The interval excludes 0: here very large dropout hurt training from scratch more than the "
+                   "pretrained head, as the paper's argument predicts.")
     else:
-        verdict = ("Here very large dropout hurt the pretrained head more than training from scratch: the opposite "
-                   "of the paper's argument, at this budget and scale (a linear head on frozen features, a few "
-                   "hundred steps; rerun with more steps and seeds before drawing a conclusion).")
+        verdict = ("The interval excludes 0: here very large dropout hurt the pretrained head more than training "
+                   "from scratch: the opposite of the paper's argument, at this budget and scale (a linear head on "
+                   "frozen features, a tiny CNN, a few hundred steps).")
     return table, f"{facts} {verdict}"
+
+
+def scratch_vs_pretrained_study(benchmark: str, data_dir: str, test_envs: Sequence[int], seeds: Sequence[int],
+                                rates: Sequence[float], n_classes: int, scratch_resolution: int, resolution: int,
+                                backbone: str, pretrained: bool, device: str = "auto", **train) -> pd.DataFrame:
+    """`scratch_vs_pretrained` for every held-out domain in `test_envs` and every seed (the same
+    seed for both learners and every rate, so the runs pair): one table of learning curves with
+    `test_env` and `seed` columns. `train`: steps, lr, batch_size, eval_every, scratch_width."""
+    curves = []
+    for te in test_envs:
+        images, feats = learner_data(benchmark, data_dir, te, scratch_resolution, resolution, backbone, pretrained,
+                                     device=device)
+        for seed in seeds:
+            c = scratch_vs_pretrained(images, feats, n_classes, rates, seed=seed, **train)
+            curves.append(c.assign(test_env=te, seed=seed))
+    return pd.concat(curves, ignore_index=True)
 
 
 def learner_data(benchmark: str, data_dir: str, test_env: int, scratch_resolution: int, resolution: int,
