@@ -276,3 +276,12 @@ def test_study_numbers_only_for_the_study_design_and_tuned_recipe_or_a_stated_fa
     same, line = ex.tuned(dataclasses.replace(cfg, backbone="test_resnet"), choices)
     assert same.lr == cfg.lr and line.startswith("untuned (lr 0.01, weight decay 0.0001)")
     assert ex.tuned(cfg, None)[1].endswith("as given (tuned_by=None)")
+
+
+def test_the_recipe_line_shows_an_error_text_as_text(root):
+    """The recipe line is an HTML widget: an error that names "<output_dir>/choices.csv" must show
+    that name, not lose it as an unknown tag (the README's screenshot read "as /choices.csv")."""
+    panel = ex.Explorer(data_dir=str(root), runs_dir=str(root / "runs"), compare=[str(root / "nothing")],
+                        defaults={**TINY, "benchmark": str(root / "fake")}, tuned_by=str(root / "missing.csv"))
+    panel.config()
+    assert "&lt;output_dir&gt;/choices.csv" in panel.recipe.value and "<output_dir>" not in panel.recipe.value

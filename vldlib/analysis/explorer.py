@@ -14,6 +14,7 @@ wires these to ipywidgets; its `run()` is the button's callback and can be calle
 
 from __future__ import annotations
 
+import html
 import threading
 import time
 from pathlib import Path
@@ -516,8 +517,9 @@ class Explorer:
             self.image.layout.display = "none"
             return
         self.png = figure_png(plot_curves(curve, earlier, title=title, total_steps=steps, study=self.study))
-        self.recipe.value = self._recipe + (" " + against_study(curve, self.study, float(self.dropout.value),
-                                                                self._domain()) if len(curve) else "")
+        # HTML widgets: the text is escaped (an error naming "<output_dir>/choices.csv" would lose its tag)
+        self.recipe.value = html.escape(self._recipe + (" " + against_study(curve, self.study, float(self.dropout.value),
+                                                                            self._domain()) if len(curve) else ""))
         self.image.value = self.png
         self.image.layout.display = None
 
@@ -529,7 +531,7 @@ class Explorer:
         them; sets the recipe line and the study's numbers it is drawn against."""
         cfg, self._recipe = tuned(explorer_config(self.data_dir, self.runs_dir, **self.settings()), self.tuned_by)
         self.study = study_for(cfg, self.study_table, self._domain())
-        self.recipe.value = self._recipe
+        self.recipe.value = html.escape(self._recipe)
         return cfg
 
     def show(self, run_dir: str | Path) -> None:
@@ -597,7 +599,7 @@ class Explorer:
                 earlier = self._earlier(cfg, live.run_dir)
                 self.last_run = live.watch(lambda curve: draw(curve, earlier), on_poll=show_phase)
             except Exception as e:
-                self.status.value = f"<b>failed</b>: {type(e).__name__}: {e}"
+                self.status.value = f"<b>failed</b>: {html.escape(f'{type(e).__name__}: {e}')}"
                 raise
             finally:
                 self.button.disabled, self.stop_button.disabled = False, True
