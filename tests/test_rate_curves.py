@@ -178,3 +178,13 @@ def test_rate_and_size_axes_in_the_notebook(fake_benchmark, tmp_path):
     summary = (out / "summary.md").read_text()
     assert "Budget check (constant lr, tuning seeds)" in summary and "i.i.d. validation picks" in summary
     assert (out / "rate_curves_depth0.png").exists()
+
+
+def test_size_sentences_say_whether_the_picked_rate_falls_with_the_data():
+    table = pd.DataFrame([{"backbone": b, "depth": 0, "depth_label": "head", "train_fraction": f, "picked_mean": m,
+                           "picked_rates": "x", "gain_points": 1.0, "gain_ci_low_points": 0.0, "gain_ci_high_points": 2.0}
+                          for b, ms in (("a", (0.86, 0.55, 0.5)), ("c", (0.6, 0.4, 0.7))) for f, m in zip((0.25, 0.5, 1.0), ms)])
+    text = rate_curves.size_sentences(table)
+    assert text[0].startswith("a head") and "25%: 0.86" in text[0] and text[0].endswith("As the data grow it falls.")
+    assert text[1].endswith("neither falls nor rises steadily.")
+    assert rate_curves.size_sentences(table.drop(columns="train_fraction")) == []

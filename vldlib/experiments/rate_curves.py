@@ -109,6 +109,7 @@ def selected_rate_table(selected: pd.DataFrame, picks: pd.DataFrame, a: float = 
         iid = domain_averaged_effect(g, a="a", b=SELECTED, metric="iid_acc", method=method, by="arm")
         verdict = "none" if not is_detectable(ood) else "improvement" if ood["mean"] > 0 else "loss"
         rows.append({**cell, "depth_label": _label(cell), "picked_rates": _picked_counts(p),
+                     "picked_mean": float(p["picked_rate"].mean()),
                      "ood_a_points": 100 * ood["a_mean"], "ood_selected_points": 100 * ood["b_mean"],
                      **_points(ood, "gain"), **_points(iid, "iid_diff"), "n": ood["n"], "verdict": verdict})
     return pd.DataFrame(rows)
@@ -125,6 +126,29 @@ def selected_sentences(table: pd.DataFrame, a: float = 0.0) -> list[str]:
                    f"held-out domains); the picked arm against {a:g}: {r['gain_points']:+.1f} points "
                    f"[{r['gain_ci_low_points']:+.1f}, {r['gain_ci_high_points']:+.1f}], {format_p(r['gain_p'])}, "
                    f"n = {r['n']}: {what}.")
+    return out
+
+
+def size_sentences(table: pd.DataFrame) -> list[str]:
+    """With a training-set size axis: per (backbone, depth[, resolution]), the mean picked rate (over
+    held-out domains) at each size, smallest size first, and whether it falls, rises or neither as the
+    data grow (strictly monotone over the sizes, or "neither"), with the picked arm's gain beside it.
+    The paper's open question, answered from `selected_rate_table`'s numbers."""
+    if "train_fraction" not in table.columns:
+        return []
+    keys = [c for c in ("backbone", "depth", "resolution") if c in table.columns]
+    out = []
+    for _, g in table.sort_values("train_fraction").groupby(keys, sort=True):
+        means = list(g["picked_mean"])
+        steps = [b - a for a, b in zip(means, means[1:])]
+        trend = ("falls" if all(d < 0 for d in steps) else "rises" if all(d > 0 for d in steps) else
+                 "neither falls nor rises steadily")
+        sizes = "; ".join(f"{100 * r['train_fraction']:g}%: {r['picked_mean']:.2f} ({r['picked_rates']}; gain "
+                          f"{r['gain_points']:+.1f} [{r['gain_ci_low_points']:+.1f}, {r['gain_ci_high_points']:+.1f}])"
+                          for r in g.to_dict("records"))
+        first = g.iloc[0].to_dict()
+        out.append(f"{line_name(first, [c for c in ('resolution',) if c in keys])} {first['depth_label']}: the mean "
+                   f"rate i.i.d. validation picks, by training-set size: {sizes}. As the data grow it {trend}.")
     return out
 
 
