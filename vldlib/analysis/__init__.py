@@ -10,6 +10,7 @@
 - `dropout_l2`: dropout on a linear head's inputs against its analytic L2-type penalty;
 - `dropout_l2_study`: notebook 12's study of it per rate, held-out domain, seed and depth;
 - `explorer`: the ipywidgets dropout explorer (testable without a front-end);
+- `explorer_study`: its yardstick: the map's tuned recipe, and the committed study a run is set against;
 - `teaching`: exercise checkers, a tiny CNN and a small training loop for the teaching notebook.
 
 Modules are imported on use (`from vldlib.analysis import feature_usage`), so importing the
@@ -20,4 +21,4 @@ package costs nothing.
 3.0
 """
 
-__all__ = ["dropout_l2", "dropout_l2_study", "explorer", "feature_usage", "linearity", "runs", "teaching", "usage_map"]
+__all__ = ["dropout_l2", "dropout_l2_study", "explorer", "explorer_study", "feature_usage", "linearity", "runs", "teaching", "usage_map"]
