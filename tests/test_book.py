@@ -295,3 +295,15 @@ def test_every_page_in_a_real_browser_has_working_links_and_images_and_a_broken_
     assert any("demo/summary.html: link " in p and "nowhere.html answers 404" in p for p in problems), problems
     assert "demo/summary.html: image missing.png did not load" in problems, problems
     assert len(problems) == 2, problems
+
+
+def test_a_heading_id_written_percent_encoded_is_found(tmp_path):
+    """nbconvert writes heading ids percent-encoded ("11-%C2%B7-Is-..."); a browser finds
+    `#11-%C2%B7-Is-...` by the raw fragment first, so the check must too (and still catch a miss)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text('<a href="page.html">page</a>')
+    (site / "page.html").write_text('<a href="index.html">all</a><h1 id="a-%C2%B7-b">x</h1>'
+                                    '<a href="#a-%C2%B7-b">ok</a><a href="#c-%C2%B7-d">missing</a>')
+    problems = check_site(site)
+    assert len(problems) == 1 and "c-%C2%B7-d" in problems[0], problems

@@ -390,6 +390,12 @@ def _replace(tmp: Path, out: Path) -> None:
 
 # ----------------------------------------------------------------------------- checking
 
+def _finds(fragment: str, ids: set[str]) -> bool:
+    """Whether a `#fragment` reaches an id as a browser resolves it: the fragment as written, or
+    percent-decoded (nbconvert writes heading ids percent-encoded, "11-%C2%B7-Is-...")."""
+    return fragment in ids or unquote(fragment) in ids
+
+
 def check_site(site: str | os.PathLike) -> list[str]:
     """Problems of a built site, one line each (none: it reads offline): a local link or image that
     names no file of the site, a `#fragment` no id of its page, anything fetched from the internet,
@@ -416,7 +422,7 @@ def check_site(site: str | os.PathLike) -> list[str]:
                 if parts.scheme or parts.netloc:
                     continue  # data:, mailto:
                 if not parts.path:
-                    if parts.fragment and unquote(parts.fragment) not in tags.ids:
+                    if parts.fragment and not _finds(parts.fragment, tags.ids):
                         problems.append(f"{rel}: <{tag} {attr}={url!r}>: no id {parts.fragment!r} in this page")
                     continue
                 target = Path(os.path.normpath(page.parent / unquote(parts.path)))
@@ -424,7 +430,7 @@ def check_site(site: str | os.PathLike) -> list[str]:
                     problems.append(f"{rel}: <{tag} {attr}={url!r}> points outside the site")
                 elif not target.is_file():
                     problems.append(f"{rel}: <{tag} {attr}={url!r}>: no such file {target.relative_to(site)}")
-                elif parts.fragment and target in parsed and unquote(parts.fragment) not in parsed[target].ids:
+                elif parts.fragment and target in parsed and not _finds(parts.fragment, parsed[target].ids):
                     problems.append(f"{rel}: <{tag} {attr}={url!r}>: no id {parts.fragment!r} in "
                                     f"{target.relative_to(site)}")
                 elif tag == "a":
