@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import multiprocessing
-import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Iterable, Sequence
 import pandas as pd
 import torch
 
+from vldlib.loop.device import usable_cores
 from vldlib.analysis import dropout_l2 as dl2
 from vldlib.evaluate.effects import paired_difference
 from vldlib.evaluate.student import t_interval
@@ -192,7 +192,7 @@ def run_study(data: StudyData, test_envs: Iterable[int] | None, seeds: Iterable[
     cells = [(e, int(s)) for e in envs for s in seeds]
     if device != "cpu":
         workers = 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()  # what this process may use (a SLURM task's share, a cgroup's quota)
     n = max(1, min(len(cells), workers or cores))
     if n == 1:
         results = [run_cell(data, e, s, prm, device) for e, s in cells]
