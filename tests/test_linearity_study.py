@@ -85,6 +85,8 @@ def test_map_gains_reads_the_effect_map(tmp_path):
                        ci_high_points=2.5)]).to_csv(path, index=False)
     g, text = lin.map_gains(path, "b")
     assert len(g) == 2 and text.endswith("its interval excludes 0 at conv_head.")
+    assert str(tmp_path) not in lin.map_gains(path, "b", shown_as="map/gains.csv")[1]
+    assert lin.map_gains(path, "b", shown_as="map/gains.csv")[1].startswith("In the effect map (map/gains.csv),")
     eff = pd.DataFrame([dict(depth=1, dropout=0.9, metric="agreement", difference=0.3, ci_low=0.1, ci_high=0.5)])
     floor = pd.DataFrame([dict(depth=1, init="scratch", dropout=0.9, learns=True)])
     assert "Depths where both hold: conv_head." in lin.regime_line(eff, floor, text, g, {1: "conv_head"})

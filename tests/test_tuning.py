@@ -82,6 +82,14 @@ def test_a_cell_without_a_choice_or_another_design_is_refused(tmp_path):
         apply_choices([other], with_design(_choices(), made_for), "map/choices.csv")
     same = TrainConfig(benchmark="x", backbone="test_resnet", train_stages=1, dropout=0.9, test_envs=[0], steps=300, resolution=96)
     assert apply_choices([same], with_design(_choices(), made_for))[0].lr == 0.02
+    # read back from a CSV where a missing value made the column float: 96.0 is the design 96
+    table = with_design(_choices(), made_for).astype({"resolution": float, "train_fraction": str})
+    (tmp_path / "c.csv").write_text(table.to_csv(index=False))
+    assert apply_choices([same], read_choices(tmp_path / "c.csv"))[0].lr == 0.02
+    wrong_size = TrainConfig(benchmark="x", backbone="test_resnet", train_stages=1, dropout=0.9, test_envs=[0],
+                             steps=300, resolution=128)
+    with pytest.raises(ValueError, match=r"resolution=128 \(the choices were made for 96"):
+        apply_choices([wrong_size], read_choices(tmp_path / "c.csv"), "map/choices.csv")
     with pytest.raises(FileNotFoundError, match="tuned_by='nope.csv': no such file.*notebook 07"):
         read_choices("nope.csv")
     (tmp_path / "bad.csv").write_text("a,b\n1,2\n")

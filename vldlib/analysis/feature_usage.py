@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 from vldlib.analysis.runs import load_run_data
+from vldlib.evaluate.selection import DESIGN_AXES
 from vldlib.evaluate.plots import rate_palette  # THE rate -> colour map, shared by every figure
 from vldlib.experiments.effect_map import depth_key, depth_label, line_name
 
@@ -208,14 +209,14 @@ def usage_tables(configs: Sequence, run_dirs: Sequence, domains: Sequence[str], 
     return pd.DataFrame(usage), pd.concat(ablations, ignore_index=True), pd.concat(spectra, ignore_index=True)
 
 
-CELL = ("backbone", "depth", "resolution", "train_fraction")  # a cell of the map, as `run_keys` writes it
+CELL = ("backbone", "depth", *DESIGN_AXES)  # a cell of the map, as `run_keys` writes it
 
 
 def cell_name(row, cells: Sequence[str] = CELL) -> str:
     """ "efficientnet_lite0, conv_head" (with the resolution and data size where `cells` has them)."""
     get = row.get if isinstance(row, dict) else lambda k: getattr(row, k)
     depth = int(get("depth"))
-    extra = [c for c in ("resolution", "train_fraction") if c in cells]
+    extra = [c for c in DESIGN_AXES if c in cells]
     return f"{line_name(row, extra)}, {depth_label(depth, get('backbone'))}"
 
 

@@ -437,23 +437,26 @@ def init_effects(table: pd.DataFrame, split: str = "ood", metrics=tuple(METRICS)
     return pd.DataFrame(rows)
 
 
-def map_gains(path, backbone: str) -> tuple[pd.DataFrame | None, str]:
+def map_gains(path, backbone: str, shown_as: str | None = None) -> tuple[pd.DataFrame | None, str]:
     """The effect map's o.o.d. gain of dropout per depth (its gains.csv) for `backbone`, and a
-    sentence naming where the 95% interval of the gain excludes 0; (None, why) when absent."""
+    sentence naming where the 95% interval of the gain excludes 0; (None, why) when absent. The
+    sentence names the table as `shown_as` (the parameter the user gave, not this machine's
+    absolute path) when given."""
     from pathlib import Path
 
     path = Path(path)
+    name = shown_as or path
     if not path.exists():
-        return None, f"The effect map's gains ({path}) are not here: run notebook 07 to compare with its cells."
+        return None, f"The effect map's gains ({name}) are not here: run notebook 07 to compare with its cells."
     g = pd.read_csv(path)
     g = g[g.backbone == backbone] if "backbone" in g.columns else g
     if not len(g):
-        return None, f"The effect map's gains ({path}) have no row for {backbone}."
+        return None, f"The effect map's gains ({name}) have no row for {backbone}."
     helps = g[g.ci_low_points > 0]
     cells = ", ".join(f"{r.depth_label} ({r.gain_points:+.1f} points [{r.ci_low_points:+.1f}, {r.ci_high_points:+.1f}])"
                       for r in g.itertuples())
     where = (", ".join(map(str, helps.depth_label)) if len(helps) else "no depth")
-    return g, f"In the effect map ({path}), dropout's o.o.d. gain per depth: {cells}; its interval excludes 0 at {where}."
+    return g, f"In the effect map ({name}), dropout's o.o.d. gain per depth: {cells}; its interval excludes 0 at {where}."
 
 
 def _iv(row, percent: bool = False) -> str:

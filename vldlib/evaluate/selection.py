@@ -100,9 +100,11 @@ def summarize(selected: pd.DataFrame, by: Sequence[str] = ("benchmark", "method"
 
 # --------------------------------------------------------------------------- tuning by i.i.d. validation
 HPARAMS = ("lr", "weight_decay")
+# the design axes a study may vary besides backbone, depth and rate: input size and training-set size
+DESIGN_AXES = ("resolution", "train_fraction")
 # per backbone, depth, input size, training-set size, rate and held-out domain (a table without the
 # resolution or train_fraction column, a study of one of each, tunes on the others)
-TUNING_CELL = ("backbone", "train_stages", "resolution", "train_fraction", "dropout", "test_env")
+TUNING_CELL = ("backbone", "train_stages", *DESIGN_AXES, "dropout", "test_env")
 _OOD_MARKERS = ("ood", "oracle")
 
 

@@ -29,6 +29,7 @@ from vldlib.evaluate.effects import effect_sentence, format_p, is_detectable
 from vldlib.evaluate.plots import floor_lines, legend_outside
 from vldlib.evaluate.power import average_floor, detectable, domain_averaged_effect
 from vldlib.evaluate.premise import premise_table
+from vldlib.evaluate.selection import DESIGN_AXES
 from vldlib.data.benchmarks import stored_for
 from vldlib.experiments.grid import grid
 from vldlib.experiments.tuning import varying
@@ -198,7 +199,7 @@ def plot_gain(gains: pd.DataFrame, a: float = 0.0, b: float = 0.9, path=None) ->
     fig, ax = plt.subplots(figsize=(6, 3.8))
     depths = sorted(gains.depth.unique())
     x = {d: i for i, d in enumerate(depths)}
-    extra = [c for c in ("resolution", "train_fraction") if c in gains.columns]
+    extra = [c for c in DESIGN_AXES if c in gains.columns]
     lines = list(gains.groupby(["backbone", *extra], sort=True))
     for k, (_, g) in enumerate(lines):
         g = g.sort_values("depth")
@@ -221,7 +222,7 @@ def plot_gain(gains: pd.DataFrame, a: float = 0.0, b: float = 0.9, path=None) ->
 def plot_accuracy(acc: pd.DataFrame, floor: pd.DataFrame, path=None) -> plt.Figure:
     """o.o.d. accuracy (± SE) against depth per rate, one panel per backbone (and resolution, data
     size where they vary), chance and majority class drawn."""
-    extra = [c for c in ("resolution", "train_fraction") if c in acc.columns]
+    extra = [c for c in DESIGN_AXES if c in acc.columns]
     panels = list(acc.groupby(["backbone", *extra], sort=True))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), sharey=True, squeeze=False)
     depths = sorted(acc.depth.unique())
@@ -247,7 +248,7 @@ def spectrum_text(gains: pd.DataFrame, a: float = 0.0, b: float = 0.9) -> str:
     """Where in the spectrum the gain is and is not detectable (`effects.is_detectable`, through
     `gain_table`'s verdicts), each cell with its gain [95% t interval] and p, in points."""
     def cells(v: str) -> str:
-        extra = [c for c in ("resolution", "train_fraction") if c in gains.columns]
+        extra = [c for c in DESIGN_AXES if c in gains.columns]
         g = gains[gains.verdict == v].sort_values(["backbone", "depth", *extra])
         return "; ".join(f"{line_name(r, extra)} {r['depth_label']} ({r['gain_points']:+.1f} "
                          f"[{r['ci_low_points']:+.1f}, {r['ci_high_points']:+.1f}], {format_p(r['p'])})"

@@ -30,6 +30,7 @@ import pandas as pd
 from vldlib.evaluate.effects import format_p, is_detectable
 from vldlib.evaluate.plots import legend_outside
 from vldlib.evaluate.power import domain_averaged_effect
+from vldlib.evaluate.selection import DESIGN_AXES
 from vldlib.experiments.effect_map import ALL, cell_columns, depth_label, line_name, with_depth
 
 SELECTED = "i.i.d.-selected"  # the arm label of the picked rate in `selected_rate_table`
@@ -117,7 +118,7 @@ def selected_rate_table(selected: pd.DataFrame, picks: pd.DataFrame, a: float = 
 
 def selected_sentences(table: pd.DataFrame, a: float = 0.0) -> list[str]:
     """One computed sentence per cell of `selected_rate_table`."""
-    extra = [c for c in ("resolution", "train_fraction") if c in table.columns]
+    extra = [c for c in DESIGN_AXES if c in table.columns]
     out = []
     for r in table.to_dict("records"):
         what = {"improvement": "a detectable o.o.d. gain", "loss": "a detectable o.o.d. loss",
@@ -156,7 +157,7 @@ def plateau_sentence(plateau: pd.DataFrame) -> str:
     """Which (cell, rate) had not plateaued on its constant-lr run (`convergence.plateau_check` of
     those runs): i.i.d. validation or eval-mode fit still rising by a point or more over the last
     quarter. Computed from the table, whatever it says."""
-    extra = [c for c in ("resolution", "train_fraction") if c in plateau.columns and plateau[c].nunique() > 1]
+    extra = [c for c in DESIGN_AXES if c in plateau.columns and plateau[c].nunique() > 1]
     labelled = plateau.assign(depth_label=[depth_label(None if d == ALL else d, b)
                                            for d, b in zip(plateau["depth"], plateau["backbone"])])
     bad = labelled[~(labelled["plateaued"].astype(bool) & labelled["fit_plateaued"].fillna(True).astype(bool))]
@@ -175,7 +176,7 @@ def plot_rate_curves(rates: pd.DataFrame, path=None) -> plt.Figure:
     """For one depth: the o.o.d. gain over rate 0 against rate (95% t intervals), one line per
     backbone (and resolution, data size where they vary), and the i.i.d. difference in a panel beside
     it. Zero drawn in both: a bar that crosses it is no detectable difference."""
-    extra = [c for c in ("resolution", "train_fraction") if c in rates.columns]
+    extra = [c for c in DESIGN_AXES if c in rates.columns]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharex=True)
     lines = list(rates.groupby(["backbone", *extra], sort=True))
     for k, (_, g) in enumerate(lines):

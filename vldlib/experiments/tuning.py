@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from vldlib.config import TrainConfig
-from vldlib.evaluate.selection import HPARAMS
+from vldlib.evaluate.selection import DESIGN_AXES, HPARAMS
 
 # what a choices table must have; resolution and train_fraction are cells too where a study varies
 # them (a table without them was made at one of each, which its design columns give)
@@ -43,7 +43,7 @@ def with_design(choices: pd.DataFrame, made_with: TrainConfig | Sequence[TrainCo
     choice then gets the design of the configs of its own (resolution, train_fraction)."""
     configs = [made_with] if isinstance(made_with, TrainConfig) else list(made_with)
     designs = {(int(c.resolution), float(c.train_fraction)): {k: getattr(c, k) for k in DESIGN} for c in configs}
-    if len(designs) == 1 or not {"resolution", "train_fraction"} <= set(choices.columns):
+    if len(designs) == 1 or not set(DESIGN_AXES) <= set(choices.columns):
         return choices.assign(**next(iter(designs.values())))
     rows = [designs[(int(r), float(f))] for r, f in zip(choices.resolution, choices.train_fraction)]
     return choices.assign(**{k: [d[k] for d in rows] for k in DESIGN})
@@ -84,11 +84,23 @@ def _lookup(choices: pd.DataFrame) -> dict[tuple, list[dict]]:
     return table
 
 
+def _same(recorded: Any, value: Any) -> bool:
+    """A design value read back from a choices CSV against the config's: numbers by value (96 and
+    96.0, 0.5 and "0.5" are the same), everything else (names, booleans, lists) by its text."""
+    try:
+        if not isinstance(value, bool) and isinstance(value, (int, float)):
+            return float(recorded) == float(value)
+    except (TypeError, ValueError):
+        return False
+    return str(recorded) == str(value)
+
+
 def _design_differences(row: dict, cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
-    """{field: (the choice's value, the run's)} where a choice made for `row`'s design does not fit `cfg`."""
+    """{field: (the choice's value, the run's)} where a choice made for `row`'s design does not fit
+    `cfg`; a field the table leaves empty (NaN, an older table) fits any run."""
     return {k: (row[k], getattr(cfg, k)) for k in DESIGN
-            if k in row and not (isinstance(row[k], float) and math.isnan(row[k])) and str(row[k]) != str(getattr(cfg, k))
-            and not (k == "train_fraction" and float(row[k]) == float(getattr(cfg, k)))}
+            if k in row and not (isinstance(row[k], float) and math.isnan(row[k]))
+            and not _same(row[k], getattr(cfg, k))}
 
 
 def apply_choices(configs: Sequence[TrainConfig], choices: pd.DataFrame, source: str = "the choices"
@@ -169,7 +181,7 @@ def at_edge(choices: pd.DataFrame, grid: dict[str, Sequence[float]]) -> pd.Serie
     return choices.apply(edges, axis=1) if len(choices) else pd.Series(dtype=str)
 
 
-def varying(table: pd.DataFrame, columns: Sequence[str] = ("resolution", "train_fraction")) -> list[str]:
+def varying(table: pd.DataFrame, columns: Sequence[str] = DESIGN_AXES) -> list[str]:
     """The design axes among `columns` that take more than one value in `table` (a study of one
     resolution and one training-set size shows neither)."""
     return [c for c in columns if c in table.columns and table[c].nunique(dropna=False) > 1]
