@@ -70,6 +70,15 @@ def test_a_shipped_file_is_found_in_the_checkout_first_then_in_the_package(tmp_p
     assert paths.find_notebook("00_quickstart.gpu.yaml") == package / "00_quickstart.gpu.yaml"  # not in it
 
 
+def test_a_path_inside_the_project_is_shown_relative_to_it_and_one_outside_as_given(tmp_path, monkeypatch):
+    co = _fake_checkout(tmp_path / "clone", {})
+    run = co / "outputs" / "runs" / "RUN"
+    run.mkdir(parents=True)
+    monkeypatch.chdir(co / "notebooks")  # where JupyterLab runs a notebook
+    assert paths.shown(run) == "outputs/runs/RUN"
+    assert paths.shown(tmp_path / "elsewhere" / "RUN") == str(tmp_path / "elsewhere" / "RUN")
+
+
 def test_the_quickstart_without_its_notebook_says_where_it_looked_before_running(tmp_path, monkeypatch, capsys):
     """An install without the notebooks (as a wheel was before issue 25): one error, nothing run."""
     bare = tmp_path / "site-packages" / "vldlib" / "notebooks"

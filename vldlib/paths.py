@@ -43,6 +43,16 @@ def resolve(path: str | os.PathLike) -> Path:
     return p if p.is_absolute() else project_root() / p
 
 
+def shown(path: str | os.PathLike) -> str:
+    """`path` as a table or a sentence shows it: relative to the project root when it lies inside
+    (`outputs/runs/RUN`), so that committed tables do not carry this machine's folders; else as given."""
+    p = Path(path)
+    try:
+        return p.resolve().relative_to(project_root()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def packaged_notebooks() -> Path:
     """The notebooks of the installed package: `vldlib/notebooks/` of a wheel or sdist install; for
     an editable install (no copy inside the package), the `notebooks/` of the checkout it points at."""

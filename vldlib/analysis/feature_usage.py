@@ -36,6 +36,7 @@ from vldlib.analysis.runs import load_run_data
 from vldlib.evaluate.selection import DESIGN_AXES
 from vldlib.evaluate.plots import rate_palette  # THE rate -> colour map, shared by every figure
 from vldlib.experiments.effect_map import depth_key, depth_label, line_name
+from vldlib.paths import shown
 
 TENTH = 0.1  # the share of the features that the scalar ablation statistics keep, remove or count
 
@@ -201,7 +202,7 @@ def usage_tables(configs: Sequence, run_dirs: Sequence, domains: Sequence[str], 
     for cfg, run in zip(configs, run_dirs):
         rd = load_run_data(run, device=device)
         s_summary, table, s_sorted = head_usage(rd, n_random=n_random)
-        keys = {**run_keys(cfg, domains), "run": str(run)}
+        keys = {**run_keys(cfg, domains), "run": shown(run)}
         usage.append({**keys, **s_summary})
         ablations.append(table.assign(**keys))
         spectra.append(pd.DataFrame({"rank": np.arange(1, len(s_sorted) + 1),

@@ -32,6 +32,7 @@ from torch import nn
 from torch.func import functional_call, jvp
 from vldlib.analysis.runs import initial_net, load_run_data
 from vldlib.evaluate.plots import rate_palette
+from vldlib.paths import shown
 
 
 class _Method(nn.Module):
@@ -391,7 +392,7 @@ def linearity_table(configs, run_dirs, device: str = "cpu") -> pd.DataFrame:
             rows.append({"test_env": int(cfg.test_envs[0]), "depth": int(cfg.train_stages), "init": init_of(cfg),
                          "dropout": float(cfg.dropout), "seed": int(cfg.seed), "split": split, "lr": cfg.lr,
                          "weight_decay": cfg.weight_decay, **rep, **dist, "majority_acc": maj,
-                         "margin": rep["acc_trained"] - maj, "run": str(run)})
+                         "margin": rep["acc_trained"] - maj, "run": shown(run)})
     return pd.DataFrame(rows)
 
 
