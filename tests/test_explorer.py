@@ -210,10 +210,14 @@ def test_dropout_cost_answer_follows_the_numbers(scratch_loss, head_loss, word):
         for env in (0, 1):
             for seed in (0, 1, 2):
                 extra = 2 * env + (seed if learner == teaching.SCRATCH else 0)
-                rows += [dict(step=100, learner=learner, p=0.0, val_acc=0.8, train_loss=0.5, test_env=env, seed=seed),
+                rows += [dict(step=100, learner=learner, p=0.0, val_acc=0.8, train_loss=0.5, test_env=env, seed=seed,
+                              val_majority=0.2 + 0.1 * env),
                          dict(step=100, learner=learner, p=0.9, val_acc=0.8 - (lost + extra) / 100, train_loss=0.9,
-                              test_env=env, seed=seed)]
+                              test_env=env, seed=seed, val_majority=0.2 + 0.1 * env)]
     table, answer = teaching.dropout_cost(pd.DataFrame(rows))
+    # the floor: domain 0's validation majority 20%, domain 1's 30%, averaged like the accuracies
+    assert table.loc[teaching.SCRATCH, "majority class (%)"] == pytest.approx(25.0)
+    assert "Always answering the majority class scores 25.0% on these validation images" in answer
     d = scratch_loss - head_loss + 1
     assert table.loc[teaching.SCRATCH, "val. points lost"] == pytest.approx(scratch_loss + 2)
     assert table.loc[teaching.PRETRAINED, "val. points lost"] == pytest.approx(head_loss + 1)
@@ -222,6 +226,15 @@ def test_dropout_cost_answer_follows_the_numbers(scratch_loss, head_loss, word):
     assert f"from scratch minus pretrained: {d:+.1f} points [95% CI {d - 2.484:+.1f}, {d + 2.484:+.1f}]" in answer
     assert "n=3 seeds, each the mean over 2 held-out domains" in answer
     assert word in answer and f"{scratch_loss + 2:+.1f} validation points" in answer
+
+
+def test_the_validation_floor_is_the_majority_class_rate():
+    import torch
+
+    from vldlib.analysis import teaching
+
+    assert teaching.majority_rate(torch.tensor([0, 1, 1, 2, 1, 0, 1, 2])) == 0.5  # class 1: 4 of 8
+    assert teaching.validation_floor(pd.DataFrame(dict(step=[0], val_acc=[0.5]))) is None  # recorded without it
 
 
 def test_dropout_cost_with_one_run_each_has_no_interval():

@@ -295,6 +295,11 @@ def plot_scratch_vs_pretrained(curves: pd.DataFrame):
     axes[0].set(yscale="log", title="clean training loss", ylabel="cross-entropy (dropout off)")
     sns.lineplot(c, x="step", y="val_pct", hue="learner", style="rate", ax=axes[1], legend=False)
     axes[1].set(title="i.i.d. validation accuracy", ylabel="accuracy (%)")
+    floor = validation_floor(curves)
+    if floor is not None:
+        axes[1].axhline(100 * floor, color="black", ls=":", lw=1)
+        axes[1].annotate(f"majority class {100 * floor:.1f}%", (0.99, 100 * floor), xycoords=("axes fraction", "data"),
+                         ha="right", va="bottom", fontsize=8)
     axes[0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.2), ncol=2, frameon=False)
     fig.tight_layout()
     return fig
@@ -333,6 +338,9 @@ def dropout_cost(curves: pd.DataFrame) -> tuple[pd.DataFrame, str]:
         side = g.pivot_table(index=["test_env", "seed"], columns="p", values="val_acc")
         lost.append((side[lo] - side[hi]).rename("lost").reset_index().assign(learner=learner))
     table = pd.DataFrame(rows).set_index("learner")
+    floor = validation_floor(curves)
+    if floor is not None:
+        table["majority class (%)"] = 100 * floor
     if not {SCRATCH, PRETRAINED} <= set(table.index):
         return table, "both learners are needed to answer the question."
     both = pd.concat(lost, ignore_index=True).assign(method="model")
@@ -346,6 +354,10 @@ def dropout_cost(curves: pd.DataFrame) -> tuple[pd.DataFrame, str]:
              f"pretrained head {f['val. points lost']:+.1f} points [95% CI {f.ci_low:+.1f}, {f.ci_high:+.1f}] "
              f"(positive: worse than at rate {lo:g}); from scratch minus pretrained: {100 * eff['mean']:+.1f} points "
              f"{ci(eff['ci_low'], eff['ci_high'])} ({design}).")
+    if floor is not None:
+        facts += (f" Always answering the majority class scores {100 * floor:.1f}% on these validation images; at rate "
+                  f"{lo:g} the CNN from scratch reaches {s[f'val. acc. at p={lo:g} (%)']:.1f}% and the head "
+                  f"{f[f'val. acc. at p={lo:g} (%)']:.1f}%.")
     if eff["n"] < 2:
         verdict = "With one seed there is no interval: run more seeds before answering."
     elif not is_detectable(eff):
@@ -371,10 +383,26 @@ def scratch_vs_pretrained_study(benchmark: str, data_dir: str, test_envs: Sequen
     for te in test_envs:
         images, feats = learner_data(benchmark, data_dir, te, scratch_resolution, resolution, backbone, pretrained,
                                      device=device)
+        majority = majority_rate(images["iid"][1])
         for seed in seeds:
             c = scratch_vs_pretrained(images, feats, n_classes, rates, seed=seed, **train)
-            curves.append(c.assign(test_env=te, seed=seed))
+            curves.append(c.assign(test_env=te, seed=seed, val_majority=majority))
     return pd.concat(curves, ignore_index=True)
+
+
+def majority_rate(labels: torch.Tensor) -> float:
+    """The accuracy of always answering the most frequent class of `labels`: the floor a validation
+    accuracy is read against (both learners score the same validation images)."""
+    return float(torch.bincount(labels).max()) / len(labels)
+
+
+def validation_floor(curves: pd.DataFrame) -> float | None:
+    """The majority-class rate of the validation images, averaged over the held-out domains like
+    the accuracies it is the floor of; None for curves recorded without it."""
+    if "val_majority" not in curves:
+        return None
+    c = curves.assign(test_env=curves["test_env"] if "test_env" in curves else 0)
+    return float(c.groupby("test_env").val_majority.first().mean())
 
 
 def learner_data(benchmark: str, data_dir: str, test_env: int, scratch_resolution: int, resolution: int,
