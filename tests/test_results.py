@@ -162,6 +162,18 @@ def test_summarize_two_levels(tmp_path):
         R.summarize(sel, by=["nonexistent"])
 
 
+def test_experiment_tables_name_a_weights_file_as_the_project_does(tmp_path, monkeypatch):
+    sel = _sweep(tmp_path)
+    (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / "vldlib").mkdir()  # tmp_path is now a checkout: the project root
+    monkeypatch.chdir(tmp_path)
+    start = tmp_path / "outputs" / "w" / "noisy.pt"
+    sel = pd.concat([sel.assign(weights_file=None), sel.assign(weights_file=str(start))]).assign(experiment="e")
+    md, tables = R.experiment_tables(sel)
+    text = "\n".join(md)
+    assert "outputs/w/noisy.pt" in text and str(tmp_path) not in text
+
+
 def test_domainbed_table(tmp_path):
     sel = _sweep(tmp_path)
     t = R.domainbed_table(sel, rows=["method", "dropout"])

@@ -30,6 +30,7 @@ from vldlib.evaluate.tables import (
     to_latex,
     to_markdown,
 )
+from vldlib.paths import shown
 from vldlib.utils import atomic_path, write_text_atomic
 
 __all__ = ["EXTRA_ROW_KEYS", "SELECTIONS", "benchmark_table", "collect_results", "default_rows", "domainbed_table",
@@ -281,6 +282,8 @@ def experiment_tables(selected: pd.DataFrame) -> tuple[list[str], pd.DataFrame]:
     """Per (experiment, benchmark), the o.o.d. and i.i.d. DomainBed tables, with rows for whatever
     varies within the experiment: (Markdown lines, one tidy frame of every table)."""
     md, tables = [], []
+    if "weights_file" in selected:  # a row label: the file as the project names it, not this machine's path
+        selected = selected.assign(weights_file=selected.weights_file.map(lambda v: shown(v) if isinstance(v, str) else v))
     for (exp, bench), sel in selected.groupby(["experiment", "benchmark"]):
         rows = default_rows(sel, extra=(*EXTRA_ROW_KEYS, "head", "start"))
         for metric, name in [("ood_acc", "o.o.d."), ("iid_acc", "i.i.d.")]:
