@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.func import functional_call, jvp
-from vldlib.analysis.runs import initial_net, load_run_data
+from vldlib.analysis.runs import initial_net, load_run_data, majority_rate
 from vldlib.evaluate.plots import rate_palette
 from vldlib.paths import shown
 
@@ -388,7 +388,7 @@ def linearity_table(configs, run_dirs, device: str = "cpu") -> pd.DataFrame:
         for split in ("iid", "ood"):
             x, y = rd.inputs(split)
             rep = taylor_report(net0.tail, rd.net.tail, x, y)
-            maj = float(torch.bincount(y).max()) / len(y)
+            maj = majority_rate(y)
             rows.append({"test_env": int(cfg.test_envs[0]), "depth": int(cfg.train_stages), "init": init_of(cfg),
                          "dropout": float(cfg.dropout), "seed": int(cfg.seed), "split": split, "lr": cfg.lr,
                          "weight_decay": cfg.weight_decay, **rep, **dist, "majority_acc": maj,

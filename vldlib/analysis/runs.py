@@ -37,6 +37,12 @@ from vldlib.model import FineTuneNet, data_config
 SPLITS = ("train", "iid", "ood")
 
 
+def majority_rate(labels: torch.Tensor) -> float:
+    """The accuracy of always answering the most frequent class of `labels`: the floor an accuracy
+    on those images is read against."""
+    return float(torch.bincount(labels).max()) / len(labels)
+
+
 def initial_net(cfg: TrainConfig | dict, num_classes: int) -> FineTuneNet:
     """The network a run started from (the Taylor expansion point), in eval mode: the loop's own
     `build_run_net`, seeded, so it rebuilds the exact starting weights (a test checks it against

@@ -28,7 +28,7 @@ from torch import nn
 from vldlib.data import load_benchmark
 from vldlib.experiments.grid import with_paths
 from vldlib.loop.batches import make_data
-from vldlib.analysis.runs import untrained_run_data
+from vldlib.analysis.runs import majority_rate, untrained_run_data
 from vldlib.config import TrainConfig
 from vldlib.evaluate.scores import ood_split
 
@@ -388,12 +388,6 @@ def scratch_vs_pretrained_study(benchmark: str, data_dir: str, test_envs: Sequen
             c = scratch_vs_pretrained(images, feats, n_classes, rates, seed=seed, **train)
             curves.append(c.assign(test_env=te, seed=seed, val_majority=majority))
     return pd.concat(curves, ignore_index=True)
-
-
-def majority_rate(labels: torch.Tensor) -> float:
-    """The accuracy of always answering the most frequent class of `labels`: the floor a validation
-    accuracy is read against (both learners score the same validation images)."""
-    return float(torch.bincount(labels).max()) / len(labels)
 
 
 def validation_floor(curves: pd.DataFrame) -> float | None:
